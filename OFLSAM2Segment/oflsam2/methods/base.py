@@ -1,0 +1,60 @@
+"""What every method receives: the model, the driver, cached slices and one label's support."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..api import MethodOptions
+from ..backend import Sam2Model
+from ..driver import Sam2Driver
+from ..events import RunEvents
+from ..features import FeatureCache
+
+
+@dataclass
+class SupportSlice:
+    """One annotated slice: features come from ``source`` at ``index``; ``mask`` is (H, W) bool at
+    that source's slice size."""
+
+    source: FeatureCache
+    index: int
+    mask: np.ndarray
+
+
+@dataclass
+class SupportSet:
+    """All support of one label: annotated slices of the target volume and of references."""
+
+    label: int
+    name: str
+    in_volume: dict[int, np.ndarray] = field(default_factory=dict)  # target index -> (H, W) bool
+    external: list[SupportSlice] = field(default_factory=list)
+
+    def all_slices(self, target: FeatureCache) -> list[SupportSlice]:
+        own = [SupportSlice(target, i, m) for i, m in sorted(self.in_volume.items())]
+        return own + self.external
+
+
+@dataclass
+class RunContext:
+    """Shared by the methods of one run; ``emit`` reports a finished target slice."""
+
+    model: Sam2Model
+    driver: Sam2Driver
+    target: FeatureCache
+    options: MethodOptions
+    events: RunEvents
+    axis: int
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.target)
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return self.target.stack.slice_shape
+
+    def emit(self, label: int, index: int, mask: np.ndarray) -> None:
+        self.events.slice_done(label, self.axis, index, mask)

@@ -1,0 +1,54 @@
+"""Method ``sam2``: the annotated slices become mask prompts and SAM2 tracks outward through the
+volume, forward from the first annotated slice to the end, then backward to the start — what
+``SAM2VideoPredictor.propagate_in_video`` does with ``reverse=False`` then ``reverse=True``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..driver import TrackedVolume
+from ..errors import InputError
+from ..events import check_cancel
+from .base import RunContext, SupportSet
+
+
+def propagate(ctx: RunContext, label: int, given: dict[int, np.ndarray], stage: str = "propagating") -> np.ndarray:
+    """Track one object from the given slices (index -> (H, W) bool) -> (N, H, W) bool.
+
+    Given slices keep the mask SAM2 makes of them (their prompt, resized twice); callers that
+    must return the user's own annotation copy it over afterwards.
+    """
+    driver, cache, n = ctx.driver, ctx.target, ctx.num_slices
+    shape = ctx.slice_shape
+    out = np.zeros((n,) + shape, dtype=bool)
+    track = TrackedVolume(ctx.model.net, n, ctx.options.num_maskmem)
+    for index in sorted(given):
+        backbone = cache.backbone([index])
+        prediction, memory = driver.condition_on_mask(backbone, driver.mask_to_model(given[index][None]))
+        track.cond[index] = memory
+        out[index] = driver.to_slice_masks(prediction.low_res, shape)[0]
+    start = min(given)
+    order = [(i, False) for i in range(start, n)] + [(i, True) for i in range(start - 1, -1, -1)]
+    todo = [(i, rev) for i, rev in order if i not in given]
+    for done, (index, reverse) in enumerate(todo):
+        check_cancel(ctx.events)
+        ctx.events.progress(stage, done, len(todo), f"slice {done + 1}/{len(todo)}")
+        backbone = cache.backbone([index])
+        spatial, pointers = track.bank(index, reverse)
+        prediction, memory = ctx.driver.track(backbone, spatial, pointers, n)
+        track.tracked[index] = memory
+        out[index] = driver.to_slice_masks(prediction.low_res, shape)[0]
+        ctx.emit(label, index, out[index])
+    ctx.events.progress(stage, len(todo), len(todo), "done")
+    return out
+
+
+@torch.no_grad()
+def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
+    if not support.in_volume:
+        raise InputError(
+            f"SAM2 propagation of label {support.name!r} needs annotated slices in the volume itself; "
+            "annotate at least one slice, or use --method ofl / revsam2 with --reference volumes."
+        )
+    return propagate(ctx, support.label, support.in_volume)

@@ -1,0 +1,32 @@
+"""Shared fixtures: the real data folder (tests skip cleanly without it) and a random-weight SAM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    path = Path(os.environ.get("OFLSAM2_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real test data folder ../shared/data is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """SAM2.1-tiny built from sam2's real config with fixed random weights, 256 px, CPU, fp32."""
+    from oflsam2.api import ModelSettings
+    from oflsam2.backend import load_sam2
+
+    return load_sam2(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256))
