@@ -86,6 +86,7 @@ class MethodOptions:
     seed: int = 0
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
+    warm_start_epochs: int = 10  # epochs when --adapter and new support are given together
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -184,7 +185,7 @@ class Engine:
         events.progress("loading", 1, 1, f"{self.settings.model} on {model.device}")
         target = self.feature_cache(apply_preset(image, preset), axis)
         target.encode(events=events)
-        ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis)
+        ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
         reference_slices = [
             (self.feature_cache(apply_preset(np.asarray(r.image, dtype=np.float32), preset), axis), np.moveaxis(r.labels, axis, 0))
             for r in references
@@ -197,7 +198,15 @@ class Engine:
             for index, annotation in label_support.in_volume.items():
                 result[index] = annotation
             masks[support.label] = np.moveaxis(result, 0, axis)
-        info = {"seconds": time.perf_counter() - started, "slices_encoded": target.encoded, "device": str(model.device)}
+        for write in ctx.on_success:
+            write()
+        info = {
+            "seconds": time.perf_counter() - started,
+            "slices_encoded": target.encoded,
+            "device": str(model.device),
+            "random_weights": model.random_weights,
+            "labels": ctx.info,
+        }
         return SegmentResult(masks, axis, method, info)
 
 

@@ -131,6 +131,24 @@ class Sam2Driver:
             )
         return out.permute(1, 2, 0).reshape(B, C, h, w)
 
+    def decode_candidates(self, pix_feat: torch.Tensor, backbone: Backbone):
+        """The mask decoder before object-score gating (for training): three candidate low-res
+        logits (B, 3, S/4, S/4), their IoU estimates (B, 3) and the object-score logit (B, 1)."""
+        net, B = self.net, pix_feat.shape[0]
+        no_points = (torch.zeros(B, 1, 2, device=pix_feat.device), -torch.ones(B, 1, dtype=torch.int32, device=pix_feat.device))
+        with self.model.autocast():
+            sparse, dense = net.sam_prompt_encoder(points=no_points, boxes=None, masks=None)
+            logits, ious, _, object_score = net.sam_mask_decoder(
+                image_embeddings=pix_feat,
+                image_pe=net.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+                repeat_image=False,
+                high_res_features=backbone.high_res,
+            )
+        return logits.float(), ious.float(), object_score.float()
+
     def decode(self, pix_feat: torch.Tensor, backbone: Backbone) -> Prediction:
         """SAM2 heads without prompts (multimask as SAM2 tracks): E (B, 256, h, w) -> Prediction."""
         with self.model.autocast():
@@ -149,9 +167,11 @@ class Sam2Driver:
             _, _, _, low, high, ptr, score = self.net._use_mask_as_output(backbone.vision, backbone.high_res, masks)
         return Prediction(low.float(), high.float(), ptr.float(), score.float())
 
-    def encode_memory(self, backbone: Backbone, prediction: Prediction, binarize: bool) -> Memory:
+    def encode_memory(self, backbone: Backbone, prediction: Prediction, binarize: bool, dtype=torch.bfloat16) -> Memory:
         """Memory of a slice from its high-res logits: binarised for given masks, soft for tracked
-        predictions (SAM2's rule); no-object embedding when the object score is <= 0."""
+        predictions (SAM2's rule); no-object embedding when the object score is <= 0.
+        Features are kept in bf16 as SAM2's predictor keeps them unless ``dtype`` says otherwise
+        (OFL-SAM2's learner targets stay fp32)."""
         h, w = backbone.vision.shape[-2:]
         vision_seq = backbone.vision.flatten(2).permute(2, 0, 1)
         with self.model.autocast():
@@ -164,16 +184,17 @@ class Sam2Driver:
             )
         if self._maskmem_pos is None:
             self._maskmem_pos = pos[-1][:1].float().clone()
-        return Memory(features.to(torch.bfloat16), prediction.obj_ptr, prediction.object_score)
+        return Memory(features.to(dtype), prediction.obj_ptr, prediction.object_score)
 
-    def condition_on_mask(self, backbone: Backbone, masks: torch.Tensor) -> tuple[Prediction, Memory]:
+    def condition_on_mask(self, backbone: Backbone, masks: torch.Tensor, dtype=torch.bfloat16) -> tuple[Prediction, Memory]:
         """A slice with a given mask as a conditioning memory, exactly as the predictor's
         ``add_new_mask`` + propagation preflight: mask as output, then its low-res logits
         upsampled and binarised into the memory encoder."""
         prediction = self.mask_as_output(backbone, masks)
         size = self.model.image_size
         upsampled = F.interpolate(prediction.low_res, size=(size, size), mode="bilinear", align_corners=False)
-        memory = self.encode_memory(backbone, Prediction(prediction.low_res, upsampled, prediction.obj_ptr, prediction.object_score), binarize=True)
+        given = Prediction(prediction.low_res, upsampled, prediction.obj_ptr, prediction.object_score)
+        memory = self.encode_memory(backbone, given, binarize=True, dtype=dtype)
         return prediction, memory
 
     def track(self, backbone: Backbone, spatial, pointers, num_frames: int) -> tuple[Prediction, Memory]:

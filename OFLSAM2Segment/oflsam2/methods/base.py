@@ -47,6 +47,9 @@ class RunContext:
     options: MethodOptions
     events: RunEvents
     axis: int
+    preset: str = "auto"
+    info: dict = field(default_factory=dict)  # per-label statistics reported by the methods
+    on_success: list = field(default_factory=list)  # writes deferred until every label succeeded
 
     @property
     def num_slices(self) -> int:
