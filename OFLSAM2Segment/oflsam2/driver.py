@@ -54,7 +54,11 @@ class Sam2Driver:
         self.model = model
         self.net = model.net
         self.vision_pos = vision_pos.to(model.device)
-        self._maskmem_pos: torch.Tensor | None = None  # (1, 64, S/16, S/16), same for every memory
+        # The memory encoder's sine position encoding depends only on the map size: compute it
+        # once, (1, 64, S/16, S/16), so banks loaded from an adapter need no encoder pass.
+        h, w = self.vision_pos.shape[-2:]
+        probe = torch.zeros(1, self.net.mem_dim, h, w, device=model.device)
+        self._maskmem_pos = self.net.memory_encoder.position_encoding(probe).float()
 
     @property
     def num_maskmem(self) -> int:
@@ -175,15 +179,13 @@ class Sam2Driver:
         h, w = backbone.vision.shape[-2:]
         vision_seq = backbone.vision.flatten(2).permute(2, 0, 1)
         with self.model.autocast():
-            features, pos = self.net._encode_new_memory(
+            features, _ = self.net._encode_new_memory(
                 current_vision_feats=[vision_seq],
                 feat_sizes=[(h, w)],
                 pred_masks_high_res=prediction.high_res,
                 object_score_logits=prediction.object_score,
                 is_mask_from_pts=binarize,
             )
-        if self._maskmem_pos is None:
-            self._maskmem_pos = pos[-1][:1].float().clone()
         return Memory(features.to(dtype), prediction.obj_ptr, prediction.object_score)
 
     def condition_on_mask(self, backbone: Backbone, masks: torch.Tensor, dtype=torch.bfloat16) -> tuple[Prediction, Memory]:
@@ -209,6 +211,8 @@ class TrackedVolume:
     Conditioning memories: every given slice (temporal slot 0). Recent memories: the tracked
     slices 1..num_maskmem-1 before the current one in the direction of travel (gaps stay gaps).
     Pointers: past conditioning slices plus tracked slices up to min(N, 16) - 1 back.
+    ``extra``: memories from outside the volume (RevSAM2's supports, off by default) joining every
+    bank as conditioning memories with pointer distance 1, since they have no place in the volume.
     """
 
     def __init__(self, net, num_frames: int, num_maskmem: int | None = None):
@@ -217,11 +221,12 @@ class TrackedVolume:
         self.num_maskmem = num_maskmem or net.num_maskmem
         self.cond: dict[int, Memory] = {}
         self.tracked: dict[int, Memory] = {}
+        self.extra: list[Memory] = []
 
     def bank(self, index: int, reverse: bool) -> tuple[list[tuple[int, Memory]], list[tuple[int, torch.Tensor]]]:
         net, step = self.net, -1 if reverse else 1
         selected, unselected = select_closest_cond_frames(index, self.cond, net.max_cond_frames_in_attn)
-        spatial = [(0, mem) for mem in selected.values()]
+        spatial = [(0, mem) for mem in selected.values()] + [(0, mem) for mem in self.extra]
         for t_pos in range(1, self.num_maskmem):
             previous = index - step * (self.num_maskmem - t_pos)
             mem = self.tracked.get(previous, unselected.get(previous))
@@ -234,6 +239,7 @@ class TrackedVolume:
             ((index - t) * step if net.use_signed_tpos_enc_to_obj_ptrs else abs(index - t), mem.obj_ptr)
             for t, mem in past_cond.items()
         ]
+        pointers += [(1, mem.obj_ptr) for mem in self.extra]
         for t_diff in range(1, min(self.num_frames, net.max_obj_ptrs_in_encoder)):
             t = index - step * t_diff
             if t < 0 or t >= self.num_frames:

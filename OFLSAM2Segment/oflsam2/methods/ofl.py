@@ -20,7 +20,7 @@ from ..driver import Memory, Prediction
 from ..errors import InputError
 from ..events import check_cancel
 from ..features import Backbone
-from ..ofl.fusion import AdaptiveFusion, ChannelLift
+from ..ofl.fusion import AdaptiveFusion, ChannelLift, sum_fusion
 from ..ofl.learner import FewShotLearner
 from .base import RunContext, SupportSet
 
@@ -43,7 +43,7 @@ class FusionHead(nn.Module):
         if not self.use_learner or tau is None:
             return e1
         e2 = self.lift(self.learner.apply(tau, vision))
-        return self.afm(e1, e2) if self.use_afm else e1 + e2
+        return self.afm(e1, e2) if self.use_afm else sum_fusion(e1, e2)
 
 
 @dataclass
@@ -158,7 +158,7 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
     """Fit the head on episodes drawn from the bank; returns the mean loss of each epoch."""
     opts, driver = ctx.options, ctx.driver
     pools = episode_pools(bank, opts.exclude_radius)
-    if not pools or epochs <= 0:
+    if not pools or epochs <= 0 or not head.use_learner:  # without the learner nothing is trained
         return []
     low_res = ctx.model.image_size // 4
     episodes = []
@@ -191,15 +191,14 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
             check_cancel(ctx.events)
             q, e1, target, fit = episodes[e]
             with torch.enable_grad():
-                tau = None
-                if head.use_learner:
-                    tau = head.learner.fit(bank.vision[fit], bank.targets[fit], num_iters=opts.learner_iters_train, create_graph=True)
+                tau = head.learner.fit(bank.vision[fit], bank.targets[fit], num_iters=opts.learner_iters_train, create_graph=True)
                 e_tar = head.fuse(e1, tau, bank.vision[q : q + 1])
                 candidates, _, object_score = driver.decode_candidates(e_tar, bank.backbones[q])
                 loss = segmentation_loss(candidates, object_score, target)
-                optimizer.zero_grad()
-                loss.backward()
-            optimizer.step()
+                if loss.requires_grad:  # False only when the AFM is forced to W = 1
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
             losses.append(loss.item())
         schedule.step()
         history.append(float(np.mean(losses)))
