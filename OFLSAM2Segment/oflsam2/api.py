@@ -91,6 +91,9 @@ class MethodOptions:
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
     include_supports_in_propagation: bool = False
+    max_supports: int | None = 10  # non-empty support slices used (None: all); the paper uses 10
+    support_sampling: str = "even"  # even | random (by seed): which supports when there are more
+    forward_batch_size: int = 4  # query slices per forward pass
 
 
 @dataclass

@@ -258,8 +258,8 @@ def propagate(ctx: RunContext, head: FusionHead, bank: Bank, label: int, given: 
     max_pointers = min(n, ctx.model.net.max_obj_ptrs_in_encoder)
     stats = {"accepted": 0, "rejected": 0, "confidence": []}
     for done, (index, step) in enumerate(order):
-        check_cancel(ctx.events)
         ctx.events.progress("propagating", done, len(order), f"slice {done + 1}/{len(order)}")
+        check_cancel(ctx.events)  # after reporting: a cancel asked for now stops here
         backbone = cache.backbone([index])
         retrieved = retrieve(retrieval_key(backbone.vision, opts.retrieval), bank.keys, opts.num_retrieved)[0].tolist()
         spatial = [(0, bank.memory(i)) for i in retrieved]

@@ -4,25 +4,35 @@ volume, forward from the first annotated slice to the end, then backward to the 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
-from ..driver import TrackedVolume
+from ..driver import Memory, TrackedVolume
 from ..errors import InputError
 from ..events import check_cancel
 from .base import RunContext, SupportSet
 
 
-def propagate(ctx: RunContext, label: int, given: dict[int, np.ndarray], stage: str = "propagating") -> np.ndarray:
+def propagate(
+    ctx: RunContext,
+    label: int,
+    given: dict[int, np.ndarray],
+    stage: str = "propagating",
+    extra_conditioning: Sequence[Memory] = (),
+) -> np.ndarray:
     """Track one object from the given slices (index -> (H, W) bool) -> (N, H, W) bool.
 
     Given slices keep the mask SAM2 makes of them (their prompt, resized twice); callers that
-    must return the user's own annotation copy it over afterwards.
+    must return the user's own annotation copy it over afterwards. ``extra_conditioning``: memories
+    of slices from other volumes added to every bank (see :class:`TrackedVolume`); none in SAM2.
     """
     driver, cache, n = ctx.driver, ctx.target, ctx.num_slices
     shape = ctx.slice_shape
     out = np.zeros((n,) + shape, dtype=bool)
     track = TrackedVolume(ctx.model.net, n, ctx.options.num_maskmem)
+    track.extra = list(extra_conditioning)
     for index in sorted(given):
         backbone = cache.backbone([index])
         prediction, memory = driver.condition_on_mask(backbone, driver.mask_to_model(given[index][None]))
@@ -32,8 +42,8 @@ def propagate(ctx: RunContext, label: int, given: dict[int, np.ndarray], stage: 
     order = [(i, False) for i in range(start, n)] + [(i, True) for i in range(start - 1, -1, -1)]
     todo = [(i, rev) for i, rev in order if i not in given]
     for done, (index, reverse) in enumerate(todo):
-        check_cancel(ctx.events)
         ctx.events.progress(stage, done, len(todo), f"slice {done + 1}/{len(todo)}")
+        check_cancel(ctx.events)  # after reporting: a cancel asked for now stops here
         backbone = cache.backbone([index])
         spatial, pointers = track.bank(index, reverse)
         prediction, memory = ctx.driver.track(backbone, spatial, pointers, n)

@@ -1,0 +1,206 @@
+"""The "OFL-SAM2" Segment Editor effect: propagate the selected segment's painted slices
+through the source volume with SAM2, writing each slice as it is computed.
+
+Registered by the OFLSAM2Segment module at start-up. It shares the module's run logic and its
+worker thread (so one SAM2 model per session) and writes through the editor
+(``modifySegmentByLabelmap``), with one ``saveStateForUndo()`` per run.
+"""
+
+import os
+
+import qt
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from OFLSAM2SegmentLib.options import DEVICES, model_choices
+from OFLSAM2SegmentLib.progress import progress_text
+
+METHODS = (("ofl", "OFL-SAM2"), ("revsam2", "RevSAM2"), ("sam2", "SAM2 propagation"))
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Few-shot segmentation of the selected segment from its annotated slices."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "OFL-SAM2"
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.runBlocking = False  # the module's self-test runs the effect to completion
+        self._logic = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return """<html>Segment the selected segment in the whole source volume from a few painted slices.<br>
+Paint the structure on a few slices (e.g. every 5-10 slices), then click Apply: SAM2 fills the other
+slices one by one. <b>Cancel</b> puts the segment back as it was; <b>Undo</b> reverts a finished run.
+More options (several segments at once, extra support volumes, adapters) are in the OFL-SAM2 Segment module.</html>"""
+
+    def setupOptionsFrame(self):
+        self.methodComboBox = qt.QComboBox()
+        for value, label in METHODS:
+            self.methodComboBox.addItem(label, value)
+        self.methodComboBox.setToolTip("OFL-SAM2 trains a small adapter on your slices; SAM2 propagation is plain SAM2.")
+        self.scriptedEffect.addLabeledOptionsWidget("Method:", self.methodComboBox)
+
+        self.modelComboBox = qt.QComboBox()
+        for name, description in _safe_model_choices():
+            self.modelComboBox.addItem(name, name)
+            self.modelComboBox.setItemData(self.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        self.modelComboBox.setToolTip(
+            "SAM2 weights, downloaded once after asking. A local file is set in the OFL-SAM2 Segment module.")
+        self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
+
+        self.deviceComboBox = qt.QComboBox()
+        for name in DEVICES:
+            self.deviceComboBox.addItem(name, name)
+        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
+
+        self.imageSizeSpinBox = qt.QSpinBox()
+        self.imageSizeSpinBox.setRange(0, 2048)
+        self.imageSizeSpinBox.setSingleStep(32)
+        self.imageSizeSpinBox.setSpecialValueText("model default")
+        self.imageSizeSpinBox.setToolTip(
+            "SAM2 input size (multiple of 32, at least 256); smaller is faster and needs less memory.")
+        self.scriptedEffect.addLabeledOptionsWidget("Image size:", self.imageSizeSpinBox)
+
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.applyButton.setToolTip("Propagate the selected segment; becomes Cancel while running.")
+        self.scriptedEffect.addOptionsWidget(self.applyButton)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.hide()
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
+            combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.imageSizeSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
+        self.applyButton.connect("clicked()", self.onApply)
+
+    def cleanup(self):
+        # Stop a run of this effect and drop signal connections so the effect can be deleted
+        # (Slicer#7392).
+        if self._logic is not None and self._logic.lastRun is not None:
+            self._logic.lastRun.cancel()
+        if hasattr(self, "applyButton"):
+            self.applyButton.disconnect("clicked()", self.onApply)
+            for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
+                combo.disconnect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+            self.imageSizeSpinBox.disconnect("valueChanged(int)", self.updateMRMLFromGUI)
+
+    def createCursor(self, widget):
+        return slicer.util.mainWindow().cursor
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Method", "ofl")
+        self.scriptedEffect.setParameterDefault("Model", "sam2.1-tiny")
+        self.scriptedEffect.setParameterDefault("Device", "auto")
+        self.scriptedEffect.setParameterDefault("ImageSize", 0)
+        self.scriptedEffect.setParameterDefault("RandomWeights", "false")  # tests only; no GUI
+
+    def updateGUIFromMRML(self):
+        for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = max(combo.findData(self.scriptedEffect.parameter(name)), 0)
+            combo.blockSignals(wasBlocked)
+        wasBlocked = self.imageSizeSpinBox.blockSignals(True)
+        self.imageSizeSpinBox.value = self.scriptedEffect.integerParameter("ImageSize")
+        self.imageSizeSpinBox.blockSignals(wasBlocked)
+        self._updateApplyButton()
+
+    def updateMRMLFromGUI(self):
+        for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
+            self.scriptedEffect.setParameter(name, combo.itemData(combo.currentIndex))
+        self.scriptedEffect.setParameter("ImageSize", self.imageSizeSpinBox.value)
+
+    def logic(self):
+        """The run logic; its worker (and SAM2 model) is the one the module uses."""
+        if self._logic is None:
+            from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+
+            self._logic = OFLSAM2Logic()
+        return self._logic
+
+    def onApply(self):
+        logic = self.logic()
+        if logic.isRunning():
+            logic.cancel()
+            self.statusLabel.text = "Cancelling..."
+            return
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterSetNode.GetSegmentationNode()
+        volumeNode = parameterSetNode.GetSourceVolumeNode()
+        segmentId = parameterSetNode.GetSelectedSegmentID()
+        with slicer.util.tryWithErrorDisplay("OFL-SAM2 failed.", waitCursor=True):
+            from OFLSAM2SegmentLib.mrml_io import EditorSliceWriter, volume_geometry
+
+            if volumeNode is None or not segmentId:
+                raise ValueError("Select a source volume and a segment first.")
+            effect = self.scriptedEffect
+
+            def modify(segment_id, image, mode):
+                # Explicit segment ID (not the selection, which the user may change meanwhile);
+                # the one-plane modifier limits the change to that plane.
+                effect.modifySegmentByLabelmap(segmentationNode, segment_id, image, mode, True)
+
+            modes = slicer.qSlicerSegmentEditorAbstractEffect
+            writer = EditorSliceWriter(modify, modes.ModificationModeRemove, modes.ModificationModeAdd,
+                                       volume_geometry(volumeNode))
+            self.progressBar.value = 0
+            self.progressBar.show()
+            try:
+                logic.process(
+                    volumeNode, segmentationNode, [segmentId], self.scriptedEffect.parameter("Method"),
+                    waitForCompletion=self.runBlocking, progressCallback=self.onProgress, writer=writer,
+                    saveUndoState=self.scriptedEffect.saveStateForUndo,
+                    model=self.scriptedEffect.parameter("Model"),
+                    device=self.scriptedEffect.parameter("Device"),
+                    imageSize=self.scriptedEffect.integerParameter("ImageSize"),
+                    randomWeights=self.scriptedEffect.parameter("RandomWeights"),
+                )
+            except Exception:
+                self.progressBar.hide()
+                raise
+        self._updateApplyButton()
+
+    def onProgress(self, stage, done, total, text):
+        if stage in ("completed", "cancelled", "failed"):
+            self.progressBar.hide()
+            self.statusLabel.text = text
+            self._updateApplyButton()
+            if stage == "failed" and not self.runBlocking:  # blocking runs raise into onApply's error display
+                slicer.util.errorDisplay(text, detailedText=self._logic.lastRun.traceback_text)
+            return
+        percent, label = progress_text(stage, done, total, text)
+        self.progressBar.value = percent
+        self.progressBar.setFormat(f"{label}  %p%")
+
+    def _updateApplyButton(self):
+        running = self._logic is not None and self._logic.isRunning()
+        self.applyButton.text = "Cancel" if running else "Apply"
+
+
+def _safe_model_choices():
+    try:
+        return model_choices()
+    except Exception as exc:  # a broken manifest must not break the Segment Editor
+        import logging
+
+        logging.error(f"OFL-SAM2 effect: cannot read the model manifest: {exc}")
+        return [("sam2.1-tiny", "")]
+

@@ -1,0 +1,486 @@
+"""The ``oflsam2`` command: segment, train, checkpoints, demo (and eval / experiment).
+
+Problems the user can fix (:class:`~oflsam2.errors.OFLSAM2Error`) print ``error: <message>``
+and exit with status 2; a cancelled or interrupted run exits with 130. Progress goes to stderr
+as one tqdm bar per stage; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, InputError, OFLSAM2Error
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+TRAINING_SEGMENTATION = "training_segmentation.nii.gz"
+REVSAM2_MODES = ("full", "forward", "forward_fifo", "random")
+_OPTIONAL_COMMANDS = (
+    ("eval", "evaluation", "register_eval_command"),
+    ("experiment", "experiment", "register_experiment_command"),
+)
+
+
+def main(argv=None) -> int:
+    """Run the command in ``argv`` (default ``sys.argv[1:]``) and return its exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except (Cancelled, KeyboardInterrupt) as exc:
+        message = str(exc) if isinstance(exc, Cancelled) else "Interrupted; no output was written."
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OFLSAM2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oflsam2",
+        description="Segment a CT/MRI volume from a few annotated slices with SAM2 (OFL-SAM2, RevSAM2, SAM2 propagation).",
+    )
+    parser.add_argument("--version", action="version", version=f"oflsam2 {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_segment(commands)
+    _add_train(commands)
+    _add_checkpoints(commands)
+    _add_demo(commands)
+    for command, module, function in _OPTIONAL_COMMANDS:
+        _register_optional(commands, command, module, function)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# segment / train
+
+
+def _add_segment(commands) -> None:
+    parser = commands.add_parser(
+        "segment",
+        help="segment a volume from annotated slices (or with a trained adapter)",
+        description="Segment IMAGE from the annotated slices in LABELS and write the result.",
+    )
+    _add_inputs(parser, support_required=False)
+    parser.add_argument("--out", required=True, help="output label volume (.nii.gz, .nii, .nrrd, .mha)")
+    parser.add_argument("--seg-nrrd", help="also write a Slicer segmentation file (.seg.nrrd)")
+    parser.add_argument("--method", required=True, choices=("ofl", "revsam2", "forward", "sam2"), help="segmentation method")
+    _add_model_options(parser)
+    parser.add_argument("--adapter", help="trained OFL-SAM2 adapter folder (segment without support, or warm start)")
+    parser.add_argument("--save-adapter", help="write the trained OFL-SAM2 adapter into this folder")
+    parser.add_argument("--epochs", type=_at_least(0), default=40, help="OFL-SAM2 training epochs (default 40)")
+    parser.add_argument("--gamma", type=_fraction, default=0.8, help="OFL-SAM2 confidence gate (default 0.8)")
+    parser.add_argument("--num-retrieved", type=_at_least(1), default=2, help="OFL-SAM2 support memories retrieved per slice (default 2)")
+    parser.add_argument("--top-k", type=_at_least(1), default=3, help="RevSAM2 supports kept per query (default 3)")
+    parser.add_argument("--revsam2-mode", choices=REVSAM2_MODES, default="full", help="RevSAM2 variant (default full)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    parser.set_defaults(func=run_segment)
+
+
+def _add_train(commands) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train an OFL-SAM2 adapter on annotated slices",
+        description=(
+            "Train an OFL-SAM2 adapter on the annotated slices of IMAGE and save it in --out. "
+            f"Training on a volume also segments it: the result is written to OUT/{TRAINING_SEGMENTATION}."
+        ),
+    )
+    _add_inputs(parser, support_required=True)
+    parser.add_argument("--out", required=True, help="adapter folder to write (created if absent)")
+    _add_model_options(parser)
+    parser.add_argument("--adapter", help="adapter folder to start from (warm start)")
+    parser.add_argument("--epochs", type=_at_least(0), default=40, help="training epochs (default 40)")
+    parser.add_argument("--gamma", type=_fraction, default=0.8, help="confidence gate (default 0.8)")
+    parser.add_argument("--num-retrieved", type=_at_least(1), default=2, help="support memories retrieved per slice (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    parser.set_defaults(func=run_train)
+
+
+def _add_inputs(parser, support_required: bool) -> None:
+    parser.add_argument("--image", required=True, help="volume to segment (NIfTI, NRRD, MetaImage, DICOM file or folder)")
+    parser.add_argument(
+        "--support", required=support_required, help="label map on the image's grid with the annotated slices"
+    )
+    parser.add_argument("--support-slices", type=_slice_list, help="use only these annotated slices, e.g. 12,20,30-33")
+    parser.add_argument("--labels", type=_label_list, help="label values to segment, e.g. 1,3 (default: all in the support)")
+    parser.add_argument(
+        "--reference", action="append", default=[], type=_reference_pair, metavar="IMG:LABELS",
+        help="another image and its label map used as extra support (repeatable)",
+    )
+    parser.add_argument("--axis", choices=("auto", "axial", "coronal", "sagittal"), default="auto", help="slice axis (default auto)")
+    parser.add_argument("--preset", default="auto", help="intensity preset: auto, ct-abdomen, ct-soft, ct-lung, ct-bone, mr, minmax, window:LO,HI, percentile:A,B")
+
+
+def _add_model_options(parser) -> None:
+    from .checkpoints import load_manifest
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="sam2.1-tiny", choices=list(load_manifest()), help="SAM2 model (default sam2.1-tiny)")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", help="local checkpoint file (default: the verified cached download)")
+    weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
+    group.add_argument("--image-size", type=int, help="SAM2 input size, a multiple of 32 (default: the model's own, 1024; 512 for medsam2)")
+    group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="compute device (default auto)")
+
+
+def run_segment(args) -> int:
+    from .api import MethodOptions
+
+    options = MethodOptions(
+        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
+        revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter, save_adapter=args.save_adapter,
+    )
+    summary = _run_pipeline(args, args.method, Path(args.out), args.seg_nrrd, options)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def run_train(args) -> int:
+    from .api import MethodOptions
+
+    adapter_dir = Path(args.out)
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise InputError(f"--out {adapter_dir} is a file; give a folder for the adapter.")
+    options = MethodOptions(
+        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
+        adapter=args.adapter, save_adapter=str(adapter_dir),
+    )
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    summary = _run_pipeline(args, "ofl", adapter_dir / TRAINING_SEGMENTATION, None, options)
+    summary["adapter"] = str(adapter_dir)
+    _print_summary(summary, args.json)
+    if not args.json:
+        print(f"adapter saved in {adapter_dir}")
+    return 0
+
+
+def _run_pipeline(args, method: str, out_path: Path, seg_nrrd, options) -> dict:
+    """Check the checkpoint first (a missing one should not cost a volume read), then run."""
+    from . import pipeline
+
+    settings = model_settings(args)
+    summary = pipeline.segment_files(
+        args.image, args.support, out_path,
+        labels=args.labels, support_slices=args.support_slices, method=method, axis=args.axis,
+        preset=args.preset, settings=settings, options=options, references=args.reference,
+        seg_nrrd_path=seg_nrrd, events=progress_events(),
+    )
+    if settings.random_weights:
+        summary["warning"] = random_weights_banner()
+    return summary
+
+
+def model_settings(args):
+    """:class:`~oflsam2.api.ModelSettings` from the model options; resolves the checkpoint
+    now (raising :class:`CheckpointError` with what to do) unless random weights are asked for."""
+    from .api import ModelSettings
+    from .checkpoints import model_entry, resolve_checkpoint
+
+    entry = model_entry(args.model)
+    if args.random_weights:
+        print(random_weights_banner(), file=sys.stderr)
+    else:
+        resolve_checkpoint(args.model, args.checkpoint)
+    return ModelSettings(
+        model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+        device=args.device, image_size=args.image_size or entry["image_size"],
+    )
+
+
+def random_weights_banner() -> str:
+    line = "!" * 78
+    return (
+        f"{line}\n!! RANDOM WEIGHTS: SAM2 is built untrained. Every mask and every score of this\n"
+        f"!! run is MEANINGLESS; use it only to test the installation.\n{line}"
+    )
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(f"method {summary['method']} along the {summary['axis_name']} axis (array axis {summary['axis']}), preset {summary['preset']}")
+    for label in summary["labels"]:
+        name = summary["label_names"][label]
+        slices = summary["slices"][label]
+        print(f"  label {label} ({name}): {summary['voxels'][label]} voxels; annotated slices {slices}")
+    for path in summary["outputs"]:
+        print(f"wrote {path}")
+    print(f"took {summary['timings']['total']:.1f} s")
+    if "warning" in summary:
+        print(summary["warning"])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _add_checkpoints(commands) -> None:
+    parser = commands.add_parser("checkpoints", help="list, download or verify SAM2 checkpoints")
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", dest="action", required=True)
+    listing = actions.add_parser("list", help="known models and whether they are downloaded")
+    listing.set_defaults(func=run_checkpoints_list)
+    fetch = actions.add_parser("download", help="download a model's checkpoint into the cache (resumable, verified)")
+    fetch.add_argument("name", help="model name (see `oflsam2 checkpoints list`)")
+    fetch.add_argument("--url", help="download from this URL instead (a mirror); the file is still verified")
+    fetch.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the server (default 15)")
+    fetch.set_defaults(func=run_checkpoints_download)
+    check = actions.add_parser("verify", help="check a checkpoint file: hash, readability, SAM2 version")
+    check.add_argument("path", help="checkpoint file")
+    check.add_argument("--model", help="require the official file of this model")
+    check.set_defaults(func=run_checkpoints_verify)
+
+
+def run_checkpoints_list(args) -> int:
+    import os
+
+    from .checkpoints import ENV_CHECKPOINT, cache_dir, load_manifest
+
+    folder = cache_dir()
+    print(f"checkpoint folder: {folder}")
+    if os.environ.get(ENV_CHECKPOINT):
+        print(f"{ENV_CHECKPOINT} = {os.environ[ENV_CHECKPOINT]} (used instead of the folder)")
+    rows = [("NAME", "VERSION", "SIZE", "STATUS", "DESCRIPTION")]
+    for name, entry in load_manifest().items():
+        size = f"{entry['size_bytes'] / 1e6:.0f} MB" if entry["size_bytes"] else "?"
+        rows.append((name, entry["version"], size, _cache_status(folder / entry["filename"], entry), entry["description"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def _cache_status(path: Path, entry: dict) -> str:
+    """Cheap status (no hashing: the list must be instant); files are verified when used."""
+    if not path.is_file():
+        partial = path.with_name(path.name + ".part")
+        return "partial" if partial.is_file() else "-"
+    if entry["size_bytes"] and path.stat().st_size != entry["size_bytes"]:
+        return "wrong size"
+    return "downloaded"
+
+
+def run_checkpoints_download(args) -> int:
+    from .checkpoints import download, model_entry
+
+    entry = model_entry(args.name)
+    with ByteBar(f"{args.name}", entry["size_bytes"]) as bar:
+        path = download(args.name, progress=bar.update, timeout=args.timeout, url=args.url)
+    print(f"{args.name}: {path} (verified)")
+    return 0
+
+
+def run_checkpoints_verify(args) -> int:
+    from .checkpoints import check_version, checkpoint_version, identify, model_entry, read_state_dict, verify
+
+    entry = model_entry(args.model) if args.model else None
+    with ByteBar("sha256", Path(args.path).stat().st_size if Path(args.path).is_file() else None) as bar:
+        digest = verify(args.path, entry["sha256"] if entry else None, progress=bar.update)
+    weights = read_state_dict(args.path)
+    version = checkpoint_version(weights)
+    if entry is not None:
+        check_version(weights, entry, args.path)
+    official = identify(digest)
+    print(f"{args.path}")
+    print(f"  sha256   {digest}")
+    print(f"  weights  SAM2 v{version}, {len(weights)} tensors")
+    if official:
+        print(f"  matches  the official {official} checkpoint")
+    elif entry is not None:
+        print(f"  no SHA256 is published for {args.model}: checked structurally only")
+    else:
+        print("  not an official file of any known model (your own weights?)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="segment the bundled MNI152 brain template's white matter (works offline)",
+        description=(
+            "Segment the white matter of a 24-slice axial slab of the MNI152 T1 template (bundled with "
+            "nilearn) from 3 annotated slices, write the inputs, the result and a PNG overlay, and print Dice."
+        ),
+    )
+    parser.add_argument("--out", default="oflsam2-demo", help="output folder (default ./oflsam2-demo)")
+    parser.add_argument("--method", choices=("ofl", "revsam2", "forward", "sam2"), default="ofl", help="method (default ofl)")
+    _add_model_options(parser)
+    parser.add_argument("--epochs", type=_at_least(0), default=40, help="OFL-SAM2 training epochs (default 40)")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from . import demo
+    from .api import MethodOptions
+
+    settings = model_settings(args)
+    result = demo.run(Path(args.out), args.method, settings, MethodOptions(epochs=args.epochs), progress_events())
+    for path in result["files"]:
+        print(f"wrote {path}")
+    print(f"Dice vs the MNI152 white-matter map (> {demo.WM_THRESHOLD}): {result['dice']:.3f} "
+          f"(on the {result['unannotated_slices']} unannotated slices: {result['dice_unannotated']:.3f})")
+    if settings.random_weights:
+        print(random_weights_banner())
+        print("!! The Dice above comes from an untrained network and means nothing.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+def progress_events():
+    """:class:`~oflsam2.events.Events` that draw one tqdm bar per stage on stderr."""
+    from .events import Events
+
+    bars = StageBars()
+    return Events(on_progress=bars.update)
+
+
+class StageBars:
+    """One tqdm bar per run stage; a new stage closes the previous bar."""
+
+    def __init__(self):
+        self._stage = None
+        self._bar = None
+
+    def update(self, stage: str, done: int, total: int, message: str = "") -> None:
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=stage, file=sys.stderr, mininterval=0.5, leave=True)
+        bar = self._bar
+        if total != bar.total:
+            bar.total = total
+        bar.n = done
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if total and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar, self._stage = None, None
+
+
+class ByteBar:
+    """A tqdm bar in bytes fed as ``update(done, total)`` (download and hashing progress)."""
+
+    def __init__(self, desc: str, total: int | None):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=0.5)
+
+    def update(self, done: int, total: int) -> None:
+        if total and total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# optional commands and argument types
+
+
+def _register_optional(commands, command: str, module: str, function: str) -> None:
+    """Add a command whose module is optional; if it cannot load, the command says why."""
+    try:
+        register = getattr(importlib.import_module(f".{module}", __package__), function)
+    except (ImportError, AttributeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        parser = commands.add_parser(command, help=f"(unavailable: {reason})")
+        parser.set_defaults(func=lambda args: _unavailable(command, reason))
+        return
+    register(commands)
+
+
+def _unavailable(command: str, reason: str) -> int:
+    raise OFLSAM2Error(f"The '{command}' command is not available in this installation ({reason}).")
+
+
+def _slice_list(text: str) -> list[int]:
+    from .volume import parse_slices
+
+    try:
+        return parse_slices(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _label_list(text: str) -> list[int]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give positive label values separated by commas, e.g. 1,3")
+        values.append(int(item))
+    return values
+
+
+def _reference_pair(text: str) -> tuple[str, str]:
+    """``IMG:LABELS`` -> (IMG, LABELS); a Windows drive colon (``C:\\``) is not a separator."""
+    separators = [i for i, char in enumerate(text) if char == ":" and not _is_drive_colon(text, i)]
+    if len(separators) != 1 or separators[0] in (0, len(text) - 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: write the reference as IMAGE:LABELS (two paths joined by ':')")
+    return text[: separators[0]], text[separators[0] + 1 :]
+
+
+def _is_drive_colon(text: str, i: int) -> bool:
+    starts_path = i == 1 or (i >= 2 and text[i - 2] == ":")
+    return starts_path and text[i - 1].isalpha() and text[i + 1 : i + 2] in ("\\", "/")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least {minimum}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number between 0 and 1")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

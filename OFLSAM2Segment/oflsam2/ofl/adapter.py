@@ -1,0 +1,278 @@
+"""Saved OFL-SAM2 adapters: the trained parts of one label, reusable on new volumes.
+
+An adapter is two files in a directory, named after the label (name, or id if unnamed):
+``<label>.safetensors`` (the tensors: lift, AFM, λ and whatever else the caller saves) and
+``<label>.json`` (what it was trained with and on which SAM2). The JSON records the SHA256 of
+the tensor file and is written last, so it is the commit record: an interrupted save leaves
+either the previous adapter intact, or files that refuse to load — never a mix that loads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import AdapterError
+from .learner import FewShotLearner
+
+FORMAT_VERSION = 1
+KIND = "oflsam2-adapter"
+TENSORS_SUFFIX = ".safetensors"
+METADATA_SUFFIX = ".json"
+REQUIRED_METADATA = ("model", "config", "checkpoint_sha256", "image_size", "preset", "axis", "label", "label_name")
+
+# What to do when a field of the adapter differs from the current run.
+_ADVICE = {
+    "model": "select the model the adapter was trained with, or train a new adapter",
+    "config": "select the model the adapter was trained with, or train a new adapter",
+    "checkpoint_sha256": "use the checkpoint the adapter was trained with, or train a new adapter",
+    "image_size": "set the image size to the adapter's value, or train a new adapter",
+    "preset": "use the adapter's intensity preset, or train a new adapter",
+    "axis": "segment along the adapter's slice axis, or train a new adapter",
+}
+
+
+def adapter_stem(label_name: str | None, label: int) -> str:
+    """File name (without suffix) of a label's adapter: its name made filesystem-safe, else its id."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label_name or "").strip("._")
+    return safe or f"label_{label}"
+
+
+def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module | torch.Tensor], metadata: dict) -> Path:
+    """Write one label's adapter into ``directory`` (created if needed); return the tensor file.
+
+    ``modules``: named modules (their state dicts are stored as ``<name>.<key>``) and/or named
+    tensors. ``metadata``: JSON-serialisable; it must hold REQUIRED_METADATA (the identity of
+    the SAM2 model, preprocessing and label) and should hold the training settings. The format
+    version, engine version, creation time and — found among ``modules`` — the learner's kernel
+    size are added. An existing adapter of the same label is replaced; on any error the
+    directory keeps what it had before (or, at worst, files that refuse to load).
+    """
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"Adapter metadata lacks {', '.join(missing)}.")
+    tensors = _flatten(modules)
+    record = dict(metadata)
+    for module in modules.values():
+        learners = [m for m in module.modules() if isinstance(m, FewShotLearner)] if isinstance(module, nn.Module) else []
+        if learners:
+            record["learner_kernel_size"] = learners[0].kernel_size
+    stem = adapter_stem(metadata["label_name"], metadata["label"])
+    record.update(
+        kind=KIND,
+        format_version=FORMAT_VERSION,
+        engine_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tensors_file=stem + TENSORS_SUFFIX,
+    )
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _refuse_other_label(directory / (stem + METADATA_SUFFIX), metadata)
+        return _write(directory, stem, tensors, record)
+    except OSError as error:
+        raise AdapterError(f"Cannot write the adapter into {directory}: {error}. Choose a writable directory with free space.") from error
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    label: str | int | None = None,
+    expected: dict | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an adapter -> (CPU tensors by name, metadata).
+
+    ``path``: an adapter's ``.safetensors`` or ``.json`` file, or a directory; in a directory
+    ``label`` (name or id) picks the adapter, and may be left out when there is only one.
+    ``expected``: the current run's values of metadata fields (``model``, ``config``,
+    ``checkpoint_sha256``, ``image_size``, ``preset``, ``axis``...); every field given must
+    match. Raises :class:`AdapterError` for a missing, incomplete, corrupt or mismatched adapter.
+    """
+    metadata_path = _metadata_path(Path(path), label)
+    metadata = _read_metadata(metadata_path)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"Adapter {metadata_path}: format_version is {metadata.get('format_version')!r}, this engine "
+            f"({__version__}) reads {FORMAT_VERSION}. Train the adapter again with this version."
+        )
+    _check_expected(metadata_path, metadata, expected or {})
+    tensors_path = metadata_path.parent / str(metadata.get("tensors_file"))
+    try:
+        digest = _sha256(tensors_path)
+    except OSError as error:
+        raise AdapterError(
+            f"Adapter {metadata_path}: its tensor file {tensors_path.name} cannot be read ({error}). "
+            "Restore it or train the adapter again."
+        ) from error
+    if digest != metadata.get("tensors_sha256"):
+        raise AdapterError(
+            f"Adapter {metadata_path}: {tensors_path.name} does not match its metadata (truncated, modified, "
+            "or left by an interrupted save). Train the adapter again."
+        )
+    try:
+        tensors = load_file(str(tensors_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"Adapter {metadata_path}: {tensors_path.name} is not a readable tensor file ({error}).") from error
+    return tensors, metadata
+
+
+def list_adapters(directory: str | os.PathLike) -> list[dict]:
+    """Metadata of every adapter in ``directory`` (plus ``path``: its JSON file), by label id.
+
+    Only the JSON files are read; :func:`load_adapter` verifies the tensors.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"Adapter directory {directory} does not exist.")
+    found = []
+    for json_path in sorted(directory.glob("*" + METADATA_SUFFIX)):
+        try:
+            metadata = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(metadata, dict) and metadata.get("kind") == KIND:
+            found.append({**metadata, "path": str(json_path)})
+    return sorted(found, key=_label_order)
+
+
+def _label_order(metadata: dict) -> tuple:
+    """Integer label ids in numeric order, anything else after them."""
+    label = metadata.get("label")
+    return (0, label, "") if isinstance(label, int) else (1, 0, str(label))
+
+
+def _flatten(modules: Mapping[str, nn.Module | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named modules and tensors -> independent contiguous CPU tensors (safetensors refuses shared storage)."""
+    flat = {}
+    for name, item in modules.items():
+        entries = {f"{name}.{k}": v for k, v in item.state_dict().items()} if isinstance(item, nn.Module) else {name: item}
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"Adapter entry {key!r} is a {type(value).__name__}, not a tensor.")
+            flat[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if not flat:
+        raise ValueError("An adapter needs at least one tensor.")
+    return flat
+
+
+def _refuse_other_label(metadata_path: Path, metadata: dict) -> None:
+    """Two labels whose names map to the same file must not overwrite each other (the same
+    name again replaces its adapter, even under a new label id)."""
+    try:
+        existing = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(existing, dict) and existing.get("label_name") != metadata["label_name"]:
+        raise AdapterError(
+            f"{metadata_path} belongs to label {existing.get('label_name')!r} ({existing.get('label')}), not "
+            f"{metadata['label_name']!r} ({metadata['label']}). Save into another directory or rename the label."
+        )
+
+
+def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict) -> Path:
+    """Temp files first, then the tensors and finally the JSON are moved into place."""
+    tensors_path = directory / (stem + TENSORS_SUFFIX)
+    metadata_path = directory / (stem + METADATA_SUFFIX)
+    temporary = []
+    replaced_tensors = False
+    try:
+        tensors_tmp = _temporary(directory, stem, temporary)
+        save_file(tensors, tensors_tmp)
+        _fsync(tensors_tmp)
+        record["tensors_sha256"] = _sha256(Path(tensors_tmp))
+        metadata_tmp = _temporary(directory, stem, temporary)
+        Path(metadata_tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync(metadata_tmp)
+        os.replace(tensors_tmp, tensors_path)
+        replaced_tensors = True
+        os.replace(metadata_tmp, metadata_path)
+    except BaseException:
+        for leftover in temporary:
+            Path(leftover).unlink(missing_ok=True)
+        if replaced_tensors:  # the old JSON (if any) no longer matches; leave no new tensors behind
+            tensors_path.unlink(missing_ok=True)
+        raise
+    return tensors_path
+
+
+def _temporary(directory: Path, stem: str, registry: list[str]) -> str:
+    handle, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    registry.append(name)
+    os.chmod(name, 0o644)  # mkstemp makes owner-only files; adapters are meant to be shared
+    return name
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _metadata_path(path: Path, label: str | int | None) -> Path:
+    """The JSON file of the adapter meant by ``path`` (and ``label`` for a directory)."""
+    if path.suffix in (TENSORS_SUFFIX, METADATA_SUFFIX):
+        return path.with_suffix(METADATA_SUFFIX)
+    if not path.is_dir():
+        raise AdapterError(f"No adapter at {path}: give an adapter directory or its .safetensors/.json file.")
+    adapters = list_adapters(path)
+    if label is None:
+        if len(adapters) == 1:
+            return Path(adapters[0]["path"])
+        names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
+        raise AdapterError(f"{path} holds adapters for: {names}. Say which label to use.")
+    if isinstance(label, str):
+        by_file = path / (adapter_stem(label, 0) + METADATA_SUFFIX)
+        if by_file.is_file():
+            return by_file
+    for adapter in adapters:
+        if str(label).casefold() in (str(adapter.get("label_name")).casefold(), str(adapter.get("label"))):
+            return Path(adapter["path"])
+    names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
+    raise AdapterError(f"No adapter for label {label!r} in {path} (it holds: {names}). Train one for this label first.")
+
+
+def _read_metadata(metadata_path: Path) -> dict:
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise AdapterError(
+            f"Adapter metadata {metadata_path} is missing: the adapter is incomplete (an interrupted save?). "
+            "Train and save it again."
+        ) from error
+    except (OSError, ValueError) as error:
+        raise AdapterError(f"Adapter metadata {metadata_path} cannot be read ({error}). Train and save it again.") from error
+    if not isinstance(metadata, dict) or metadata.get("kind") != KIND:
+        raise AdapterError(f"{metadata_path} is not an OFLSAM2 adapter's metadata file.")
+    return metadata
+
+
+def _check_expected(metadata_path: Path, metadata: dict, expected: dict) -> None:
+    """Refuse the adapter if any field given in ``expected`` differs (JSON-normalised)."""
+    current = json.loads(json.dumps(expected))
+    problems = [
+        f"{field} is {metadata.get(field)!r} in the adapter but {value!r} now; "
+        f"{_ADVICE.get(field, 'match it or train a new adapter')}"
+        for field, value in current.items()
+        if metadata.get(field) != value
+    ]
+    if problems:
+        raise AdapterError(f"Adapter {metadata_path} does not fit this run: " + "; ".join(problems) + ".")

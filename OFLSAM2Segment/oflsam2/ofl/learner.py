@@ -1,0 +1,206 @@
+"""OFL-SAM2's few-shot learner: fits the mapping filter τ by unrolled steepest descent.
+
+The mapping network is one bias-free convolution T_τ(F) = conv2d(F, τ), F (N, C, H, W) image
+features -> (N, D, H, W) predicted SAM2 memory features. τ is not a trained parameter: the
+learner produces it from support pairs (F_i, M_i) by minimising the ridge loss
+
+    L(τ) = ½ Σ_i w_i ‖T_τ(F_i) − M_i‖² + ½ β ‖τ‖²,   β = λ² (clamped ≥ 1e-6),
+
+where λ is the only trained weight. T_τ is linear in τ, so the exact line search along the
+gradient g has the closed form α = ‖g‖² / (Σ_i w_i ‖conv(F_i, g)‖² + β ‖g‖²) (LWL lineage).
+
+Several episodes (independent fits, each with its own τ and α) can be fitted at once by passing
+5-D features (E, N, C, H, W): they run as one grouped convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_RIDGE_WEIGHT = 1e-6
+MIN_STEP_DENOMINATOR = 1e-8
+
+
+class FewShotLearner(nn.Module):
+    """Produces τ (D, C, k, k) from support pairs; its one parameter is the ridge scale λ.
+
+    ``chunk_size`` bounds how many samples are convolved at once: the largest temporaries are
+    (chunk_size, C, H, W) casts of the features and (chunk_size, D, H, W) residuals. When the
+    fit keeps its graph for training, autograd still holds every chunk's residuals.
+    """
+
+    def __init__(
+        self,
+        feature_channels: int = 256,
+        target_channels: int = 64,
+        kernel_size: int = 3,
+        init_lambda: float = 1e-2,
+        chunk_size: int = 8,
+    ):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number (same-size output); got {kernel_size}.")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
+        self.feature_channels = feature_channels
+        self.target_channels = target_channels
+        self.kernel_size = kernel_size
+        self.chunk_size = chunk_size
+        self.ridge_lambda = nn.Parameter(torch.tensor(float(init_lambda)))
+
+    def ridge_weight(self) -> torch.Tensor:
+        """β = λ², clamped so that the inner problem stays strictly convex."""
+        return self.ridge_lambda.pow(2).clamp(min=MIN_RIDGE_WEIGHT)
+
+    def fit(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        tau_init: torch.Tensor | None = None,
+        num_iters: int = 10,
+        create_graph: bool | None = None,
+    ) -> torch.Tensor:
+        """Run ``num_iters`` steepest-descent steps from τ0 = 0 (or ``tau_init``) and return τ.
+
+        features: (N, C, H, W), or (E, N, C, H, W) for E episodes, any float dtype (cast to
+        fp32 chunk by chunk); targets: (N, D, H, W) / (E, N, D, H, W); weights: (N,) / (E, N)
+        non-negative sample weights, default 1/N; tau_init: (D, C, k, k) / (E, D, C, k, k).
+        Returns τ of the matching shape, fp32 (fp64 if the targets are fp64).
+
+        ``create_graph`` (default: whether grad mode is on at the call) keeps the unrolled
+        graph so that an outer loss reaches λ and ``tau_init``; otherwise the fit runs with
+        grad enabled internally (it works under ``torch.no_grad()``) and τ comes back detached.
+        """
+        if num_iters < 0:
+            raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
+        if create_graph is None:
+            create_graph = torch.is_grad_enabled()
+        episodic = features.dim() == 5
+        features, targets, weights = self._episodes(features, targets, weights)
+        dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
+        targets, weights = targets.to(dtype), weights.to(dtype)
+        episodes = features.shape[0]
+        # inference_mode(False): tensors made inside torch.inference_mode() could not carry grad
+        with torch.inference_mode(False), torch.enable_grad():
+            targets, weights = _autograd_usable(targets), _autograd_usable(weights)
+            tau = _autograd_usable(self._initial_tau(tau_init, episodes, dtype, features.device))
+            if not (create_graph and tau.requires_grad):  # else keep tau_init's graph
+                tau = tau.detach().requires_grad_(True)
+            beta = self.ridge_weight().to(dtype)
+            for _ in range(num_iters):
+                gradient = self._gradient(tau, features, targets, weights, beta, create_graph)
+                step = self._step_length(gradient, features, weights, beta)
+                tau = tau - step.view(-1, 1, 1, 1, 1) * gradient
+                if not create_graph:
+                    tau = tau.detach().requires_grad_(True)
+        if not create_graph:
+            tau = tau.detach()
+        return tau if episodic else tau[0]
+
+    def loss(
+        self,
+        tau: torch.Tensor,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The inner loss L(τ): a scalar, or (E,) per episode for 5-D inputs (shapes as in fit)."""
+        episodic = features.dim() == 5
+        features, targets, weights = self._episodes(features, targets, weights)
+        tau = tau if episodic else tau[None]
+        targets, weights = targets.to(tau.dtype), weights.to(tau.dtype)
+        total = 0.5 * self.ridge_weight().to(tau.dtype) * tau.pow(2).flatten(1).sum(dim=1)
+        for start in range(0, features.shape[1], self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            total = total + self._data_loss(tau, features[:, chunk], targets[:, chunk], weights[:, chunk])
+        return total if episodic else total[0]
+
+    def apply(self, tau: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """E2 = T_τ(F): features (B, C, H, W) -> (B, D, H, W) with τ (D, C, k, k); or, per
+        episode, features (E, B, C, H, W) with τ (E, D, C, k, k) -> (E, B, D, H, W)."""
+        if tau.dim() == 4:
+            return _grouped_conv(features[None].to(tau.dtype), tau[None])[0]
+        return _grouped_conv(features.to(tau.dtype), tau)
+
+    def _episodes(self, features, targets, weights):
+        """Validate shapes and return (E, N, C, H, W) features, (E, N, D, H, W) targets, (E, N) weights."""
+        if features.dim() not in (4, 5) or targets.dim() != features.dim():
+            raise ValueError(
+                "features and targets must both be (N, C, H, W) or both (E, N, C, H, W); "
+                f"got {tuple(features.shape)} and {tuple(targets.shape)}."
+            )
+        if features.dim() == 4:
+            features, targets = features[None], targets[None]
+            weights = None if weights is None else weights[None]
+        episodes, samples, channels, height, width = features.shape
+        expected_targets = (episodes, samples, self.target_channels, height, width)
+        if channels != self.feature_channels or tuple(targets.shape) != expected_targets:
+            raise ValueError(
+                f"The learner maps {self.feature_channels} feature channels to {self.target_channels} "
+                f"target channels on the same grid; got features {tuple(features.shape)} and targets "
+                f"{tuple(targets.shape)}."
+            )
+        if samples == 0:
+            raise ValueError("The learner needs at least one support sample to fit.")
+        if weights is None:
+            return features, targets, targets.new_full((episodes, samples), 1.0 / samples)
+        if tuple(weights.shape) != (episodes, samples) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(
+                f"Sample weights must be finite, non-negative and of shape ({samples},) per episode; "
+                f"got shape {tuple(weights.shape)}."
+            )
+        return features, targets, weights
+
+    def _initial_tau(self, tau_init, episodes, dtype, device) -> torch.Tensor:
+        shape = (episodes, self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
+        if tau_init is None:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        tau = tau_init if tau_init.dim() == 5 else tau_init[None]
+        if tuple(tau.shape) != shape:
+            raise ValueError(f"tau_init must have shape {shape[1:]} (or {shape} for episodes); got {tuple(tau_init.shape)}.")
+        return tau.to(dtype)
+
+    def _data_loss(self, tau, features, targets, weights) -> torch.Tensor:
+        """½ Σ_i w_i ‖conv(F_i, τ) − M_i‖² per episode, (E,), for one chunk of samples."""
+        residual = _grouped_conv(_autograd_usable(features.to(tau.dtype)), tau) - targets
+        return 0.5 * (weights * residual.pow(2).flatten(2).sum(dim=2)).sum(dim=1)
+
+    def _gradient(self, tau, features, targets, weights, beta, create_graph) -> torch.Tensor:
+        """∇L(τ), (E, D, C, k, k), accumulated over sample chunks so each chunk's graph can go."""
+        gradient = beta * tau
+        for start in range(0, features.shape[1], self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            data_loss = self._data_loss(tau, features[:, chunk], targets[:, chunk], weights[:, chunk])
+            (part,) = torch.autograd.grad(data_loss.sum(), tau, create_graph=create_graph)
+            gradient = gradient + part
+        return gradient
+
+    def _step_length(self, gradient, features, weights, beta) -> torch.Tensor:
+        """Exact line-search step α per episode, (E,): ‖g‖² / (Σ w_i ‖conv(F_i, g)‖² + β‖g‖²)."""
+        squared_norm = gradient.pow(2).flatten(1).sum(dim=1)
+        curvature = beta * squared_norm
+        for start in range(0, features.shape[1], self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            response = _grouped_conv(_autograd_usable(features[:, chunk].to(gradient.dtype)), gradient)
+            curvature = curvature + (weights[:, chunk] * response.pow(2).flatten(2).sum(dim=2)).sum(dim=1)
+        return squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR)
+
+
+def _autograd_usable(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of an inference-mode tensor (autograd cannot save those), else the tensor itself."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+def _grouped_conv(features: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Per-episode convolution: features (E, N, C, H, W), τ (E, D, C, k, k) -> (E, N, D, H, W).
+
+    The episodes become the groups of one conv2d; for E = 1 no copy of the features is made.
+    """
+    episodes, samples, channels, height, width = features.shape
+    _, out_channels, _, k, _ = tau.shape
+    stacked = features.transpose(0, 1).reshape(samples, episodes * channels, height, width)
+    out = F.conv2d(stacked, tau.reshape(episodes * out_channels, channels, k, k), padding=k // 2, groups=episodes)
+    return out.view(samples, episodes, out_channels, height, width).transpose(0, 1)

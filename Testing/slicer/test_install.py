@@ -1,0 +1,131 @@
+"""Installs inside Slicer: order (torch via PyTorchUtils, then sam2, then the rest), flags,
+pins, refusals. The Slicer application cannot run here, so ``slicer`` and ``PyTorchUtils``
+are stand-ins that record the calls; the requirement parsing is real."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+
+from OFLSAM2SegmentLib import install
+from OFLSAM2SegmentLib.install import InstallError
+
+
+class FakeSlicer:
+    """Records what the installer asks of Slicer, in order."""
+
+    def __init__(self, testing=False, confirm=True, with_packaging=True, unsatisfied=("scipy",)):
+        self.calls = []
+        self.app = types.SimpleNamespace(testingEnabled=lambda: testing)
+        self.util = types.SimpleNamespace(
+            confirmOkCancelDisplay=lambda text, title="": self.calls.append(("confirm", text)) or confirm,
+            pip_install=lambda args: self.calls.append(("pip_install", list(args), os.environ.get("SAM2_BUILD_CUDA"))),
+            showStatusMessage=lambda text, *a: None,
+        )
+        if with_packaging:
+            self.packaging = types.SimpleNamespace(
+                pip_check=lambda requirement: install.requirement_name(requirement) not in unsatisfied,
+                pip_ensure=lambda requirements, **kw: self.calls.append(("pip_ensure", list(requirements), kw)),
+            )
+
+
+class FakePyTorchUtils:
+    def __init__(self, calls, installs=True):
+        outer = self
+
+        class PyTorchUtilsLogic:
+            def installTorch(self, **kwargs):
+                calls.append(("installTorch", kwargs))
+                return types.SimpleNamespace(__version__="2.6.0") if outer.installs else None
+
+        self.installs = installs
+        self.PyTorchUtilsLogic = PyTorchUtilsLogic
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """Torch and sam2 absent, everything else importable."""
+    monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+    monkeypatch.setattr(install, "_installed_version", lambda name: None)
+    real_find_spec = install.importlib.util.find_spec
+    monkeypatch.setattr(install.importlib.util, "find_spec", lambda name: None if name == "sam2" else real_find_spec(name))
+
+    def use(fake_slicer, pytorch_utils="default"):
+        monkeypatch.setitem(sys.modules, "slicer", fake_slicer)
+        module = FakePyTorchUtils(fake_slicer.calls) if pytorch_utils == "default" else pytorch_utils
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", module)  # None: "not installed"
+        return fake_slicer
+
+    return use
+
+
+def test_torch_first_then_sam2_without_deps_then_the_rest(environment):
+    slicer = environment(FakeSlicer())
+
+    install.ensure_dependencies()
+
+    kinds = [c[0] for c in slicer.calls]
+    assert kinds == ["installTorch", "confirm", "pip_install", "pip_ensure"]
+    assert slicer.calls[0][1] == {"askConfirmation": True, "torchVersionRequirement": ">=2.5.1"}
+    assert "sam2>=1.1.0,<1.2" in slicer.calls[1][1] and "scipy" in slicer.calls[1][1]
+    _, args, build_cuda = slicer.calls[2]
+    assert args == ["--no-deps", "--no-build-isolation", "sam2>=1.1.0,<1.2"] and build_cuda == "0"
+    _, requirements, options = slicer.calls[3]
+    assert requirements == ["scipy>=1.10,<2"]  # only what is missing, never sam2 again
+    assert options["skip_packages"] == ["torch", "torchvision", "SimpleITK"] and options["prompt_install"] is False
+
+
+def test_nothing_is_installed_in_testing_mode(environment):
+    slicer = environment(FakeSlicer(testing=True))
+    install.ensure_dependencies()
+    assert slicer.calls == []
+
+
+def test_missing_pytorch_extension_is_a_clear_error(environment):
+    slicer = environment(FakeSlicer(), pytorch_utils=None)
+    with pytest.raises(InstallError, match="Extensions Manager"):
+        install.ensure_dependencies()
+    assert slicer.calls == []
+
+
+def test_declined_torch_or_packages_install_nothing_more(environment):
+    slicer = environment(FakeSlicer())
+    sys.modules["PyTorchUtils"].installs = False
+    with pytest.raises(InstallError, match="PyTorch was not installed"):
+        install.ensure_dependencies()
+    assert [c[0] for c in slicer.calls] == ["installTorch"]
+
+    slicer = environment(FakeSlicer(confirm=False))
+    with pytest.raises(InstallError, match="declined"):
+        install.ensure_dependencies()
+    assert [c[0] for c in slicer.calls] == ["installTorch", "confirm"]
+
+
+def test_old_torch_is_refused(environment, monkeypatch):
+    slicer = environment(FakeSlicer())
+    monkeypatch.setattr(install, "_installed_version", lambda name: "2.4.1+cu121")
+    with pytest.raises(InstallError, match=r"2\.4\.1.*>=2\.5\.1"):
+        install.ensure_dependencies()
+    assert slicer.calls == []
+
+
+def test_slicer_5_10_falls_back_to_pip_install(environment, monkeypatch):
+    slicer = environment(FakeSlicer(with_packaging=False))
+    real_find_spec = install.importlib.util.find_spec
+    monkeypatch.setattr(install.importlib.util, "find_spec", lambda name: None if name in ("sam2", "scipy") else real_find_spec(name))
+    install.ensure_dependencies()
+    assert [c[0] for c in slicer.calls] == ["installTorch", "confirm", "pip_install", "pip_install"]
+    assert slicer.calls[3][1] == ["scipy>=1.10,<2"]
+
+
+def test_requirements_have_floor_and_ceiling_and_leave_slicer_packages_alone():
+    requirements = install.read_requirements()
+    names = [install.requirement_name(r).lower() for r in requirements]
+    assert "sam2" in names
+    assert not {"torch", "torchvision", "simpleitk", "numpy"} & set(names)
+    for requirement in requirements:
+        assert "==" not in requirement, requirement
+        assert ">=" in requirement and "<" in requirement.replace("<=", ""), f"{requirement} needs a floor and a ceiling"

@@ -1,0 +1,174 @@
+"""Extension packaging: every shipped file is listed in CMake, the .ui matches the code, the
+extension metadata agree with each other. (Slicer's build cannot run here; these are the
+checks that catch a file missing from the installed extension.)"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import py_compile
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "OFLSAM2Segment"
+SHIPPED_SUFFIXES = (".py", ".ui", ".json", ".png")
+UI_WIDGETS = {
+    "inputVolumeSelector", "segmentationSelector", "segmentsTableView", "supportLabel", "referenceVolumeSelector",
+    "referenceSegmentationSelector", "addReferenceButton", "removeReferenceButton", "referencesListWidget",
+    "methodComboBox", "modelComboBox", "checkpointPathLineEdit", "deviceComboBox", "deviceInfoLabel",
+    "imageSizeSpinBox", "presetComboBox", "axisComboBox", "gammaSpinBox", "numRetrievedSpinBox", "epochsSpinBox",
+    "topKSpinBox", "saveAdapterPathLineEdit", "useAdapterPathLineEdit", "randomWeightsCheckBox",
+    "advancedCollapsibleButton", "applyButton", "progressBar", "statusLabel", "undoButton",
+}
+
+
+def cmake_text(path: Path) -> str:
+    """CMake source without comments."""
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def module_cmake_entries():
+    """(explicit file paths, glob patterns) of the module's CMakeLists.txt."""
+    text = cmake_text(MODULE / "CMakeLists.txt")
+    name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
+    text = text.replace("${MODULE_NAME}", name)
+    listed = set()
+    for block in re.findall(r"set\((?:MODULE_PYTHON_SCRIPTS|MODULE_PYTHON_RESOURCES)\s+(.*?)\)", text, re.S):
+        listed.update(token for token in block.split() if not token.startswith("$"))
+    globs = [g.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "") for g in re.findall(r"file\(GLOB_RECURSE\s+\w+.*?(\$\{CMAKE_CURRENT_SOURCE_DIR\}/\S+)\)", text, re.S)]
+    return listed, globs
+
+
+def shipped_files():
+    for path in MODULE.rglob("*"):
+        relative = path.relative_to(MODULE).as_posix()
+        if not path.is_file() or "__pycache__" in relative or relative.startswith("Testing/"):
+            continue
+        if path.suffix in SHIPPED_SUFFIXES or path.name == "requirements.txt":
+            yield relative
+
+
+def glob_matches(relative: str, pattern: str) -> bool:
+    """CMake GLOB_RECURSE ``dir/*.py``: any depth below ``dir``."""
+    folder, _, leaf = pattern.rpartition("/")
+    return relative.startswith(folder + "/") and fnmatch.fnmatch(relative.rpartition("/")[2], leaf)
+
+
+def test_every_shipped_file_is_listed_or_globbed_in_cmake():
+    listed, globs = module_cmake_entries()
+    assert globs == ["oflsam2/*.py", "oflsam2/*.json"]
+    missing = [f for f in shipped_files() if f not in listed and not any(glob_matches(f, g) for g in globs)]
+    assert not missing, f"not in OFLSAM2Segment/CMakeLists.txt: {missing}"
+    stale = [f for f in listed if not (MODULE / f).is_file()]
+    assert not stale, f"listed in CMake but absent: {stale}"
+    own = {f for f in shipped_files() if not f.startswith("oflsam2/")}
+    assert own <= listed, "the Slicer-side files must be listed explicitly, not globbed"
+    assert any(f == "oflsam2/models.json" for f in shipped_files())
+
+
+def test_module_cmake_registers_the_tests_with_known_keywords_only():
+    text = cmake_text(MODULE / "CMakeLists.txt")
+    call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.S).group(1)
+    keywords = {t for t in call.split() if re.fullmatch(r"[A-Z_]+", t)}
+    assert keywords <= {"NAME", "SCRIPTS", "RESOURCES", "WITH_GENERIC_TESTS", "WITH_SUBDIR", "VERBOSE"}
+    assert "WITH_GENERIC_TESTS" in keywords
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    testing = cmake_text(MODULE / "Testing" / "Python" / "CMakeLists.txt")
+    for script in re.findall(r"SCRIPT\s+(\S+?)\)", testing):
+        assert (MODULE / "Testing" / "Python" / script).is_file(), script
+    for script in (MODULE / "Testing" / "Python").glob("*.py"):
+        assert script.name in testing, f"{script.name} is not registered as a test"
+
+
+def parameter_fields() -> set[str]:
+    tree = ast.parse((MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OFLSAM2SegmentParameterNode")
+    return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+
+
+def test_ui_parses_and_binds_existing_parameters():
+    root = ET.parse(MODULE / "Resources" / "UI" / "OFLSAM2Segment.ui").getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    assert widgets["OFLSAM2Segment"].get("class") == "qMRMLWidget"
+    assert UI_WIDGETS <= widgets.keys(), f"missing widgets: {UI_WIDGETS - widgets.keys()}"
+    bound = {}
+    for name, widget in widgets.items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.find("string").text
+    assert set(bound.values()) <= parameter_fields(), set(bound.values()) - parameter_fields()
+    assert bound["inputVolumeSelector"] == "inputVolume" and bound["methodComboBox"] == "method"
+    # every MRML widget gets the scene from the top-level widget
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml = {n for n, w in widgets.items() if w.get("class", "").startswith("qMRML") and n != "OFLSAM2Segment"}
+    assert mrml == receivers
+
+
+def test_module_and_effect_compile_and_have_the_template_shape():
+    for path in [MODULE / "OFLSAM2Segment.py", MODULE / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py",
+                 *(MODULE / "Testing" / "Python").glob("*.py")]:
+        py_compile.compile(str(path), doraise=True)
+    tree = ast.parse((MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
+    classes = {n.name: [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in n.bases]
+               for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["OFLSAM2Segment"]
+    assert "ScriptedLoadableModuleWidget" in classes["OFLSAM2SegmentWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["OFLSAM2SegmentLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["OFLSAM2SegmentTest"]
+    source = (MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", self.registerEditorEffect)' in source
+    effect = (MODULE / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py").read_text(encoding="utf-8")
+    assert 'scriptedEffect.name = "OFL-SAM2"' in effect and "saveStateForUndo" in effect
+
+
+def s4ext_fields() -> dict[str, str]:
+    fields = {}
+    for line in (REPO / "OFLSAM2.s4ext").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+    return fields
+
+
+def extension_cmake() -> dict[str, str]:
+    return dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', cmake_text(REPO / "CMakeLists.txt")))
+
+
+def test_extension_metadata_agree():
+    cmake = extension_cmake()
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert cmake.get(f"EXTENSION_{key}"), f"EXTENSION_{key} is not set"
+    assert cmake["EXTENSION_CATEGORY"] == "Segmentation" and cmake["EXTENSION_DEPENDS"] == "PyTorch"
+    assert "add_subdirectory(OFLSAM2Segment)" in cmake_text(REPO / "CMakeLists.txt")
+
+    s4ext = s4ext_fields()
+    expected = {"scm", "scmurl", "scmrevision", "depends", "recommends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "tier", "description", "screenshoturls", "enabled", "dicom_support_rule", "keywords"}
+    assert expected <= s4ext.keys(), expected - s4ext.keys()
+    assert s4ext["homepage"] == cmake["EXTENSION_HOMEPAGE"] and s4ext["category"] == cmake["EXTENSION_CATEGORY"]
+    assert s4ext["depends"] == cmake["EXTENSION_DEPENDS"] and s4ext["iconurl"] == cmake["EXTENSION_ICONURL"]
+    assert s4ext["description"] == cmake["EXTENSION_DESCRIPTION"]
+
+    catalog = json.loads((REPO / "OFLSAM2.json").read_text(encoding="utf-8"))
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled"}
+    assert {"$schema", "category", "scm_url"} <= catalog.keys() <= allowed
+    assert catalog["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.0.json#")
+    assert catalog["scm_url"] == s4ext["scmurl"] and catalog["category"] == s4ext["category"]
+    assert catalog["build_dependencies"] == [cmake["EXTENSION_DEPENDS"]] and catalog["scm_type"] in ("git", "local")
+
+
+@pytest.mark.parametrize("relative,size", [("Resources/OFLSAM2.png", (128, 128)),
+                                           ("OFLSAM2Segment/Resources/Icons/OFLSAM2Segment.png", (128, 128))])
+def test_icons_are_real_pngs_of_the_expected_size(relative, size):
+    from PIL import Image
+
+    with Image.open(REPO / relative) as image:
+        assert image.format == "PNG" and image.size == size
+    for url_key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        shipped = extension_cmake()[url_key].rsplit("/main/", 1)[1]
+        assert (REPO / shipped).is_file(), shipped

@@ -1,0 +1,122 @@
+"""Benchmark: OFL-SAM2 propagation vs the ``sam2`` baseline, and OFL-SAM2 training time.
+
+On a real CHAOS T2 volume with a random-weight SAM2.1-tiny on this CPU:
+
+1. seconds per propagated slice of ``ofl`` (training excluded) and of ``sam2`` on the same
+   volume, model and annotated slices, slices already encoded (target ratio <= 1.10), at
+   --propagation-sizes;
+2. training time of the fusion head for 5, 10 and 20 support slices at --image-sizes:
+   full runs of --epochs where --full-epochs-max-size allows, otherwise the measured time of
+   --probe-epochs epochs scaled to --epochs (printed as an extrapolation);
+3. peak RSS of the process.
+
+    python benchmarks/ofl.py [--propagation-sizes 256 512] [--image-sizes 256 1024] [--epochs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "OFLSAM2Segment"))
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "chaos_t2_fewshot"
+
+
+def load_case(folder: Path, case: int = 1):
+    import SimpleITK as sitk
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"image_{case}.nii.gz"))).astype(np.float32)
+    labels = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"label_{case}.nii.gz")))).astype(np.uint8)
+    return image, labels
+
+
+def support_slices(labels: np.ndarray, label: int, count: int) -> list[int]:
+    """``count`` slices spread over the volume, preferring those that contain the label."""
+    present = np.flatnonzero((labels == label).any(axis=(1, 2)))
+    pool = present if len(present) >= count else np.arange(labels.shape[0])
+    return sorted({int(i) for i in pool[np.linspace(0, len(pool) - 1, count).round().astype(int)]})
+
+
+def time_training(engine, image, labels, count: int, epochs: int):
+    """Seconds spent in OFL-SAM2's training loop for ``epochs`` epochs on ``count`` slices."""
+    from oflsam2.api import LabelSupport, MethodOptions
+    from oflsam2.methods import ofl
+
+    spent = []
+    original = ofl.train
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        spent.append(time.perf_counter() - start)
+        return result
+
+    ofl.train = timed
+    try:
+        slices = support_slices(labels, 1, count)
+        support = LabelSupport(1, "liver", labels == 1, slices)
+        engine.segment(image, [support], method="ofl", preset="mr", options=MethodOptions(epochs=epochs))
+    finally:
+        ofl.train = original
+    return spent[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[256, 1024], help="training sizes")
+    parser.add_argument("--propagation-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--probe-epochs", type=int, default=2)
+    parser.add_argument("--full-epochs-max-size", type=int, default=256)
+    parser.add_argument("--support-counts", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--repeats", type=int, default=3, help="propagation timings (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+
+    import torch
+
+    from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings
+
+    torch.set_num_threads(args.threads)
+    image, labels = load_case(args.data)
+    annotated = support_slices(labels, 1, 3)
+    print(f"CHAOS T2 case 1 ({image.shape[0]} slices), SAM2.1-tiny random weights, CPU {args.threads} threads")
+    support = [LabelSupport(1, "liver", labels == 1, annotated)]
+    for size in args.propagation_sizes:
+        engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=size))
+        engine.segment(image, support, method="sam2", preset="mr")  # encode once; both reuse the cache
+        tracked = image.shape[0] - len(annotated)
+        timings = {"sam2": [], "ofl": []}
+        for _ in range(args.repeats):
+            for method, options in (("sam2", None), ("ofl", MethodOptions(epochs=0))):
+                start = time.perf_counter()
+                engine.segment(image, support, method=method, preset="mr", options=options)
+                timings[method].append((time.perf_counter() - start) / tracked)
+        per_slice = {m: statistics.median(t) for m, t in timings.items()}
+        print(f"image size {size}: propagation, median of {args.repeats}, {tracked} tracked slices")
+        print(f"  sam2 {per_slice['sam2']:.3f} s/slice   ofl {per_slice['ofl']:.3f} s/slice   "
+              f"ofl/sam2 = {per_slice['ofl'] / per_slice['sam2']:.3f}  (target <= 1.10)")
+    for size in args.image_sizes:
+        engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=size))
+        print(f"image size {size}: training")
+        for count in args.support_counts:
+            if size <= args.full_epochs_max_size:
+                seconds = time_training(engine, image, labels, count, args.epochs)
+                note = f"{args.epochs} epochs measured"
+            else:
+                seconds = time_training(engine, image, labels, count, args.probe_epochs) * args.epochs / args.probe_epochs
+                note = f"{args.probe_epochs} epochs measured, x{args.epochs / args.probe_epochs:g} extrapolated"
+            print(f"  training on {count:2d} support slices: {seconds:7.1f} s for {args.epochs} epochs ({note})")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
