@@ -30,3 +30,19 @@ def tiny_model():
     from oflsam2.backend import load_sam2
 
     return load_sam2(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256))
+
+
+@pytest.fixture(scope="session")
+def chaos_case(shared_data):
+    """``chaos_case(n)`` -> (image float32, labels uint8), (z, y, x), of CHAOS T2 case n
+    (1 liver, 2 right kidney, 3 left kidney, 4 spleen; the files store both as float64)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    def load(number: int):
+        folder = shared_data / "chaos_t2_fewshot"
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"image_{number}.nii.gz"))).astype(np.float32)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"label_{number}.nii.gz")))
+        return image, np.rint(labels).astype(np.uint8)
+
+    return load

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings, Reference
@@ -20,15 +19,9 @@ from oflsam2.methods import ofl
 LIVER = 1
 
 
-def load_chaos(folder, case):
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"chaos_t2_fewshot/image_{case}.nii.gz"))).astype(np.float32)
-    labels = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"chaos_t2_fewshot/label_{case}.nii.gz")))).astype(np.uint8)
-    return image, labels
-
-
 @pytest.fixture(scope="module")
-def chaos1(shared_data):
-    return load_chaos(shared_data, 1)
+def chaos1(chaos_case):
+    return chaos_case(1)
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +115,9 @@ def test_cancel_leaves_no_adapter(engine, chaos1, tmp_path, stage):
     assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())
 
 
-def test_adapter_round_trip_and_refusal(engine, tiny_model, shared_data, chaos1, tmp_path):
+def test_adapter_round_trip_and_refusal(engine, chaos_case, chaos1, tmp_path):
     image, labels = chaos1
-    target, _ = load_chaos(shared_data, 2)
+    target, _ = chaos_case(2)
     adapter = tmp_path / "adapter"
     engine.segment(image, [liver_support(labels)], method="ofl", preset="mr", options=quick(save_adapter=str(adapter)))
     no_support = [LabelSupport(LIVER, "liver", np.zeros(target.shape, bool), [])]
@@ -138,11 +131,11 @@ def test_adapter_round_trip_and_refusal(engine, tiny_model, shared_data, chaos1,
         other.segment(target, no_support, method="ofl", preset="mr", options=quick(adapter=str(adapter)))
 
 
-def test_reference_volumes_train_leave_one_volume_out(engine, shared_data, chaos1):
+def test_reference_volumes_train_leave_one_volume_out(engine, chaos_case, chaos1):
     """Support only from other volumes: the query volume is swept 0 -> N-1 and every slice is
     reported once."""
     image, _ = chaos1
-    references = [Reference(*load_chaos(shared_data, case), name=f"case{case}") for case in (2, 3)]
+    references = [Reference(*chaos_case(case), name=f"case{case}") for case in (2, 3)]
     references = [Reference(r.image[8:20], r.labels[8:20], r.name) for r in references]  # keep the test quick
     reported = []
     events = Events(on_slice=lambda label, axis, index, mask: reported.append(index))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings, Reference
@@ -25,21 +24,14 @@ ANNOTATED = 3  # index inside the crop
 MAX_SUPPORTS = 3
 
 
-def load_case(folder, number):
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"image_{number}.nii.gz"))).astype(np.float32)
-    labels = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"label_{number}.nii.gz")))).astype(np.uint8)
-    return image, labels
-
-
 @pytest.fixture(scope="module")
-def case(shared_data):
-    folder = shared_data / "chaos_t2_fewshot"
-    image, labels = load_case(folder, 1)
+def case(chaos_case):
+    image, labels = chaos_case(1)
     present = np.flatnonzero((labels == LIVER).any(axis=(1, 2)))
     start = int(present[len(present) // 2]) - ANNOTATED
     liver = labels[start : start + CROP] == LIVER
     assert liver[ANNOTATED].any()
-    references = [Reference(*load_case(folder, n), name=f"case {n}") for n in (2, 3)]
+    references = [Reference(*chaos_case(n), name=f"case {n}") for n in (2, 3)]
     return image[start : start + CROP], liver, references
 
 

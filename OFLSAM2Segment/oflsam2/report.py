@@ -227,7 +227,7 @@ def write_dice_boxplot(
     if not stats:
         raise InputError("Nothing to plot: every method has no value.")
     font, small = _font(14), _font(11)
-    slot, left, right, top, bottom = 120, 64, 20, 44, 64
+    slot, left, right, top, bottom = 120, 64, 20, 56, 64
     width, height = max(left + right + slot * len(stats), 480), 420
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -246,9 +246,9 @@ def write_dice_boxplot(
         draw.text((left - 8 - draw.textlength(text, font=small), y - 7), text, fill=(0, 0, 0), font=small)
     draw.line([left, top, left, plot_bottom], fill=(0, 0, 0), width=2)
     draw.line([left, plot_bottom, width - right, plot_bottom], fill=(0, 0, 0), width=2)
-    draw.text((left, 12), title, fill=(0, 0, 0), font=font)
-    key = "box: quartiles  red: median  dot: mean  whiskers: 1.5 IQR"
-    draw.text((width - right - draw.textlength(key, font=small), 16), key, fill=(90, 90, 90), font=small)
+    draw.text((left, 8), title, fill=(0, 0, 0), font=font)
+    key = "box: quartiles; red line: median; dot: mean; whiskers: 1.5 IQR; circles: outliers"
+    draw.text((left, 28), key, fill=(90, 90, 90), font=small)
     draw.text((6, top - 24), y_label, fill=(0, 0, 0), font=small)
     for n, (name, s) in enumerate(stats.items()):
         centre = left + slot * n + slot // 2

@@ -195,12 +195,14 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
                 e_tar = head.fuse(e1, tau, bank.vision[q : q + 1])
                 candidates, _, object_score = driver.decode_candidates(e_tar, bank.backbones[q])
                 loss = segmentation_loss(candidates, object_score, target)
-                if loss.requires_grad:  # False only when the AFM is forced to W = 1
+                trainable = loss.requires_grad  # False only when the AFM is forced to W = 1
+                if trainable:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
             losses.append(loss.item())
-        schedule.step()
+        if trainable:
+            schedule.step()
         history.append(float(np.mean(losses)))
         ctx.events.progress("training", epoch + 1, epochs, f"{label_name}: epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}")
     head.eval()
