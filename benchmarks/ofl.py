@@ -71,7 +71,7 @@ def time_training(engine, image, labels, count: int, epochs: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[256, 1024], help="training sizes")
-    parser.add_argument("--propagation-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--propagation-sizes", type=int, nargs="*", default=[256, 512])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--probe-epochs", type=int, default=2)
     parser.add_argument("--full-epochs-max-size", type=int, default=256)
