@@ -6,6 +6,7 @@ one volume for one or more labels, one binary propagation per label, along one a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
@@ -32,6 +33,9 @@ class ModelSettings:
     feature_dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (feature-cache storage)
     cache_megabytes: int = 4096  # bound on cached slice features; least recently used evicted
     encode_batch_size: int = 4
+    # Deterministic kernels (torch.use_deterministic_algorithms) and DETERMINISTIC_THREADS CPU
+    # threads during a run: the same output whatever the thread count; slower.
+    deterministic: bool = False
 
 
 @dataclass
@@ -196,7 +200,7 @@ class Engine:
         masks = {}
         for support in supports:
             label_support = _support_set(support, axis, reference_slices)
-            with torch.no_grad():
+            with torch.no_grad(), deterministic_mode(self.settings.deterministic):
                 result = runner(method)(ctx, label_support)
             for index, annotation in label_support.in_volume.items():
                 result[index] = annotation
@@ -211,6 +215,32 @@ class Engine:
             "labels": ctx.info,
         }
         return SegmentResult(masks, axis, method, info)
+
+
+DETERMINISTIC_THREADS = 1
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """Deterministic torch kernels and a fixed CPU thread count for the block (``enabled``),
+    restored afterwards. Seeds alone already make two runs on one machine with one thread
+    count identical; this also removes the thread count and nondeterministic GPU kernels."""
+    if not enabled:
+        yield
+        return
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(DETERMINISTIC_THREADS)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 def _check_inputs(image, supports, method, axis, references) -> np.ndarray:

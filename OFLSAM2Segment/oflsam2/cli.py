@@ -136,6 +136,10 @@ def _add_model_options(parser) -> None:
     weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
     group.add_argument("--image-size", type=int, help="SAM2 input size, a multiple of 32 (default: the model's own, 1024; 512 for medsam2)")
     group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="compute device (default auto)")
+    group.add_argument(
+        "--deterministic", action="store_true",
+        help="deterministic kernels and one CPU thread: the same result whatever the thread count (slower)",
+    )
 
 
 def run_segment(args) -> int:
@@ -199,6 +203,7 @@ def model_settings(args):
     return ModelSettings(
         model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
         device=args.device, image_size=args.image_size or entry["image_size"],
+        deterministic=getattr(args, "deterministic", False),
     )
 
 

@@ -735,6 +735,27 @@ def _support_montages(config, group: dict, loader: _CaseLoader, folder: Path) ->
         )
 
 
+def _seeds(config: ExperimentConfig) -> dict:
+    """Every seed of the run: support draws (group g uses [support, g]), each method run's seed
+    and the per-label seeds OFL-SAM2 derives from it, and the random-weight SAM2's seed."""
+    from .backend import RANDOM_WEIGHTS_SEED
+    from .methods.ofl import label_seed
+
+    protocol = config.support
+    return {
+        "support": protocol.seed,
+        "support_groups": {str(g): [protocol.seed, g] for g in range(protocol.groups)},
+        "methods": {
+            r.name: {
+                "seed": r.options.seed,
+                "label_seeds": {str(v): label_seed(r.options.seed, v) for v in config.labels} if r.method == "ofl" else {},
+            }
+            for r in config.methods
+        },
+        "random_weights": RANDOM_WEIGHTS_SEED if config.model.random_weights else None,
+    }
+
+
 def _record_run(config: ExperimentConfig, groups: list[dict], path: Path) -> None:
     """Write the run's draw and settings, or check them against an earlier run's."""
     settings = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in _RUNTIME_SETTINGS}
@@ -751,6 +772,7 @@ def _record_run(config: ExperimentConfig, groups: list[dict], path: Path) -> Non
                     r.name: {"method": r.method, "options": dataclasses.asdict(r.options), "annotate_query": r.annotate_query}
                     for r in config.methods
                 },
+                "seeds": _seeds(config),
             }
         )
     )

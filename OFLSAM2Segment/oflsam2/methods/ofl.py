@@ -154,8 +154,9 @@ def fit_subset(bank: Bank, pool: np.ndarray, query_key: torch.Tensor, cap: int) 
     return pool[np.argsort(-similarity, kind="stable")[:cap]]
 
 
-def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str) -> list[float]:
-    """Fit the head on episodes drawn from the bank; returns the mean loss of each epoch."""
+def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str, seed: int = 0) -> list[float]:
+    """Fit the head on episodes drawn from the bank (their order from ``seed``); returns the mean
+    loss of each epoch."""
     opts, driver = ctx.options, ctx.driver
     pools = episode_pools(bank, opts.exclude_radius)
     if not pools or epochs <= 0 or not head.use_learner:  # without the learner nothing is trained
@@ -182,7 +183,7 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
         (no_decay if name.startswith("learner.") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(opts.lr_milestones), gamma=0.1)
-    generator = np.random.default_rng(opts.seed)
+    generator = np.random.default_rng(seed)
     history = []
     head.train()
     for epoch in range(epochs):
@@ -291,12 +292,28 @@ def propagate(ctx: RunContext, head: FusionHead, bank: Bank, label: int, given: 
     return out, stats
 
 
+def label_seed(seed: int, label: int) -> int:
+    """The seed of one label's random choices, derived from the run's ``seed``: labels draw
+    independently of each other and of the order they are run in."""
+    return int(np.random.SeedSequence([seed, label]).generate_state(1)[0])
+
+
+def build_head(opts, seed: int, device) -> FusionHead:
+    """A fusion head whose random initialisation (the lift) depends on ``seed`` only; torch's
+    global random state is left as it was (a fork, seeded locally)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = FusionHead(opts.use_learner, opts.use_afm)
+    return head.to(device)
+
+
 def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
     """Train (or load) the fusion head for one label, then propagate it through the volume."""
     from .ofl_adapters import load_for_run, save_after_run
 
     opts = ctx.options
-    head = FusionHead(opts.use_learner, opts.use_afm).to(ctx.model.device)
+    seed = label_seed(opts.seed, support.label)
+    head = build_head(opts, seed, ctx.model.device)
     loaded = load_for_run(ctx, support, head)
     if loaded is not None and not (support.in_volume or support.external):
         bank, history = loaded, []  # adapter only: its stored bank is the support
@@ -308,10 +325,11 @@ def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
             )
         bank = build_bank(ctx, support)
         epochs = opts.warm_start_epochs if loaded is not None else opts.epochs
-        history = train(ctx, head, bank, epochs, support.name)
+        history = train(ctx, head, bank, epochs, support.name, seed)
     with torch.no_grad():
         masks, stats = propagate(ctx, head, bank, support.label, support.in_volume)
     stats["loss_history"] = history
+    stats["seed"] = seed
     ctx.info[support.label] = stats
     save_after_run(ctx, support, head, bank, stats)
     return masks

@@ -74,6 +74,7 @@ def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict
             "use_learner": opts.use_learner,
             "use_afm": opts.use_afm,
             "seed": opts.seed,
+            "label_seed": stats.get("seed"),  # derived from seed and label: head init, episode order
             "support_slices": len(bank),
             "support_volumes": int(len(set(bank.source.tolist()))),
             "final_loss": (stats.get("loss_history") or [None])[-1],
