@@ -1,6 +1,6 @@
 """OFL-SAM2 Segment: segment a CT/MR volume from a few annotated slices with SAM2.
 
-The module is a thin GUI over ``OFLSAM2SegmentLib`` (run logic, worker thread, MRML bridge,
+The module is a thin GUI over ``OFLSAM2SegmentLib`` (run logic, worker process, MRML bridge,
 installs) and the Slicer-free engine ``oflsam2``. Batch use from the Python console::
 
     logic = slicer.util.getModuleLogic("OFLSAM2Segment")
@@ -10,6 +10,7 @@ installs) and the Slicer-free engine ``oflsam2``. Batch use from the Python cons
 import enum
 import logging
 import os
+import sys
 from typing import Annotated
 
 import qt
@@ -34,7 +35,9 @@ from OFLSAM2SegmentLib.options import AXES, DEVICES, LOCAL_MODEL, model_choices
 from OFLSAM2SegmentLib.progress import progress_text, support_line
 from OFLSAM2SegmentLib.worker import GpuOutOfMemory
 
-EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "OFLSAM2SegmentLib", "SegmentEditorEffect.py")
+# The effect lives in a folder that nothing imports: Slicer loads it as a module named after that
+# folder (qSlicerSegmentEditorScriptedEffect::setPythonSource), which must not be this module's Lib.
+EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "SegmentEditorOFLSAM2Lib", "SegmentEditorEffect.py")
 # Segment changes that may change the annotated slices listed in the GUI.
 SEGMENT_EVENTS = ("SegmentModified", "SegmentAdded", "SegmentRemoved")
 
@@ -61,6 +64,7 @@ finished run. Also available as the "OFL-SAM2" effect of the Segment Editor.
 Built on SAM2 (Meta, Apache-2.0). OFL-SAM2 and RevSAM2 are implemented from their papers.
 """)
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+        slicer.app.connect("aboutToQuit()", shutdownWorker)
 
     def registerEditorEffect(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -68,6 +72,14 @@ Built on SAM2 (Meta, Apache-2.0). OFL-SAM2 and RevSAM2 are implemented from thei
         instance = effects.qSlicerSegmentEditorScriptedEffect(None)
         instance.setPythonSource(EFFECT_SOURCE.replace("\\", "/"))
         instance.self().register()
+
+
+def shutdownWorker():
+    """Stop the session's engine worker process (Slicer quits, or the module is reloaded).
+    Looked up at call time: after a reload the Lib modules are new objects."""
+    from OFLSAM2SegmentLib.logic import shutdown_shared_worker
+
+    shutdown_shared_worker()
 
 
 #
@@ -177,6 +189,15 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._supportTimer is not None:
             self._supportTimer.stop()
+
+    def onReload(self) -> None:
+        """Stop the worker process and drop the Lib modules, then let Slicer re-execute this file
+        (``slicer.util.reloadScriptedModule`` re-executes only the module file), which imports
+        them afresh; the next run starts a new worker with the new code."""
+        shutdownWorker()
+        for name in [n for n in sys.modules if n == "OFLSAM2SegmentLib" or n.startswith("OFLSAM2SegmentLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()

@@ -1,8 +1,9 @@
 """Run logic shared by the module GUI, the Segment Editor effect, the Python console and tests.
 
 One entry point, :meth:`OFLSAM2Logic.process`, reads the volume and the annotated slices of the
-selected segments on the main thread, hands numpy copies to the persistent worker thread, and
-writes every finished slice into the user's segments as it arrives:
+selected segments on the main thread, hands numpy copies to the persistent worker process
+(:mod:`.worker`: ``python -m oflsam2.worker``, started on the first run and kept for the
+session), and writes every finished slice into the user's segments as it arrives:
 
 - ``waitForCompletion=True`` (console, batch, tests): waits with ``event.wait(0.03)`` and lets
   Slicer process its events in between, then returns a summary or raises;
@@ -33,7 +34,7 @@ from oflsam2.errors import Cancelled, CheckpointError, InputError
 
 from . import mrml_io
 from .options import RunConfig, needs_download, parse_options, snake_case
-from .worker import DownloadRequest, GpuOutOfMemory, SegmentRequest, Worker
+from .worker import DownloadRequest, GpuOutOfMemory, MessageKind, SegmentRequest, Worker
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +166,15 @@ class Run:
     def handle(self, message: tuple) -> None:
         """Apply one worker message on the main thread."""
         kind = message[0]
-        if kind == "progress":
+        if kind == MessageKind.PROGRESS:
             self._report(*message[1:])
-        elif kind == "slice":
+        elif kind == MessageKind.SLICE:
             self._write(*message[1:])
-        elif kind == "done":
+        elif kind == MessageKind.DONE:
             self._step_done(message[1])
-        elif kind == "cancelled":
+        elif kind == MessageKind.CANCELLED:
             self._end("cancelled", restore=True)
-        elif kind == "error":
+        elif kind == MessageKind.ERROR:
             self.error, self.traceback_text = message[1], message[2]
             self._end("failed", restore=True)
 
@@ -261,9 +262,9 @@ def drain(run: Run, max_messages: int = MESSAGES_PER_DRAIN) -> bool:
             if run.finished or count + 1 >= max_messages:
                 break
     job = run.job
-    if not run.finished and job.finished.is_set() and job.results.empty():  # the thread died mid-job
-        run.handle(("error", RuntimeError("The OFLSAM2 worker stopped without reporting an outcome; "
-                                          "restart Slicer if this happens again."), ""))
+    if not run.finished and job.finished.is_set() and job.results.empty():  # ended without a final message
+        run.handle((MessageKind.ERROR, RuntimeError("The OFLSAM2 worker stopped without reporting an outcome; "
+                                                    "the next run starts a new worker."), ""))
     return run.finished
 
 
@@ -313,11 +314,23 @@ _shared_worker: Worker | None = None
 
 
 def shared_worker() -> Worker:
-    """The one worker (and so the one SAM2 model) of this Slicer session."""
+    """The one worker (and so the one SAM2 model) of this Slicer session. Its process starts
+    on the first run and is started again by the next run if it died."""
     global _shared_worker
-    if _shared_worker is None or not _shared_worker.alive:
+    if _shared_worker is None:
         _shared_worker = Worker()
     return _shared_worker
+
+
+def shutdown_shared_worker() -> None:
+    """Stop the session's worker process (Slicer quits, the module is reloaded): a run in
+    progress is cancelled and its segments restored by the next drain."""
+    global _shared_worker
+    worker, _shared_worker = _shared_worker, None
+    if worker is not None:
+        if worker.active_run is not None:
+            worker.active_run.cancel("The OFLSAM2 worker was shut down (Slicer quit or the module was reloaded).")
+        worker.shutdown()
 
 
 class OFLSAM2Logic:
@@ -342,7 +355,7 @@ class OFLSAM2Logic:
 
     @property
     def worker(self) -> Worker:
-        """The injected worker, else the session's shared one (restarted if its thread died)."""
+        """The injected worker, else the session's shared one (its process restarts if it died)."""
         return self._worker if self._worker is not None else shared_worker()
 
     @property
@@ -645,4 +658,5 @@ def _confirm_download(model: str) -> None:
         raise Cancelled("The checkpoint download was declined; nothing was changed.")
 
 
-__all__ = ["OFLSAM2Logic", "Run", "RunPlan", "drain", "GpuOutOfMemory", "QtTimerPump", "Pump", "shared_worker"]
+__all__ = ["OFLSAM2Logic", "Run", "RunPlan", "drain", "GpuOutOfMemory", "QtTimerPump", "Pump", "shared_worker",
+           "shutdown_shared_worker"]

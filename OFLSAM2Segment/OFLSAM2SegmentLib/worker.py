@@ -1,34 +1,77 @@
-"""One persistent background thread that owns the SAM2 engine for the whole Slicer session.
+"""Client of the persistent engine worker process (``python -m oflsam2.worker``).
 
-The main thread submits jobs and drains each job's result queue (from a Qt timer, or by polling
-in blocking mode). Nothing here imports ``slicer``, ``qt`` or ``vtk``: the thread only does numpy
-and torch work on copies, and every scene change stays on the main thread.
+Slicer's main thread holds the Python GIL while it idles in the Qt event loop (PythonQt thread
+support is off), so a worker *thread* would only advance during timer ticks. The engine therefore
+runs in a process of its own, started once with Slicer's Python (``sys.executable``, which Slicer
+sets to ``PythonSlicer``) and kept for the session: the model and the features of the last
+volumes stay loaded between runs. A crash, a kill or the system's out-of-memory killer ends only
+that process; the run fails with a clear error and the next run starts a new one.
 
-Messages on ``Job.results``:
+The main thread submits requests and drains each job's queue (from a Qt timer, or between short
+timed waits in blocking mode). A reader thread turns the worker's JSON-line events into messages
+(:class:`MessageKind`); result planes arrive as ``.npy`` files in a private temp folder and are
+loaded on the main thread, with ``allow_pickle=False``. Nothing here imports ``slicer`` or ``qt``.
 
-- ``("progress", stage, done, total, text)``
-- ``("slice", label, axis, index, mask_uint8)`` -- a final 2-D mask, 0/1
-- ``("done", summary)`` -- ``summary`` is a dict (see the job's ``execute``)
-- ``("error", exc, traceback_text)`` -- :class:`GpuOutOfMemory` marks a recoverable OOM
-- ``("cancelled",)``
+Messages on ``Job.results`` / ``Job.messages()``:
+
+- ``(PROGRESS, stage, done, total, text)``
+- ``(SLICE, label, axis, index, mask_uint8)`` -- a final 2-D mask, 0/1
+- ``(DONE, summary)`` -- ``summary`` is a dict (``method``, ``axis``, ``info`` for a segment run)
+- ``(ERROR, exc, traceback_text)`` -- :class:`GpuOutOfMemory` marks a recoverable OOM,
+  :class:`WorkerDied` a worker that ended without answering
+- ``(CANCELLED,)``
+
+The transport (pipes to a local process, or to a thread for tests with fake engines) sits behind
+:class:`Transport`, so a worker on another host could replace it without touching the rest.
 """
 
 from __future__ import annotations
 
-import gc
+import builtins
+import collections
+import dataclasses
+import enum
+import io
+import itertools
+import json
 import logging
+import os
 import queue
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
-import traceback
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from oflsam2.errors import Cancelled, OFLSAM2Error
+from oflsam2 import errors as engine_errors
+from oflsam2.errors import OFLSAM2Error
+from oflsam2.worker import PROTOCOL_VERSION, Server, is_out_of_memory
 
 log = logging.getLogger(__name__)
+
+CANCEL_GRACE_SECONDS = 5.0  # after a cancel message, the worker is killed if the job has not ended
+SHUTDOWN_SECONDS = 5.0
+STDERR_LINES_KEPT = 30  # the worker's last stderr lines, quoted when it dies
+
+
+class MessageKind(str, enum.Enum):
+    """First item of every job message (a ``str`` enum: equal to the plain names)."""
+
+    PROGRESS = "progress"
+    SLICE = "slice"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_KINDS = (MessageKind.DONE, MessageKind.ERROR, MessageKind.CANCELLED)
 
 
 class GpuOutOfMemory(OFLSAM2Error):
@@ -43,27 +86,28 @@ class GpuOutOfMemory(OFLSAM2Error):
         )
 
 
-class SegmentEngine(Protocol):
-    """What the worker needs from :class:`oflsam2.api.Engine` (tests pass a fake)."""
-
-    def segment(self, image, supports, *, method, axis, preset, options, references, events):
-        ...
+class WorkerDied(RuntimeError):
+    """The worker process ended (crash, kill, out of memory) before the job finished."""
 
 
-EngineFactory = Callable[[object], SegmentEngine]  # ModelSettings -> engine
+class WorkerError(Exception):
+    """An error raised in the worker whose type does not exist on this side."""
 
 
-def default_engine_factory(settings) -> SegmentEngine:
-    from oflsam2.api import Engine
-
-    return Engine(settings)
+# ---------------------------------------------------------------------------------------------
+# Requests
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
-    """The array itself if it owns its memory, else a copy: never hand the thread a view of a
-    Slicer volume that the main thread may modify."""
+    """The array itself if it owns its memory, else a copy: never keep a view of a Slicer volume
+    that the main thread may modify before the request is sent."""
     array = np.asarray(array)
     return array if array.flags.owndata and array.flags.c_contiguous else np.array(array, copy=True, order="C")
+
+
+def _save(folder: Path, name: str, array: np.ndarray) -> str:
+    np.save(folder / name, np.ascontiguousarray(array), allow_pickle=False)
+    return name
 
 
 @dataclass
@@ -87,34 +131,31 @@ class SegmentRequest:
             reference.image = _owned(reference.image)
             reference.labels = _owned(reference.labels)
 
-    def execute(self, worker: "Worker", job: "Job") -> dict:
-        engine = worker.engine_for(self.settings)
-        reported: dict[int, set[int]] = {s.label: set() for s in self.supports}
-        events = _JobEvents(job, reported)
-        result = engine.segment(
-            self.image,
-            self.supports,
-            method=self.method,
-            axis=self.axis,
-            preset=self.preset,
-            options=self.options,
-            references=self.references,
-            events=events,
-        )
-        self._report_missing(result, job, reported)
-        return {"method": result.method, "axis": result.axis, "info": result.info}
+    def to_message(self, folder: Path) -> dict:
+        """The request line; the arrays are written into ``folder``."""
+        from oflsam2.api import MethodOptions
 
-    def _report_missing(self, result, job: "Job", reported: dict[int, set[int]]) -> None:
-        """Send every final plane the method did not stream, so the caller's copy ends complete."""
-        for support in self.supports:
-            masks = result.masks.get(support.label)
-            if masks is None:
-                continue
-            annotated = set(support.slices)
-            for index in range(masks.shape[result.axis]):
-                if index not in annotated and index not in reported[support.label]:
-                    plane = np.take(masks, index, axis=result.axis)
-                    job.put("slice", support.label, result.axis, index, _as_mask(plane))
+        options = self.options if self.options is not None else MethodOptions()
+        return {
+            "type": "segment",
+            "folder": str(folder),
+            "settings": dataclasses.asdict(self.settings),
+            "options": dataclasses.asdict(options),
+            "method": self.method,
+            "axis": int(self.axis),
+            "preset": self.preset,
+            "image": _save(folder, "image.npy", self.image),
+            "supports": [
+                {"label": int(s.label), "name": s.name, "slices": [int(i) for i in s.slices],
+                 "mask": _save(folder, f"support-{n}.npy", s.mask)}
+                for n, s in enumerate(self.supports)
+            ],
+            "references": [
+                {"name": r.name, "image": _save(folder, f"reference-{n}-image.npy", r.image),
+                 "labels": _save(folder, f"reference-{n}-labels.npy", r.labels)}
+                for n, r in enumerate(self.references)
+            ],
+        }
 
 
 @dataclass
@@ -123,165 +164,462 @@ class DownloadRequest:
 
     model: str
 
-    def execute(self, worker: "Worker", job: "Job") -> dict:
-        from oflsam2 import checkpoints
-
-        def progress(done: int, total: int) -> None:
-            mib = 1 << 20
-            job.put("progress", "downloading", int(done), int(total), f"{self.model}: {done / mib:.0f} of {total / mib:.0f} MiB")
-
-        path = checkpoints.download(self.model, progress, job)
-        return {"model": self.model, "path": str(path)}
+    def to_message(self, folder: Path) -> dict:
+        return {"type": "download", "model": self.model}
 
 
-def _as_mask(plane) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(plane) > 0, dtype=np.uint8)
+# ---------------------------------------------------------------------------------------------
+# Transports
+
+
+class Transport:
+    """A connection to one worker: request lines out, event lines in.
+
+    ``on_event(transport, event)`` is called on a reader thread for every event, then once with
+    ``event=None`` when the connection ends (the worker exited or was killed).
+    """
+
+    def __init__(self, on_event: Callable[["Transport", dict | None], None]):
+        self._on_event = on_event
+        self._send_lock = threading.Lock()
+        self._input = None  # text stream to the worker
+        self._reader = None
+
+    def send(self, message: dict) -> None:
+        line = json.dumps(message) + "\n"
+        with self._send_lock:
+            if self._input is None:
+                raise BrokenPipeError("the worker connection is closed")
+            self._input.write(line)
+            self._input.flush()
+
+    def close_input(self) -> None:
+        """End of requests: the worker stops after cancelling its current job."""
+        with self._send_lock:
+            if self._input is not None:
+                try:
+                    self._input.close()
+                except OSError:
+                    pass
+                self._input = None
+
+    def _start_reader(self, output) -> None:
+        self._reader = threading.Thread(target=self._read, args=(output,), name="OFLSAM2WorkerReader", daemon=True)
+        self._reader.start()
+
+    def _read(self, output) -> None:
+        try:
+            for line in output:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.warning("OFLSAM2 worker: ignoring a malformed line: %r", line[:200])
+                    continue
+                self._on_event(self, event)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._on_event(self, None)
+
+    # To be provided by each transport
+    alive: bool
+    pid: int | None
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the worker has ended; True if it did."""
+        raise NotImplementedError
+
+    def exit_description(self) -> str:
+        return ""
+
+
+def default_python() -> str:
+    """The interpreter that runs the worker: ``sys.executable``, which Slicer sets to its
+    ``PythonSlicer`` launcher (the same environment and packages as Slicer's own Python)."""
+    return sys.executable
+
+
+def engine_folder() -> str:
+    """The folder that holds the ``oflsam2`` package (the module folder in Slicer)."""
+    import oflsam2
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(oflsam2.__file__)))
+
+
+class ProcessTransport(Transport):
+    """``<python> -m oflsam2.worker`` with pipes; stderr is kept for the error message."""
+
+    def __init__(self, on_event, python: str | None = None, extra_env: dict | None = None):
+        super().__init__(on_event)
+        env = os.environ.copy()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_folder(), env.get("PYTHONPATH", "")) if p)
+        env.update(extra_env or {})
+        kwargs = {}
+        if os.name == "nt":  # no console window (as slicer.util.launchConsoleProcess does)
+            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
+        self.command = [python or default_python(), "-m", "oflsam2.worker"]
+        self._process = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            cwd=engine_folder(), **kwargs,
+        )
+        self.pid = self._process.pid
+        self._input = io.TextIOWrapper(self._process.stdin, encoding="utf-8", newline="\n", write_through=True)
+        self.stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._stderr_reader = threading.Thread(target=self._read_stderr, name="OFLSAM2WorkerStderr", daemon=True)
+        self._stderr_reader.start()
+        self._start_reader(io.TextIOWrapper(self._process.stdout, encoding="utf-8", newline="\n"))
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._stderr_reader.join(1.0)
+        if self._reader is not None:
+            self._reader.join(1.0)
+        return True
+
+    def exit_description(self) -> str:
+        try:
+            code = self._process.wait(2.0)
+        except subprocess.TimeoutExpired:
+            return "it stopped answering"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"it was killed ({name})"
+            if -code == getattr(signal, "SIGKILL", 9):
+                how += ", for instance by the system when memory ran out"
+        else:
+            how = f"it exited with code {code}"
+        self._stderr_reader.join(1.0)
+        tail = "\n".join(self.stderr_tail)
+        return how + (f". Its last output:\n{tail}" if tail else "")
+
+    def _read_stderr(self) -> None:
+        for raw in self._process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(line)
+            log.debug("OFLSAM2 worker: %s", line)
+
+
+class ThreadTransport(Transport):
+    """The same worker loop and protocol on a thread of this process, with ``engine_factory``.
+
+    For tests whose fake engines (events, gates) cannot cross a process boundary; Slicer uses
+    :class:`ProcessTransport`. ``kill`` can only close the requests stream here.
+    """
+
+    def __init__(self, on_event, engine_factory):
+        super().__init__(on_event)
+        requests_read, requests_write = os.pipe()
+        events_read, events_write = os.pipe()
+        self.pid = None
+        self._input = open(requests_write, "w", encoding="utf-8", newline="\n")
+        server_in = open(requests_read, "r", encoding="utf-8", newline="\n")
+        server_out = open(events_write, "w", encoding="utf-8", newline="\n")
+
+        def serve():
+            try:
+                Server(server_out, engine_factory).serve(server_in)
+            finally:  # however the loop ends (even SystemExit), the client sees the end of events
+                server_out.close()
+
+        self._thread = threading.Thread(target=serve, name="OFLSAM2WorkerThread", daemon=True)
+        self._thread.start()
+        self._start_reader(open(events_read, "r", encoding="utf-8", newline="\n"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def kill(self) -> None:
+        self.close_input()
+
+    def wait(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def exit_description(self) -> str:
+        return "its thread ended"
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and the worker
 
 
 class Job:
-    """A handle on one submitted request: its result queue, cancel flag and completion."""
+    """A handle on one submitted request: its message queue, cancel flag and completion."""
 
-    def __init__(self, request):
+    def __init__(self, worker: "Worker", job_id: int, request, folder: Path, transport: Transport):
+        self.id = job_id
+        self.transport = transport  # the worker connection that runs it
         self.request = request
+        self.folder = folder
         self.results: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
         self.finished = threading.Event()  # set after the final message was queued
+        self._worker = worker
+        self._cancel = threading.Event()
+        self._kill_timer: threading.Timer | None = None
 
     def put(self, *message) -> None:
         self.results.put(message)
 
     def cancel(self) -> None:
+        """Ask the worker to stop this job; kill the worker if it has not within the grace period."""
+        if self._cancel.is_set() or self.finished.is_set():
+            self._cancel.set()
+            return
         self._cancel.set()
+        self._worker._send_cancel(self)
 
     @property
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
 
     def is_cancelled(self) -> bool:
-        """The cancel flag in the shape ``oflsam2`` expects (a ``CancelToken``)."""
         return self._cancel.is_set()
 
     def messages(self):
-        """Messages queued so far, without waiting."""
+        """Messages queued so far, without waiting (main thread: planes are loaded here)."""
         while True:
             try:
-                yield self.results.get_nowait()
+                message = self.results.get_nowait()
             except queue.Empty:
                 return
+            if message[0] == MessageKind.SLICE:
+                path = message[4]
+                try:
+                    plane = np.load(path, allow_pickle=False)
+                finally:
+                    _remove(path)
+                message = (*message[:4], plane)
+            elif message[0] in TERMINAL_KINDS:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            yield message
 
 
-class _JobEvents:
-    """:class:`oflsam2.events.RunEvents` that forwards to a job's queue."""
+def _remove(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
-    def __init__(self, job: Job, reported: dict[int, set[int]]):
-        self._job = job
-        self._reported = reported
 
-    def progress(self, stage, done, total, message=""):
-        self._job.put("progress", stage, int(done), int(total), message)
-
-    def slice_done(self, label, axis, index, mask):
-        self._reported.setdefault(label, set()).add(int(index))
-        self._job.put("slice", int(label), int(axis), int(index), _as_mask(mask))
-
-    def is_cancelled(self):
-        return self._job.is_cancelled()
+TransportFactory = Callable[[Callable[[Transport, dict | None], None]], Transport]
 
 
 class Worker:
-    """A daemon thread running one job at a time; it keeps the last engine (and model) alive.
+    """The session's connection to the engine worker; starts (and restarts) it on demand.
 
-    ``engine_factory(settings)`` builds an engine; a new one is built only when the model
-    settings change, so re-running on the same volume reuses the model and encoded slices.
+    - default: a separate process, ``python -m oflsam2.worker`` (``python``: the interpreter,
+      default :func:`default_python`);
+    - ``engine_factory``: the same worker loop on a thread of this process, building engines
+      with ``engine_factory(settings)`` (tests with fake engines);
+    - ``transport_factory``: any other :class:`Transport` (e.g. a remote worker).
+
+    ``active_run`` is the run this worker serves (one at a time per session: they share the
+    model and may write to the same segmentation).
     """
 
-    def __init__(self, engine_factory: EngineFactory = default_engine_factory):
-        self._engine_factory = engine_factory
-        self._engine = None
-        self._engine_settings = None
-        self._jobs: queue.Queue = queue.Queue()
-        # The run (of whichever logic: module, effect, console) this worker serves; one at a
-        # time per session, since they share the model and may write to the same segmentation.
+    def __init__(self, engine_factory=None, *, python: str | None = None, transport_factory: TransportFactory | None = None,
+                 grace_seconds: float = CANCEL_GRACE_SECONDS):
+        if transport_factory is None:
+            if engine_factory is not None:
+                transport_factory = lambda on_event: ThreadTransport(on_event, engine_factory)  # noqa: E731
+            else:
+                transport_factory = lambda on_event: ProcessTransport(on_event, python)  # noqa: E731
+        self._transport_factory = transport_factory
+        self.grace_seconds = grace_seconds
         self.active_run = None
-        self._thread = threading.Thread(target=self._loop, name="OFLSAM2Worker", daemon=True)
-        self._thread.start()
+        self.transport: Transport | None = None
+        self.started_at: float | None = None
+        self.startup_seconds: float | None = None  # from start to the worker's hello
+        self.protocol: int | None = None
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._root: Path | None = None
 
-    def submit(self, request) -> Job:
-        if not self._thread.is_alive():
-            raise RuntimeError("The OFLSAM2 worker thread has stopped; reload the module or restart Slicer.")
-        job = Job(request)
-        self._jobs.put(job)
-        return job
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the thread after the current job (cancel it first to stop sooner)."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
+    # -----------------------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.transport is not None and self.transport.alive
 
-    def engine_for(self, settings) -> SegmentEngine:
-        if self._engine is None or settings != self._engine_settings:
-            self.release_engine()
-            self._engine = self._engine_factory(settings)
-            self._engine_settings = settings
-        return self._engine
+    @property
+    def pid(self) -> int | None:
+        return self.transport.pid if self.transport is not None else None
 
-    def release_engine(self) -> None:
-        """Drop the model and its feature caches (after an OOM, or to free GPU memory)."""
-        self._engine = None
-        self._engine_settings = None
-        gc.collect()
-        _empty_cuda_cache()
+    def start(self) -> None:
+        """Start the worker now if it is not running (``submit`` does it on demand)."""
+        with self._lock:
+            self._ensure_started()
 
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            self._run(job)
-
-    def _run(self, job: Job) -> None:
+    def submit(self, request) -> Job:
+        with self._lock:
+            self._ensure_started()
+            job_id = next(self._ids)
+            folder = self._root / f"job-{job_id}"
+            folder.mkdir(mode=0o700)
+            transport = self.transport
+            job = Job(self, job_id, request, folder, transport)
+            message = request.to_message(folder)
+            message["job"] = job_id
+            self._jobs[job_id] = job
         try:
+            transport.send(message)
+        except OSError:  # the worker died just now: the reader reports it to this job
+            pass
+        return job
+
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Stop the worker (its current job is cancelled) and remove the temp folder; the next
+        ``submit`` starts a new one. Kills it if it has not ended after ``timeout`` seconds."""
+        with self._lock:
+            transport, self.transport = self.transport, None
+            root, self._root = self._root, None
+        if transport is not None:
+            try:
+                transport.send({"type": "shutdown"})
+            except OSError:
+                pass
+            transport.close_input()
+            if not transport.wait(timeout):
+                transport.kill()
+                transport.wait(timeout)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def kill(self) -> None:
+        """End the worker at once (cancel that did not finish in time); its jobs are told."""
+        transport = self.transport
+        if transport is not None:
+            transport.kill()
+
+    # -----------------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self.transport is not None and self.transport.alive:
+            return
+        if self._root is None or not self._root.is_dir():
+            self._root = Path(tempfile.mkdtemp(prefix="oflsam2-worker-"))  # mode 0700: this user only
+        self.protocol = self.startup_seconds = None
+        self.started_at = time.perf_counter()
+        self.transport = self._transport_factory(self._on_event)
+
+    def _send_cancel(self, job: Job) -> None:
+        transport = job.transport
+        try:
+            transport.send({"type": "cancel", "job": job.id})
+        except OSError:
+            return
+        timer = threading.Timer(self.grace_seconds, self._kill_if_running, args=(job, transport))
+        timer.daemon = True
+        job._kill_timer = timer
+        timer.start()
+
+    def _kill_if_running(self, job: Job, transport: Transport) -> None:
+        if not job.finished.is_set():
+            log.warning("OFLSAM2: the worker did not stop within %.0f s of the cancel; killing it", self.grace_seconds)
+            transport.kill()
+
+    def _on_event(self, transport: Transport, event: dict | None) -> None:
+        """Reader thread: route one worker event to its job."""
+        if event is None:
+            self._connection_ended(transport)
+            return
+        kind = event.get("event")
+        if kind == "hello":
+            self.protocol = event.get("protocol")
+            if self.started_at is not None:
+                self.startup_seconds = time.perf_counter() - self.started_at
+            if self.protocol != PROTOCOL_VERSION:
+                log.error("OFLSAM2 worker speaks protocol %s, this module %s", self.protocol, PROTOCOL_VERSION)
+                if transport is not None:
+                    transport.kill()
+            return
+        job = self._jobs.get(event.get("job"))
+        if job is None or job.transport is not transport:
+            return
+        if kind == "progress":
+            job.put(MessageKind.PROGRESS, event["stage"], int(event["done"]), int(event["total"]), event.get("text", ""))
+        elif kind == "slice":
+            path = job.folder / os.path.basename(event["file"])
+            job.put(MessageKind.SLICE, int(event["label"]), int(event["axis"]), int(event["index"]), path)
+        elif kind == "done":
+            self._finish(job, MessageKind.DONE, event.get("summary", {}))
+        elif kind == "cancelled":
+            self._finish(job, MessageKind.CANCELLED)
+        elif kind == "error":
+            self._finish(job, MessageKind.ERROR, rebuild_error(event), event.get("traceback", ""))
+
+    def _finish(self, job: Job, *message) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+        if job._kill_timer is not None:
+            job._kill_timer.cancel()
+        job.put(*message)
+        job.finished.set()
+
+    def _connection_ended(self, transport: Transport) -> None:
+        """The worker is gone: every job it had not finished ends now."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.transport is transport]
+        if not jobs:
+            return
+        if self.protocol is not None and self.protocol != PROTOCOL_VERSION:
+            reason = (f"The OFLSAM2 worker speaks protocol {self.protocol}, this module {PROTOCOL_VERSION}: "
+                      "the module files are from different versions. Reinstall the extension and restart Slicer.")
+        else:
+            how = transport.exit_description()
+            reason = ("The OFLSAM2 worker process stopped without finishing the run"
+                      + (f" ({how})" if how and "\n" not in how else "")
+                      + ". The next run starts a new worker." + (f"\n{how}" if "\n" in how else ""))
+        for job in jobs:
             if job.cancel_requested:
-                raise Cancelled()
-            summary = job.request.execute(self, job)
-            job.put("done", summary)
-        except Cancelled:
-            job.put("cancelled")
-        except Exception as exc:  # every failure goes back to the main thread, never kills the thread
-            if is_out_of_memory(exc):
-                hint = _device_hint(self._engine_settings)
-                self.release_engine()
-                error = GpuOutOfMemory(hint)
-                error.__cause__ = exc
-                job.put("error", error, traceback.format_exc())
+                self._finish(job, MessageKind.CANCELLED)
             else:
-                log.debug("OFLSAM2 job failed", exc_info=True)
-                job.put("error", exc, traceback.format_exc())
-        finally:
-            job.finished.set()
+                self._finish(job, MessageKind.ERROR, WorkerDied(reason), "")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for ``torch.OutOfMemoryError`` (and its CUDA alias) and "out of memory" runtime errors."""
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+def rebuild_error(event: dict) -> BaseException:
+    """The worker's exception on this side, from its type name and message (never unpickled):
+    ``oflsam2.errors`` types and built-in exceptions keep their type, others become
+    :class:`WorkerError`; an out-of-memory error becomes :class:`GpuOutOfMemory`."""
+    name, module, message = event.get("error_type", "Exception"), event.get("error_module", ""), event.get("message", "")
+    if event.get("out_of_memory"):
+        error = GpuOutOfMemory(event.get("device_hint", ""))
+        error.__cause__ = WorkerError(f"{name}: {message}")
+        return error
+    cls = None
+    if module == engine_errors.__name__:
+        cls = getattr(engine_errors, name, None)
+    elif module == "builtins":
+        cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:
+            pass
+    return WorkerError(f"{name}: {message}" if message else name)
 
 
-def _empty_cuda_cache() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _device_hint(settings) -> str:
-    device = getattr(settings, "device", "")
-    size = getattr(settings, "image_size", "")
-    return f"device {device}, image size {size}" if device else ""
-
+__all__ = [
+    "CANCEL_GRACE_SECONDS", "DownloadRequest", "GpuOutOfMemory", "Job", "MessageKind", "ProcessTransport",
+    "SegmentRequest", "ThreadTransport", "Transport", "Worker", "WorkerDied", "WorkerError", "default_python",
+    "is_out_of_memory", "rebuild_error",
+]

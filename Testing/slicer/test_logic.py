@@ -92,7 +92,8 @@ def test_blocking_run_writes_every_plane_and_leaves_the_rest_alone(scene):
     np.testing.assert_array_equal(after[ids[1]], expected_copy(before[ids[1]], [4], 0))
     np.testing.assert_array_equal(after[ids[2]], before[ids[2]])
     assert summary["axis"] == 0 and summary["axisName"] == "axial" and summary["method"] == "sam2"
-    assert summary["segments"][ids[0]] == {"name": "Liver", "annotated": [2, 5], "written": 6}
+    assert summary["segments"][ids[0]] == {"name": "Liver", "annotated": [2, 5], "written": 6, "ignoredStrokeAxes": []}
+    assert summary["warnings"] == []
     assert summary["segments"][ids[1]]["written"] == 7
     seen = [s[0] for s in stages]
     assert "loading" in seen and "propagating" in seen and seen[-1] == "completed"
@@ -125,9 +126,11 @@ def test_default_segments_are_the_painted_ones(scene):
     empty = segmentation.GetSegmentation().AddEmptySegment("Empty", "Empty")
     engine = CopyEngine()
     logic, worker = make_logic(lambda s: engine)
-    logic.process(volume, segmentation, None, method="sam2", axis="axial", **FAST)
+    summary = logic.process(volume, segmentation, None, method="sam2", axis="axial", **FAST)
     worker.shutdown()
-    assert [s.name for s in engine.calls[0]["supports"]] == ["Liver", "Kidney", "Other"]
+    # Other is one coronal plane: drawn on another axis, so not an axial annotation (issue 16.4)
+    assert [s.name for s in engine.calls[0]["supports"]] == ["Liver", "Kidney"]
+    assert summary["warnings"] == ["Segment 'Other' has strokes only on the coronal axis; it was left out of this axial run."]
     assert empty and logic.activeRun is None
     assert engine.calls[0]["axis"] == 0
 
@@ -462,10 +465,14 @@ def test_a_worker_that_dies_mid_job_fails_the_run_instead_of_hanging(scene):
             raise SystemExit  # not an Exception: the worker thread ends without a final message
 
     logic, worker = make_logic(lambda settings: Dies())
-    with pytest.raises(RuntimeError, match="stopped without reporting"):
+    with pytest.raises(RuntimeError, match="stopped without finishing the run"):
         logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
     assert_unchanged(segmentation, volume, before)
-    worker.shutdown()  # joins the dead thread
     assert not worker.alive and not logic.isRunning()
-    with pytest.raises(RuntimeError, match="has stopped"):
+    first = worker.transport
+    # The next run starts a new worker (which dies the same way here) instead of hanging.
+    with pytest.raises(RuntimeError, match="next run starts a new worker"):
         logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+    assert worker.transport is not first
+    assert_unchanged(segmentation, volume, before)
+    worker.shutdown()

@@ -110,7 +110,8 @@ def test_ui_parses_and_binds_existing_parameters():
 
 
 def test_module_and_effect_compile_and_have_the_template_shape():
-    for path in [MODULE / "OFLSAM2Segment.py", MODULE / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py",
+    effect_path = MODULE / "SegmentEditorOFLSAM2Lib" / "SegmentEditorEffect.py"
+    for path in [MODULE / "OFLSAM2Segment.py", effect_path,
                  *(MODULE / "Testing" / "Python").glob("*.py")]:
         py_compile.compile(str(path), doraise=True)
     tree = ast.parse((MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
@@ -122,8 +123,15 @@ def test_module_and_effect_compile_and_have_the_template_shape():
     assert "ScriptedLoadableModuleTest" in classes["OFLSAM2SegmentTest"]
     source = (MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8")
     assert 'slicer.app.connect("startupCompleted()", self.registerEditorEffect)' in source
-    effect = (MODULE / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py").read_text(encoding="utf-8")
+    effect = effect_path.read_text(encoding="utf-8")
     assert 'scriptedEffect.name = "OFL-SAM2"' in effect and "saveStateForUndo" in effect
+    # Slicer loads the effect as a module named after its folder: a folder of its own, never
+    # the module's Lib package, re-exported by the folder's __init__ (test_slicer_loading.py
+    # runs the real loading rules).
+    assert not (MODULE / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py").exists()
+    assert '"SegmentEditorOFLSAM2Lib", "SegmentEditorEffect.py"' in source
+    assert "from .SegmentEditorEffect import *" in (effect_path.parent / "__init__.py").read_text(encoding="utf-8")
+    assert "from ." not in effect.replace("from .SegmentEditorEffect", "")  # no relative import in a non-package
 
 
 def s4ext_fields() -> dict[str, str]:

@@ -1,4 +1,6 @@
-"""The background worker: streaming, cancel, errors and GPU out-of-memory recovery (no Slicer needed)."""
+"""The engine worker and its protocol: streaming, cancel, errors, GPU out-of-memory recovery and
+array transfer (no Slicer needed). These use the worker loop on a thread (fake engines cannot
+cross a process boundary); ``test_worker_process.py`` runs the real process."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from fakes import CopyEngine, RaisingEngine
 from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
-from OFLSAM2SegmentLib.worker import GpuOutOfMemory, SegmentRequest, Worker, is_out_of_memory
+from OFLSAM2SegmentLib.worker import GpuOutOfMemory, MessageKind, SegmentRequest, Worker, is_out_of_memory
 
 SHAPE = (5, 6, 7)
 
@@ -98,7 +100,8 @@ def test_gpu_out_of_memory_is_a_distinct_error_and_frees_the_engine(factory, mon
     kind, exc, trace = collect(worker.submit(request(settings)))[-1]
 
     assert kind == "error" and isinstance(exc, GpuOutOfMemory)
-    assert exc.__cause__ is error
+    # The original exception stays in the worker; its type and message come back (never pickled).
+    assert str(exc.__cause__) == f"{type(error).__name__}: {error}"
     assert "cuda" in str(exc) and "image size" in str(exc).lower() and "cpu" in str(exc).lower()
     assert "out of memory" in trace
     assert emptied, "torch.cuda.empty_cache() was not called"

@@ -2,8 +2,11 @@
 through the source volume with SAM2, writing each slice as it is computed.
 
 Registered by the OFLSAM2Segment module at start-up. It shares the module's run logic and its
-worker thread (so one SAM2 model per session) and writes through the editor
+worker process (so one SAM2 model per session) and writes through the editor
 (``modifySegmentByLabelmap``), with one ``saveStateForUndo()`` per run.
+
+Slicer executes this file as the module ``SegmentEditorOFLSAM2Lib`` (its folder's name), not as
+part of a package: imports here must be absolute.
 """
 
 import os
@@ -14,6 +17,8 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from OFLSAM2SegmentLib.options import DEVICES, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
+
+__all__ = ["SegmentEditorEffect"]
 
 METHODS = (("ofl", "OFL-SAM2"), ("revsam2", "RevSAM2"), ("sam2", "SAM2 propagation"))
 
@@ -28,6 +33,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.runBlocking = False  # the module's self-test runs the effect to completion
         self._logic = None
+        self._restoreIntensityMask = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -156,6 +162,10 @@ More options (several segments at once, extra support volumes, adapters) are in 
             def modify(segment_id, image, mode):
                 # Explicit segment ID (not the selection, which the user may change meanwhile);
                 # the one-plane modifier limits the change to that plane.
+                if parameterSetNode.GetSourceVolumeIntensityMask():
+                    raise RuntimeError(
+                        "The Segment Editor's 'Editable intensity range' was switched on during the run; it would "
+                        "clip the computed slices. Switch it off (OFL-SAM2 does so while it runs) and apply again.")
                 effect.modifySegmentByLabelmap(segmentationNode, segment_id, image, mode, True)
 
             modes = slicer.qSlicerSegmentEditorAbstractEffect
@@ -163,6 +173,9 @@ More options (several segments at once, extra support volumes, adapters) are in 
                                        volume_geometry(volumeNode))
             self.progressBar.value = 0
             self.progressBar.show()
+            # The editor applies its intensity range to every write, bypassMasking or not
+            # (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap): off while the run writes.
+            self._restoreIntensityMask = suspendIntensityMask(parameterSetNode)
             try:
                 logic.process(
                     volumeNode, segmentationNode, [segmentId], self.scriptedEffect.parameter("Method"),
@@ -175,11 +188,18 @@ More options (several segments at once, extra support volumes, adapters) are in 
                 )
             except Exception:
                 self.progressBar.hide()
+                self._runEnded()
                 raise
         self._updateApplyButton()
 
+    def _runEnded(self):
+        restore, self._restoreIntensityMask = self._restoreIntensityMask, None
+        if restore is not None:
+            restore()
+
     def onProgress(self, stage, done, total, text):
         if stage in ("completed", "cancelled", "failed"):
+            self._runEnded()
             self.progressBar.hide()
             self.statusLabel.text = text
             self._updateApplyButton()
@@ -193,6 +213,19 @@ More options (several segments at once, extra support volumes, adapters) are in 
     def _updateApplyButton(self):
         running = self._logic is not None and self._logic.isRunning()
         self.applyButton.text = "Cancel" if running else "Apply"
+
+
+def suspendIntensityMask(editorNode):
+    """Switch the editor's "Editable intensity range" off; return the function that puts the
+    user's setting back (a no-op when it was off)."""
+    if editorNode is None or not editorNode.GetSourceVolumeIntensityMask():
+        return lambda: None
+    editorNode.SetSourceVolumeIntensityMask(False)
+
+    def restore():
+        editorNode.SetSourceVolumeIntensityMask(True)
+
+    return restore
 
 
 def _safe_model_choices():
