@@ -95,7 +95,7 @@ def test_segment_hands_every_option_to_the_pipeline(recorder, capsys):
     call = recorder.call
     assert (call["image"], call["support"], str(call["out"])) == ("ct.nii.gz", "labels.nii.gz", "out.nii.gz")
     assert call["seg_nrrd_path"] == "out.seg.nrrd"
-    assert call["labels"] == [1, 3] and call["support_slices"] == [12, 20, 21]
+    assert call["labels"] == [1, 3] and call["support_slices"].within(100) == [12, 20, 21]
     assert call["references"] == [("r1.nii", "r1_labels.nii"), ("C:\\data\\r2.nii", "C:\\data\\r2_labels.nii")]
     assert (call["method"], call["axis"], call["preset"]) == ("revsam2", "coronal", "window:-100,300")
     settings, options = call["settings"], call["options"]

@@ -89,7 +89,8 @@ def test_segments_every_label_of_the_support_and_writes_on_the_image_grid(chaos,
     assert [s.label for s in call["supports"]] == [1, 2, 3, 4]
     assert summary["labels"] == [1, 2, 3, 4] and summary["axis"] == 0 and summary["axis_name"] == "axial"
     assert summary["preset"] == "mr"
-    assert summary["slices"] == {v: [z for z in ANNOTATED if (support[z] == v).any()] for v in (1, 2, 3, 4)}
+    # a slice annotated for any label is annotated for all (absent labels: "object absent")
+    assert summary["slices"] == {v: list(ANNOTATED) for v in (1, 2, 3, 4)}
     for support_of_label in call["supports"]:
         np.testing.assert_array_equal(support_of_label.mask, support == support_of_label.label)
     written = sitk.ReadImage(str(tmp_path / "out.nrrd"))
@@ -259,7 +260,7 @@ def test_label_without_slice_among_the_requested_ones(chaos, sparse_support, tmp
 
 
 @pytest.mark.parametrize(
-    "slices, match", [([8, 40], r"outside the volume: .* 0\.\.30"), ([8, 9], r"\[9\] hold no annotation")]
+    "slices, match", [([8, 40], r"outside the volume: .* 0\.\.30"), ([8, 9], r"\(s\) 9 hold no annotation")]
 )
 def test_bad_requested_slices(chaos, sparse_support, tmp_path, slices, match):
     image_path, _, _ = chaos
@@ -310,48 +311,48 @@ def test_bad_options(chaos, sparse_support, tmp_path, kwargs, match):
     assert_refused(match, image_path, support_path, tmp_path / "out.nii.gz", tmp_path, **kwargs)
 
 
-def test_no_support_needs_an_adapter_and_labels(chaos, tmp_path):
+def adapter_metadata(folder, label, **fields):
+    """The JSON record of a trained adapter (what the pipeline checks before loading the model)."""
+    import json
+
+    from oflsam2.ofl.adapter import KIND
+
+    folder.mkdir(exist_ok=True)
+    record = {"kind": KIND, "label": label, "label_name": f"label_{label}", "model": "sam2.1-tiny",
+              "image_size": 1024, "axis": 0, "preset": "mr", **fields}
+    (folder / f"label_{label}.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_no_support_needs_an_adapter_or_references(chaos, tmp_path):
     image_path, _, _ = chaos
     out = tmp_path / "out.nii.gz"
-    assert_refused("support label map .* or a trained adapter", image_path, None, out, tmp_path)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    assert_refused("name the label", image_path, None, out, tmp_path, options=MethodOptions(adapter=str(adapter)))
+    assert_refused("support label map .*--reference .* or a trained adapter", image_path, None, out, tmp_path)
+    adapter = adapter_metadata(tmp_path / "adapter", 1)
     assert_refused(
-        "cannot use one",
-        image_path,
-        None,
-        out,
-        tmp_path,
-        options=MethodOptions(adapter=str(adapter)),
-        labels=[1],
-        method="sam2",
+        "cannot use one", image_path, None, out, tmp_path,
+        options=MethodOptions(adapter=str(adapter)), labels=[1], method="sam2",
     )
     assert_refused(
-        "does not exist",
-        image_path,
-        None,
-        out,
-        tmp_path,
-        options=MethodOptions(adapter=str(tmp_path / "nope")),
-        labels=[1],
+        "does not exist", image_path, None, out, tmp_path,
+        options=MethodOptions(adapter=str(tmp_path / "nope")), labels=[1],
     )
 
 
 def test_adapter_without_support_runs_with_empty_supports(chaos, tmp_path):
     image_path, _, _ = chaos
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
+    adapter = adapter_metadata(tmp_path / "adapter", 1)
+    adapter_metadata(adapter, 4)
     engine = RecordingEngine(lambda image, supports, axis: {s.label: np.ones(image.shape, bool) for s in supports})
     summary = run(
         image_path,
         None,
         tmp_path / "out.nii.gz",
-        labels=[1, 4],
         options=MethodOptions(adapter=str(adapter)),
         engine=engine,
     )
     supports = engine.calls[0]["supports"]
+    assert [s.label for s in supports] == [1, 4]  # every label the adapter holds
     assert [s.slices for s in supports] == [[], []] and not any(s.mask.any() for s in supports)
     assert summary["axis"] == 0 and summary["slices"] == {1: [], 4: []}
     assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz"))) == 4).all()

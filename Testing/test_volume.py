@@ -388,8 +388,10 @@ def test_annotated_slices_count_matches_the_data_readme(shared_data):
 
 
 def test_parse_slices():
-    assert parse_slices("12,20,30-33") == [12, 20, 30, 31, 32, 33]
-    assert parse_slices(" 3, 1 ,1, 2 - 2") == [1, 2, 3]
+    assert parse_slices("12,20,30-33").within(100) == [12, 20, 30, 31, 32, 33]
+    assert parse_slices(" 3, 1 ,1, 2 - 2").within(100) == [1, 2, 3]
+    huge = parse_slices("5,30-999999999999")  # kept as ranges: nothing is expanded
+    assert huge.within(32) == [5, 30, 31] and huge.outside(32) == [(32, 999999999999)]
 
 
 @pytest.mark.parametrize(

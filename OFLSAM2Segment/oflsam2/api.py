@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,9 +16,17 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .events import Events, RunEvents
+from .volume import MAX_LABEL
 
 METHODS = ("ofl", "revsam2", "forward", "sam2")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+FEATURE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 256, 2048  # SAM2 input sizes that fit its design and a GPU's memory
+REVSAM2_MODES = ("full", "forward", "forward_fifo", "random")
+RETRIEVALS = ("flat", "pooled")
+SUPPORT_SAMPLINGS = ("even", "random")
 
 
 @dataclass
@@ -37,6 +46,9 @@ class ModelSettings:
     # threads during a run: the same output whatever the thread count; slower.
     deterministic: bool = False
 
+    def __post_init__(self):
+        check_model_settings(self)
+
 
 @dataclass
 class LabelSupport:
@@ -51,6 +63,39 @@ class LabelSupport:
     name: str
     mask: np.ndarray
     slices: list[int]
+
+    def __post_init__(self):
+        """Refuse what cannot be a support; a 0/1 mask of another type or a list becomes bool."""
+        if isinstance(self.label, (bool, np.bool_)) or not isinstance(self.label, (int, np.integer)) or not 0 < self.label <= MAX_LABEL:
+            raise InputError(f"A label value must be a whole number from 1 to {MAX_LABEL}; got {self.label!r}.")
+        self.label = int(self.label)
+        if not isinstance(self.name, str) or not self.name.strip() or any(c in self.name for c in "\r\n"):
+            raise InputError(f"The name of label {self.label} must be one line of text; got {self.name!r}.")
+        try:
+            mask = np.asarray(self.mask)
+        except (TypeError, ValueError):
+            mask = np.asarray(None)
+        if mask.ndim != 3 or mask.dtype.kind not in "biuf":
+            raise InputError(
+                f"The mask of label {self.name!r} must be a 3-D (z, y, x) bool array; got "
+                f"{type(self.mask).__name__} of shape {mask.shape}."
+            )
+        if mask.dtype != bool:
+            if not ((mask == 0) | (mask == 1)).all():
+                raise InputError(
+                    f"The mask of label {self.name!r} holds values other than 0 and 1; give a bool array "
+                    "(True inside the object), e.g. labels == value."
+                )
+            mask = mask.astype(bool)
+        self.mask = mask
+        if not isinstance(self.slices, (list, tuple, range, np.ndarray)) or np.ndim(self.slices) != 1:
+            raise InputError(f"The slices of label {self.name!r} must be a list of whole numbers; got {self.slices!r}.")
+        for index in self.slices:
+            if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) or index < 0:
+                raise InputError(
+                    f"The slices of label {self.name!r} must be whole numbers from 0; got {index!r} in {list(self.slices)!r}."
+                )
+        self.slices = sorted({int(i) for i in self.slices})
 
 
 @dataclass
@@ -91,6 +136,16 @@ class MethodOptions:
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
     warm_start_epochs: int = 10  # epochs when --adapter and new support are given together
+    # OFL-SAM2 choices (issue 10); the value after "|" restores the behaviour before it
+    initial_fit: str = "episode"  # episode (as training fits: own slices, objects first, 10 iters) | even
+    fit_empty_fraction: float = 0.25  # share of a fit set kept for empty slices (negatives)
+    retrieval_object_guarantee: bool = True  # a retrieved memory holds the object if any support does | False
+    empty_episodes_per_object: float | None = 1.0  # empty-slice training episodes per object episode | None (all)
+    episode_recent_memories: bool = True  # training E1 also sees ground-truth recent memories | False
+    candidate_loss: str = "predicted"  # mask loss on the candidate inference outputs | min | all
+    overfit_guard: str = "holdout"  # below holdout_below_episodes, keep the weights best on held-out episodes | none
+    holdout_below_episodes: int = 16
+    accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -98,6 +153,9 @@ class MethodOptions:
     max_supports: int | None = 10  # non-empty support slices used (None: all); the paper uses 10
     support_sampling: str = "even"  # even | random (by seed): which supports when there are more
     forward_batch_size: int = 4  # query slices per forward pass
+
+    def __post_init__(self):
+        check_method_options(self)
 
 
 @dataclass
@@ -181,11 +239,15 @@ class Engine:
         from .driver import Sam2Driver
         from .methods import runner
         from .methods.base import RunContext
-        from .volume import apply_preset
+        from .volume import apply_preset, intensity_summary, resolve_preset
 
         options = options or MethodOptions()
         events = events or Events()
-        image = _check_inputs(image, supports, method, axis, references)
+        image = validate_run(
+            image, supports, method=method, axis=axis, preset=preset, options=options, references=references,
+            settings=self.settings,
+        )
+        preset = resolve_preset(image, preset)  # recorded by adapters: "auto" would say nothing
         started = time.perf_counter()
         events.progress("loading", 0, 1, f"loading {self.settings.model}")
         model = self.model
@@ -193,13 +255,15 @@ class Engine:
         target = self.feature_cache(apply_preset(image, preset), axis)
         target.encode(events=events)
         ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
+        ctx.intensity = intensity_summary(image)
         reference_slices = [
             (self.feature_cache(apply_preset(np.asarray(r.image, dtype=np.float32), preset), axis), np.moveaxis(r.labels, axis, 0))
             for r in references
         ]
         masks = {}
+        run_slices = annotated_in_run(supports)
         for support in supports:
-            label_support = _support_set(support, axis, reference_slices)
+            label_support = _support_set(support, axis, reference_slices, run_slices)
             with torch.no_grad(), deterministic_mode(self.settings.deterministic):
                 result = runner(method)(ctx, label_support)
             for index, annotation in label_support.in_volume.items():
@@ -243,20 +307,57 @@ def deterministic_mode(enabled: bool):
         torch.set_num_threads(threads)
 
 
-def _check_inputs(image, supports, method, axis, references) -> np.ndarray:
-    from .errors import InputError
+def annotated_in_run(supports: Sequence[LabelSupport]) -> list[int]:
+    """Every slice annotated for any label of the run. Such a slice is annotated for every label:
+    a label absent there is an "object absent" annotation, and the whole slice is kept as drawn."""
+    return sorted({i for support in supports for i in support.slices})
+
+
+def validate_run(
+    image,
+    supports: Sequence[LabelSupport],
+    *,
+    method: str = "ofl",
+    axis: int = 0,
+    preset: str = "auto",
+    options: MethodOptions | None = None,
+    references: Sequence[Reference] = (),
+    settings: ModelSettings | None = None,
+) -> np.ndarray:
+    """Check everything a run is given before any model work; return the image as float32.
+
+    The one validation used by :meth:`Engine.segment`, the CLI and the Slicer logic: raises
+    :class:`~oflsam2.errors.InputError` with what to change. The dataclasses check themselves
+    when built; they are checked again here because their fields may have been changed since.
+    """
+    from .volume import check_preset
 
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
-    image = np.asarray(image, dtype=np.float32)
+    if isinstance(axis, (bool, np.bool_)) or axis not in (0, 1, 2):
+        raise InputError(f"The slice axis must be 0, 1 or 2 (array order); got {axis!r}.")
+    if not isinstance(preset, str):
+        raise InputError(f"The intensity preset must be a name such as 'auto' or 'mr'; got {preset!r}.")
+    check_preset(preset)
+    check_method_options(options or MethodOptions())
+    if settings is not None:
+        check_model_settings(settings)
+    try:
+        image = np.asarray(image, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"The image must be a 3-D numeric array (z, y, x); got {type(image).__name__}.") from None
     if image.ndim != 3:
         raise InputError(f"The image must be a 3-D volume (z, y, x); got shape {image.shape}.")
-    if axis not in (0, 1, 2):
-        raise InputError(f"The slice axis must be 0, 1 or 2 (array order); got {axis!r}.")
     if not np.isfinite(image).all():
         raise InputError("The image contains NaN or infinite voxels; fix or mask them before segmenting.")
+    if isinstance(supports, LabelSupport) or not isinstance(supports, (list, tuple)):
+        raise InputError(f"Give the supports as a list of LabelSupport; got {type(supports).__name__}.")
     if not supports:
         raise InputError("No label to segment: give at least one label with annotated slices or an adapter.")
+    for s in supports:
+        if not isinstance(s, LabelSupport):
+            raise InputError(f"Each support must be a LabelSupport; got {type(s).__name__}.")
+        LabelSupport.__post_init__(s)  # fields may have been replaced after construction
     if len({s.label for s in supports}) != len(supports):
         raise InputError("Each label may appear only once in one run.")
     for s in supports:
@@ -264,17 +365,95 @@ def _check_inputs(image, supports, method, axis, references) -> np.ndarray:
             raise InputError(f"The support of label {s.name!r} has shape {s.mask.shape}, the image {image.shape}.")
         bad = [i for i in s.slices if not 0 <= i < image.shape[axis]]
         if bad:
-            raise InputError(f"Annotated slice(s) {bad} of label {s.name!r} lie outside the volume (0..{image.shape[axis] - 1}).")
+            raise InputError(f"Annotated slice(s) {bad[:10]} of label {s.name!r} lie outside the volume (0..{image.shape[axis] - 1}).")
     for r in references:
+        if not isinstance(r, Reference):
+            raise InputError(f"Each reference must be a Reference; got {type(r).__name__}.")
         if np.shape(r.image) != np.shape(r.labels) or np.ndim(r.image) != 3:
             raise InputError(f"Reference {r.name!r}: image and labels must be 3-D arrays of the same shape.")
+    if method == "sam2":
+        for s in supports:
+            if not any(np.take(s.mask, i, axis=axis).any() for i in annotated_in_run(supports)):
+                raise InputError(
+                    f"SAM2 propagation of label {s.name!r} needs a prompt in the volume itself: annotate it on at "
+                    "least one slice, or use --method ofl, revsam2 or forward with --reference volumes."
+                )
     return image
 
 
-def _support_set(support: LabelSupport, axis: int, reference_slices):
+def check_model_settings(settings: ModelSettings) -> None:
+    """Raise :class:`InputError` for a field of ``settings`` that cannot work."""
+    if not isinstance(settings.model, str) or not settings.model:
+        raise InputError(f"The model must be a name such as 'sam2.1-tiny'; got {settings.model!r}.")
+    size = settings.image_size
+    if (
+        isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer))
+        or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE or size % 32
+    ):
+        raise InputError(
+            f"Image size {size!r} is not supported: use a multiple of 32 from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+            "(SAM2 models are trained at 1024; MedSAM2 at 512)."
+        )
+    _choice(settings.device, DEVICES, "device")
+    _choice(settings.feature_dtype, FEATURE_DTYPES, "feature dtype")
+    _whole(settings.cache_megabytes, "cache_megabytes", 0)
+    _whole(settings.encode_batch_size, "encode_batch_size", 1)
+
+
+def check_method_options(options: MethodOptions) -> None:
+    """Raise :class:`InputError` for a field of ``options`` that cannot work."""
+    if options.num_maskmem is not None:
+        _whole(options.num_maskmem, "num_maskmem", 1)
+    _whole(options.epochs, "epochs", 0)
+    _whole(options.warm_start_epochs, "warm_start_epochs", 0)
+    _number(options.lr, "lr", 0.0, None, open_low=True)
+    _number(options.gamma, "gamma", 0.0, 1.0)
+    _whole(options.num_retrieved, "num_retrieved", 1)
+    _choice(options.retrieval, RETRIEVALS, "retrieval")
+    _whole(options.learner_iters_train, "learner_iters_train", 0)
+    _whole(options.learner_iters_online, "learner_iters_online", 0)
+    _whole(options.exclude_radius, "exclude_radius", 0)
+    _whole(options.max_fit_slices, "max_fit_slices", 1)
+    _whole(options.seed, "seed", None)
+    _whole(options.top_k, "top_k", 1)
+    _choice(options.revsam2_mode, REVSAM2_MODES, "RevSAM2 mode")
+    if options.max_supports is not None:
+        _whole(options.max_supports, "max_supports", 1)
+    _choice(options.support_sampling, SUPPORT_SAMPLINGS, "support sampling")
+    _whole(options.forward_batch_size, "forward_batch_size", 1)
+    for milestone in options.lr_milestones:
+        _whole(milestone, "lr_milestones", 0)
+    for name in ("adapter", "save_adapter"):
+        value = getattr(options, name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InputError(f"{name} must be a folder path; got {value!r}.")
+
+
+def _whole(value, name: str, minimum: int | None) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
+        minimum is not None and value < minimum
+    ):
+        at_least = "" if minimum is None else f" of at least {minimum}"
+        raise InputError(f"{name} must be a whole number{at_least}; got {value!r}.")
+
+
+def _number(value, name: str, low: float, high: float | None, open_low: bool = False) -> None:
+    valid = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    valid = valid and np.isfinite(value) and (value > low if open_low else value >= low) and (high is None or value <= high)
+    if not valid:
+        bounds = f"between {low} and {high}" if high is not None else f"above {low}"
+        raise InputError(f"{name} must be a number {bounds}; got {value!r}.")
+
+
+def _choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise InputError(f"Unknown {name} {value!r}; choose one of: {', '.join(choices)}.")
+
+
+def _support_set(support: LabelSupport, axis: int, reference_slices, run_slices: Sequence[int]):
     from .methods.base import SupportSet, SupportSlice
 
-    in_volume = {i: np.take(support.mask, i, axis=axis).astype(bool) for i in sorted(set(support.slices))}
+    in_volume = {i: np.take(support.mask, i, axis=axis).astype(bool) for i in run_slices}
     external = [
         SupportSlice(cache, i, labels[i] == support.label)
         for cache, labels in reference_slices

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ _OPTIONAL_COMMANDS = (
 
 def main(argv=None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``) and return its exit status."""
+    _show_warnings()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -45,6 +48,20 @@ def main(argv=None) -> int:
     except OFLSAM2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _show_warnings() -> None:
+    """Print the engine's warnings (``oflsam2.*`` loggers) on stderr as ``warning: ...``."""
+    logger = logging.getLogger(__package__)
+    if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
+        logger.addHandler(_StderrWarnings(logging.WARNING))
+
+
+class _StderrWarnings(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
+
+    def emit(self, record) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +151,7 @@ def _add_model_options(parser) -> None:
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="local checkpoint file (default: the verified cached download)")
     weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
-    group.add_argument("--image-size", type=int, help="SAM2 input size, a multiple of 32 (default: the model's own, 1024; 512 for medsam2)")
+    group.add_argument("--image-size", type=_image_size, help="SAM2 input size, a multiple of 32 from 256 to 2048 (default: the model's own, 1024; 512 for medsam2)")
     group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="compute device (default auto)")
     group.add_argument(
         "--deterministic", action="store_true",
@@ -157,20 +174,43 @@ def run_segment(args) -> int:
 def run_train(args) -> int:
     from .api import MethodOptions
 
+    from .pipeline import check_folder_writable, refuse_inputs_as_output
+
     adapter_dir = Path(args.out)
-    if adapter_dir.exists() and not adapter_dir.is_dir():
-        raise InputError(f"--out {adapter_dir} is a file; give a folder for the adapter.")
+    check_folder_writable(adapter_dir, "--out")
+    inputs = [args.image, args.support, *(p for pair in args.reference for p in pair)]
+    for output in (adapter_dir, adapter_dir / TRAINING_SEGMENTATION):
+        refuse_inputs_as_output(output, inputs)
     options = MethodOptions(
         epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
         adapter=args.adapter, save_adapter=str(adapter_dir),
     )
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    summary = _run_pipeline(args, "ofl", adapter_dir / TRAINING_SEGMENTATION, None, options)
+    created = _create_folder(adapter_dir)
+    try:
+        summary = _run_pipeline(args, "ofl", adapter_dir / TRAINING_SEGMENTATION, None, options)
+    except BaseException:
+        if created:  # a failed or interrupted run leaves no empty adapter folder behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     summary["adapter"] = str(adapter_dir)
     _print_summary(summary, args.json)
     if not args.json:
         print(f"adapter saved in {adapter_dir}")
     return 0
+
+
+def _create_folder(folder: Path) -> Path | None:
+    """Create ``folder`` (and missing parents); return the topmost folder created, if any."""
+    if folder.is_dir():
+        return None
+    top = folder
+    while not top.parent.exists():
+        top = top.parent
+    try:
+        folder.mkdir(parents=True)
+    except OSError as error:
+        raise InputError(f"Cannot create the folder {folder}: {error.strerror or error}.") from None
+    return top
 
 
 def _run_pipeline(args, method: str, out_path: Path, seg_nrrd, options) -> dict:
@@ -462,6 +502,20 @@ def _reference_pair(text: str) -> tuple[str, str]:
 def _is_drive_colon(text: str, i: int) -> bool:
     starts_path = i == 1 or (i >= 2 and text[i - 2] == ":")
     return starts_path and text[i - 1].isalpha() and text[i + 1 : i + 2] in ("\\", "/")
+
+
+def _image_size(text: str) -> int:
+    from .api import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE or value % 32:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a multiple of 32 from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (SAM2 uses 1024, MedSAM2 512)"
+        )
+    return value
 
 
 def _at_least(minimum: int):

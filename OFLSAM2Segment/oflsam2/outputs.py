@@ -1,8 +1,11 @@
 """Writing label volumes and Slicer segmentation files on the grid of the segmented image.
 
-Every write is atomic: the file is written under a temporary name in the destination folder
+Every write is atomic: the file is written under a temporary name in the destination folder,
+checked complete (a full disk can leave a truncated file that the writer reports as written),
 and moved into place with ``os.replace``, so a failed or interrupted write never leaves a
-partial file nor damages an existing one.
+partial file nor damages an existing one. :class:`StagedOutputs` does this for several files
+at once: none replaces anything until all are written and checked. A replaced file keeps its
+permissions; a new one gets the umask's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OFLSAM2Error
+from .volume import check_nifti_file
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 SEG_NRRD_SUFFIX = ".seg.nrrd"
@@ -88,20 +92,117 @@ def check_writable(path, suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
     return path
 
 
-def write_label_volume(labels: np.ndarray, reference: sitk.Image, path) -> Path:
+class StagedOutputs:
+    """Files written under temporary names and moved into place together.
+
+    ``with StagedOutputs() as staged:`` then ``write_label_volume(..., staged=staged)`` for each
+    file: leaving the block normally moves every file into place; an exception (or an
+    interrupt) removes the temporary files and leaves every existing file as it was.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    @contextmanager
+    def path(self, path: Path):
+        """Yield a temporary name beside ``path``; once the block has written it, check it."""
+        suffix = next((s for s in (SEG_NRRD_SUFFIX, *LABEL_SUFFIXES) if path.name.lower().endswith(s)), path.suffix)
+        try:
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".part{suffix}")
+        except OSError as error:
+            raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}.") from None
+        os.close(handle)
+        self._staged.append((Path(temporary), path))
+        try:
+            yield Path(temporary)
+            _check_complete(Path(temporary), path)
+        except (RuntimeError, OSError) as error:
+            raise OFLSAM2Error(f"Could not write {path}: {str(error).strip().splitlines()[-1]}") from error
+
+    def commit(self) -> None:
+        try:
+            for temporary, destination in self._staged:
+                apply_destination_mode(temporary, destination)
+            for temporary, destination in self._staged:
+                os.replace(temporary, destination)
+        except OSError as error:
+            self.discard()
+            raise OFLSAM2Error(f"Could not move the outputs into place: {error}") from error
+        self._staged = []
+
+    def discard(self) -> None:
+        for temporary, _ in self._staged:
+            temporary.unlink(missing_ok=True)
+        self._staged = []
+
+
+def apply_destination_mode(temporary, destination) -> None:
+    """Give ``temporary`` the permissions ``destination`` has, or the umask's for a new file
+    (``mkstemp`` creates files readable by their owner only)."""
+    try:
+        mode = os.stat(destination).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    os.chmod(temporary, mode)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:  # Linux: read without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_complete(temporary: Path, destination: Path) -> None:
+    """Refuse a written file that is not whole (a full disk truncates NIfTI files silently)."""
+    with open(temporary, "rb+") as stream:
+        os.fsync(stream.fileno())
+    try:
+        check_nifti_file(temporary, "written file")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(temporary))
+        reader.ReadImageInformation()
+    except (InputError, RuntimeError) as error:
+        raise OFLSAM2Error(
+            f"Could not write {destination}: the written file is incomplete (is the disk full?). "
+            f"Nothing was replaced. ({str(error).strip().splitlines()[-1]})"
+        ) from None
+
+
+def write_label_volume(labels: np.ndarray, reference: sitk.Image, path, staged: StagedOutputs | None = None) -> Path:
     """Write a ``(z, y, x)`` label map with ``reference``'s origin, spacing and direction.
 
     ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``; stored as uint8 when labels fit, else uint16.
+    With ``staged`` the file is moved into place when that :class:`StagedOutputs` commits.
     """
     path = check_writable(path)
     image, _ = _label_image(labels, reference)
-    with _atomic_path(path) as temporary:
+    with _staging(staged) as outputs, outputs.path(path) as temporary:
         sitk.WriteImage(image, str(temporary), True)
     return path
 
 
 def write_seg_nrrd(
-    labels: np.ndarray, reference: sitk.Image, path, segments: Sequence[tuple[int, str, Sequence[float]]]
+    labels: np.ndarray,
+    reference: sitk.Image,
+    path,
+    segments: Sequence[tuple[int, str, Sequence[float]]],
+    staged: StagedOutputs | None = None,
 ) -> Path:
     """Write a Slicer segmentation file (``.seg.nrrd``) holding ``labels`` on ``reference``'s grid.
 
@@ -119,7 +220,7 @@ def write_seg_nrrd(
     for index, (value, name, color) in enumerate(segments):
         for key, text in _segment_fields(array, int(value), name, color).items():
             image.SetMetaData(f"Segment{index}_{key}", text)
-    with _atomic_path(path) as temporary:
+    with _staging(staged) as outputs, outputs.path(path) as temporary:
         sitk.WriteImage(image, str(temporary), True)
     return path
 
@@ -142,19 +243,13 @@ def _label_image(labels: np.ndarray, reference: sitk.Image) -> tuple[sitk.Image,
 
 
 @contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary file name beside ``path``; move it onto ``path`` if the block succeeds."""
-    suffix = next((s for s in (SEG_NRRD_SUFFIX, *LABEL_SUFFIXES) if path.name.lower().endswith(s)), path.suffix)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".part{suffix}")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, (RuntimeError, OSError)):
-            raise OFLSAM2Error(f"Could not write {path}: {str(error).strip().splitlines()[-1]}") from error
-        raise
+def _staging(staged: StagedOutputs | None):
+    """``staged`` itself, or a one-file :class:`StagedOutputs` committed at the end of the block."""
+    if staged is not None:
+        yield staged
+        return
+    with StagedOutputs() as own:
+        yield own
 
 
 def _check_segments(array: np.ndarray, segments) -> None:

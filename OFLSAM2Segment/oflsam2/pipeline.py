@@ -7,6 +7,8 @@ user's annotated slices reach the output unchanged.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,22 +18,34 @@ import numpy as np
 import SimpleITK as sitk
 
 from .api import METHODS, LabelSupport, MethodOptions, ModelSettings, Reference
-from .errors import InputError
+from .errors import AdapterError, InputError
 from .events import Events, RunEvents
-from .outputs import SEG_NRRD_SUFFIX, check_writable, segment_color, write_label_volume, write_seg_nrrd
+from .outputs import (
+    SEG_NRRD_SUFFIX,
+    StagedOutputs,
+    check_writable,
+    segment_color,
+    write_label_volume,
+    write_seg_nrrd,
+)
 from .volume import (
     AXIS_CHOICES,
     MAX_LABEL,
+    SliceRanges,
     annotated_slices,
     axis_name,
     check_plane_size,
     check_preset,
+    format_indices,
+    intensity_summary,
     read_image,
     read_labels,
     resolve_axis,
     resolve_preset,
     to_array,
 )
+
+log = logging.getLogger(__name__)
 
 
 def segment_files(
@@ -40,7 +54,7 @@ def segment_files(
     out_path,
     *,
     labels: Sequence[int] | None = None,
-    support_slices: Sequence[int] | None = None,
+    support_slices: Sequence[int] | SliceRanges | None = None,
     method: str = "ofl",
     axis: str = "auto",
     preset: str = "auto",
@@ -54,38 +68,56 @@ def segment_files(
 ) -> dict:
     """Segment ``image_path`` from the annotated slices in ``support_path`` and write the result.
 
-    - ``labels``: label values to segment; default every label present in the support.
-    - ``support_slices``: restrict the support to these planes (indices along the slice axis);
-      default every plane that contains the label.
+    - ``labels``: label values to segment; default every label present in the support (without
+      one: in the adapter, else in the references).
+    - ``support_slices``: restrict the support to these planes (indices along the slice axis, or
+      :class:`~oflsam2.volume.SliceRanges`); default every plane that contains a chosen label.
+      A plane annotated for any label is annotated for all of them (absent = "object absent").
     - ``axis``: ``axial|coronal|sagittal|auto`` (see :func:`oflsam2.volume.resolve_axis`).
-    - ``references``: ``(image, label map)`` file pairs used as extra support; each is reoriented
-      to the target's axis order so slices are taken along the same anatomical axis.
-    - ``support_path=None`` needs ``options.adapter`` (a trained OFL-SAM2 adapter) and ``labels``.
+    - ``references``: ``(image, label map)`` file pairs used as support; each is reoriented
+      to the target's axis order so slices are taken along the same anatomical axis. They may be
+      the only support (``support_path=None``) except for ``sam2``, which needs a prompt in the
+      volume.
+    - ``support_path=None`` needs references or ``options.adapter`` (a trained OFL-SAM2 adapter).
     - ``label_names``: names for the output segments (default ``label_<n>``).
 
     The output holds all labels in one map; where two labels' masks overlap, the label listed
-    later wins, except on annotated slices, which are copied from the support unchanged.
-    Returns a summary: labels, axis, slices per label, output paths, voxel counts, timings.
+    later wins, except on annotated slices, which are copied from the support unchanged. The
+    outputs are written together or not at all. Returns a summary: labels, axis, slices per
+    label, output paths, voxel counts, timings, warnings.
     """
     started = time.perf_counter()
     options = options or MethodOptions()
     events = events or Events()
-    _check_options(method, axis, preset, support_path, options, labels)
+    warnings: list[str] = []
+    _check_options(method, axis, preset, support_path, options, references)
     outputs = _check_outputs(
         out_path, seg_nrrd_path, [image_path, support_path, *(p for pair in references for p in pair)]
     )
+    adapters = _read_adapters(options.adapter)
 
     image = read_image(image_path)
     volume = to_array(image)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     support = read_labels(support_path, image) if support_path is not None else None
-    chosen = _choose_labels(support, labels, support_path)
+    reference_list = [_read_reference(pair, image) for pair in references]
+    chosen = _choose_labels(support, labels, support_path, adapters, reference_list)
     names = _label_names(chosen, label_names)
     axis_index = resolve_axis(axis, direction, image.GetSpacing(), _restrict(support, chosen))
     check_plane_size(volume.shape, axis_index)
-    slices = _choose_slices(support, chosen, axis_index, support_slices, volume.shape)
-    supports = [_label_support(support, value, names[value], slices[value], volume.shape) for value in chosen]
-    reference_list = [_read_reference(pair, image) for pair in references]
+    slices = _choose_slices(support, chosen, axis_index, support_slices, volume.shape, bool(reference_list))
+    supports = [_label_support(support, value, names[value], slices, volume.shape) for value in chosen]
+    warnings += _check_reference_labels(chosen, support, slices, axis_index, reference_list, method)
+    if adapters:
+        preset = _adapter_preset(adapters, preset)
+        warnings += _check_adapters(adapters, options.adapter, chosen, names, settings, axis_index, volume, preset)
+    if method == "sam2" and support is None:
+        raise InputError(
+            "SAM2 propagation needs a prompt in the volume itself: give --support with at least one annotated "
+            "slice, or use --method ofl, revsam2 or forward with --reference volumes."
+        )
+    for message in warnings:
+        log.warning(message)
     read_seconds = time.perf_counter() - started
 
     if engine is None:
@@ -106,10 +138,11 @@ def segment_files(
 
     events.progress("writing", 0, len(outputs), "writing outputs")
     composed = compose_labels(result.masks, supports, volume.shape, axis_index)
-    write_label_volume(composed, image, outputs[0])
-    if seg_nrrd_path is not None:
-        segments = [(value, names[value], segment_color(names[value], value)) for value in chosen]
-        write_seg_nrrd(composed, image, outputs[1], segments)
+    with StagedOutputs() as staged:  # both files or neither
+        write_label_volume(composed, image, outputs[0], staged=staged)
+        if seg_nrrd_path is not None:
+            segments = [(value, names[value], segment_color(names[value], value)) for value in chosen]
+            write_seg_nrrd(composed, image, outputs[1], segments, staged=staged)
     events.progress("writing", len(outputs), len(outputs), "done")
     total = time.perf_counter() - started
     return {
@@ -121,9 +154,10 @@ def segment_files(
         "axis": axis_index,
         "axis_name": axis_name(axis_index, direction),
         "preset": resolve_preset(volume, preset),
-        "slices": {value: list(slices[value]) for value in chosen},
+        "slices": {value: list(slices) for value in chosen},
         "voxels": {value: int(np.count_nonzero(composed == value)) for value in chosen},
         "outputs": [str(p) for p in outputs],
+        "warnings": warnings,
         "timings": {
             "read": read_seconds,
             "segment": segment_seconds,
@@ -137,9 +171,9 @@ def segment_files(
 def compose_labels(masks: Mapping[int, np.ndarray], supports: Sequence[LabelSupport], shape, axis: int) -> np.ndarray:
     """One ``(z, y, x)`` label map from per-label bool masks, in ``supports`` order.
 
-    Where masks overlap the later label wins. On each label's annotated planes its voxels are
-    then reset to exactly the user's annotation (the engine does the same; this guarantees it
-    for any engine).
+    Where masks overlap the later label wins. Every plane annotated for any label is then
+    copied whole from the annotations (a label absent there stays absent), so the user's
+    annotated slices come out exactly as drawn whatever the engine returned.
     """
     highest = max((s.label for s in supports), default=0)
     composed = np.zeros(shape, dtype=np.uint8 if highest <= 255 else np.uint16)
@@ -148,10 +182,10 @@ def compose_labels(masks: Mapping[int, np.ndarray], supports: Sequence[LabelSupp
         if mask is None or np.shape(mask) != tuple(shape):
             raise InputError(f"The engine returned no {tuple(shape)} mask for label {support.name!r}.")
         composed[np.asarray(mask, dtype=bool)] = support.label
-    for support in supports:
-        for index in support.slices:
-            plane = _plane(composed, axis, index)
-            plane[plane == support.label] = 0
+    for index in sorted({i for support in supports for i in support.slices}):
+        plane = _plane(composed, axis, index)
+        plane[...] = 0
+        for support in supports:
             plane[_plane(support.mask, axis, index)] = support.label
     return composed
 
@@ -161,24 +195,105 @@ def _plane(array: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0)[index]
 
 
-def _check_options(method, axis, preset, support_path, options, labels) -> None:
+def _check_options(method, axis, preset, support_path, options, references) -> None:
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
     if axis not in AXIS_CHOICES:
         raise InputError(f"Unknown slice axis {axis!r}; choose one of: {', '.join(AXIS_CHOICES)}.")
     check_preset(preset)
-    if support_path is None:
-        if options.adapter is None:
-            raise InputError(
-                "Give a support label map with annotated slices, or a trained adapter (--adapter) "
-                "to segment without one."
+    for flag, value in (("--adapter", options.adapter), ("--save-adapter", options.save_adapter)):
+        if value is not None and method != "ofl":
+            raise InputError(f"{flag} is for OFL-SAM2 adapters; method {method!r} cannot use one. Use --method ofl.")
+    if options.adapter is not None:
+        _check_adapter_folder(Path(options.adapter))
+    if options.save_adapter is not None:
+        check_folder_writable(Path(options.save_adapter), "--save-adapter")
+    if support_path is None and options.adapter is None and not references:
+        raise InputError(
+            "Give a support label map with annotated slices (--support), other annotated volumes "
+            "(--reference IMG:LABELS), or a trained adapter (--adapter) to segment without one."
+        )
+
+
+def _check_adapter_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise InputError(
+            f"--adapter wants the adapter folder (the one holding {folder.name}), not a file in it: "
+            f"give {folder.parent}."
+        )
+    if not folder.is_dir():
+        raise InputError(f"The adapter folder {folder} does not exist.")
+
+
+def check_folder_writable(folder: Path, flag: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {folder} is a file; give a folder.")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {folder} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {folder} cannot be written: {existing} is not writable (permission denied).")
+
+
+def _read_adapters(folder) -> list[dict]:
+    """The metadata of every adapter in ``folder`` (none when no folder is given)."""
+    if folder is None:
+        return []
+    from .ofl.adapter import list_adapters
+
+    found = list_adapters(folder)
+    if not found:
+        raise InputError(f"The folder {folder} holds no adapter (no <label>.json file); train one with oflsam2 train.")
+    return found
+
+
+def _adapter_for(adapters: list[dict], value: int, name: str) -> dict | None:
+    for adapter in adapters:
+        if str(adapter.get("label_name")).casefold() == name.casefold() or adapter.get("label") == value:
+            return adapter
+    return None
+
+
+def _adapter_preset(adapters: list[dict], preset: str) -> str:
+    """``auto`` with an adapter means the preset the adapter was trained with."""
+    recorded = {a.get("preset") for a in adapters} - {None, "auto"}
+    return recorded.pop() if preset == "auto" and len(recorded) == 1 else preset
+
+
+def _check_adapters(adapters, folder, chosen, names, settings, axis, volume, preset) -> list[str]:
+    """Refuse, before the model is loaded, an adapter that cannot be used in this run; warn when
+    the volume does not look like the ones it was trained on. Returns the warnings."""
+    warnings = []
+    resolved = resolve_preset(volume, preset)
+    target = intensity_summary(volume)
+    for value in chosen:
+        adapter = _adapter_for(adapters, value, names[value])
+        if adapter is None:
+            held = ", ".join(f"{a.get('label_name')} ({a.get('label')})" for a in adapters)
+            raise AdapterError(f"The adapter folder {folder} has no adapter for label {value}; it holds: {held}.")
+        current = {"model": settings.model, "image_size": settings.image_size, "axis": axis, "preset": resolved}
+        problems = [
+            f"{key} is {adapter.get(key)!r} in the adapter but {wanted!r} now"
+            for key, wanted in current.items()
+            if key in adapter and adapter[key] != wanted and not (key == "preset" and adapter[key] == "auto")
+        ]
+        if problems:
+            raise AdapterError(
+                f"The adapter {adapter['path']} does not fit this run: {'; '.join(problems)}. Use the adapter's "
+                "settings (--model, --image-size, --axis, --preset) or train a new adapter."
             )
-        if method != "ofl":
-            raise InputError(f"Segmenting without support needs an OFL-SAM2 adapter; method {method!r} cannot use one.")
-        if not labels:
-            raise InputError("Without a support label map, name the label value(s) the adapter should segment.")
-        if not Path(options.adapter).is_dir():
-            raise InputError(f"The adapter folder {options.adapter} does not exist.")
+        trained = adapter.get("intensity")
+        if isinstance(trained, dict) and trained.get("modality") != target["modality"]:
+            warnings.append(
+                f"The adapter for label {value} was trained on {trained.get('modality')}-like intensities "
+                f"({trained.get('low'):.0f}..{trained.get('high'):.0f}), but this volume looks like "
+                f"{target['modality']} ({target['low']:.0f}..{target['high']:.0f}); its masks may be poor."
+            )
+    return warnings
 
 
 def _check_outputs(out_path, seg_nrrd_path, inputs) -> list[Path]:
@@ -189,21 +304,33 @@ def _check_outputs(out_path, seg_nrrd_path, inputs) -> list[Path]:
         if _same_file(outputs[0], outputs[1]):
             raise InputError(f"The label volume and the segmentation file are both {outputs[0]}; give two names.")
     for output in outputs:
-        for source in inputs:
-            if source is not None and _same_file(output, Path(source)):
-                raise InputError(
-                    f"The output {output} is one of the inputs; choose another name so your data is not overwritten."
-                )
+        refuse_inputs_as_output(output, inputs)
     return outputs
+
+
+def refuse_inputs_as_output(output, inputs) -> None:
+    """Refuse an output that is one of ``inputs`` (used by every command that writes)."""
+    for source in inputs:
+        if source is not None and _same_file(Path(output), Path(source)):
+            raise InputError(
+                f"The output {output} is one of the inputs ({source}); choose another name so your data is not overwritten."
+            )
 
 
 def _same_file(a: Path, b: Path) -> bool:
     return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
-def _choose_labels(support, labels, support_path) -> list[int]:
+def _choose_labels(support, labels, support_path, adapters, references) -> list[int]:
     if support is None:
-        return _unique_ints(labels)
+        if labels is not None:
+            return _unique_ints(labels)
+        if adapters:  # every label the adapter knows
+            return _unique_ints(sorted({int(a["label"]) for a in adapters if isinstance(a.get("label"), int)}))
+        present = sorted({int(v) for r in references for v in np.unique(r.labels) if v != 0})
+        if not present:
+            raise InputError("The reference label maps hold no labelled voxel; give annotated references.")
+        return present
     present = [int(v) for v in np.unique(support) if v != 0]
     if not present:
         raise InputError(f"The support {support_path} has no labelled voxel; annotate at least one slice.")
@@ -211,7 +338,7 @@ def _choose_labels(support, labels, support_path) -> list[int]:
         return present
     chosen = _unique_ints(labels)
     missing = [v for v in chosen if v not in present]
-    if missing:
+    if missing and not references and not adapters:
         raise InputError(f"Label(s) {missing} do not occur in the support {support_path}; it holds labels {present}.")
     return chosen
 
@@ -242,39 +369,56 @@ def _restrict(support, chosen) -> np.ndarray | None:
     return np.where(np.isin(support, chosen), support, 0)
 
 
-def _choose_slices(support, chosen, axis, support_slices, shape) -> dict[int, list[int]]:
+def _choose_slices(support, chosen, axis, support_slices, shape, has_references: bool) -> list[int]:
+    """The annotated planes of the run: every plane holding a chosen label, or those requested.
+    Each is annotated for every label (an absent label there is an "object absent" annotation)."""
     if support is None:
-        return {value: [] for value in chosen}
-    requested = None
+        return []
+    count = shape[axis]
+    annotated = annotated_slices(np.isin(support, chosen), True, axis)
+    planes = annotated
     if support_slices is not None:
-        requested = sorted({int(i) for i in support_slices})
-        outside = [i for i in requested if not 0 <= i < shape[axis]]
+        ranges = SliceRanges.of(support_slices)
+        outside = ranges.outside(count)
         if outside:
             raise InputError(
-                f"Slice(s) {outside} lie outside the volume: it has slices 0..{shape[axis] - 1} along this axis."
+                f"Slice(s) {format_indices(outside)} lie outside the volume: it has slices 0..{count - 1} along this axis."
             )
-        annotated = set(annotated_slices(np.isin(support, chosen), True, axis))
-        empty = [i for i in requested if i not in annotated]
+        planes = ranges.within(count)
+        empty = sorted(set(planes) - set(annotated))
         if empty:
             raise InputError(
-                f"Slice(s) {empty} hold no annotation of the chosen labels in the support; "
-                f"annotated: {sorted(annotated)}."
+                f"Slice(s) {format_indices(empty)} hold no annotation of the chosen labels in the support; "
+                f"annotated: {format_indices(annotated)}."
             )
-    slices = {}
     for value in chosen:
-        planes = annotated_slices(support, value, axis)
-        if requested is not None:
-            planes = [i for i in planes if i in requested]
-        if not planes:
-            among = " among the requested ones" if requested else ""
+        if not has_references and not any((np.take(support, i, axis=axis) == value).any() for i in planes):
+            among = " among the requested ones" if support_slices is not None else ""
             raise InputError(f"Label {value} has no annotated slice{among}; annotate at least one.")
-        slices[value] = planes
-    return slices
+    return planes
 
 
 def _label_support(support, value, name, slices, shape) -> LabelSupport:
     mask = np.zeros(shape, dtype=bool) if support is None else support == value
     return LabelSupport(label=value, name=name, mask=mask, slices=list(slices))
+
+
+def _check_reference_labels(chosen, support, slices, axis, references, method) -> list[str]:
+    """Warn about a reference that lacks a label; refuse a label no support holds at all."""
+    if not references:
+        return []
+    warnings = []
+    for value in chosen:
+        lacking = [r.name for r in references if not np.any(r.labels == value)]
+        in_volume = support is not None and any(np.any(np.take(support, i, axis=axis) == value) for i in slices)
+        if len(lacking) == len(references) and not in_volume:
+            raise InputError(
+                f"Label {value} occurs in no support: neither the volume's annotation nor any --reference "
+                f"({', '.join(lacking)}) holds it. Check the label value."
+            )
+        if lacking:
+            warnings.append(f"Reference(s) {', '.join(lacking)} hold no voxel of label {value}; they add nothing for it.")
+    return warnings
 
 
 def _read_reference(pair, target: sitk.Image) -> Reference:

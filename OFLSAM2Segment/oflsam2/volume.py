@@ -7,9 +7,12 @@ files into numpy ``(z, y, x)`` arrays on one grid. Geometry stays in the ``sitk.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import logging
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +113,10 @@ def check_plane_size(shape, axis: int) -> None:
 def _read_any(path: Path, role: str) -> sitk.Image:
     if not path.exists():
         raise InputError(f"The {role} {path} does not exist.")
+    _check_readable(path, role)
     if path.is_dir():
         return _read_dicom_folder(path, role)
+    check_nifti_file(path, role)
     modality = _dicom_modality(path)
     if modality in _NON_IMAGE_MODALITIES:
         raise InputError(
@@ -125,6 +130,102 @@ def _read_any(path: Path, role: str) -> sitk.Image:
         raise InputError(
             f"Cannot read the {role} {path}: {_first_line(error)}. Supported: {_SUPPORTED_FILES}."
         ) from None
+
+
+def _check_readable(path: Path, role: str) -> None:
+    """Say "permission denied" for what exists but cannot be opened (readers say "does not exist")."""
+    try:
+        if path.is_dir():
+            next(path.iterdir(), None)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise InputError(
+            f"The {role} {path} cannot be read: permission denied. Change its permissions or copy it somewhere readable."
+        ) from None
+    except OSError as error:
+        raise InputError(f"The {role} {path} cannot be read: {error.strerror or error}.") from None
+
+
+# NIfTI datatype codes of floating-point voxels, and their numpy types.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK_BYTES = 1 << 24
+
+
+def check_nifti_file(path, role: str = "file") -> None:
+    """Refuse a ``.nii``/``.nii.gz`` file that is truncated, corrupt, or holds NaN/Inf voxels.
+
+    ITK's NIfTI reader fills a truncated file with zeros and turns NaN into 0 without a word, so
+    the raw file is checked: fully decompressed (gzip's CRC catches corruption), its length
+    compared with what the header promises, and floating-point voxels tested as stored. Other
+    formats are left to their readers, which report these problems themselves.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    layout, position, carry, bad = None, 0, b"", 0
+    try:
+        with opener(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(_CHUNK_BYTES), b""):
+                if layout is None:
+                    layout = _nifti_layout(chunk)
+                    if layout is None:
+                        return  # not a NIfTI header we know: let ITK judge (and complain)
+                offset, size, dtype = layout
+                start, end = max(offset - position, 0), min(offset + size - position, len(chunk))
+                if dtype is not None and end > start:
+                    data = carry + chunk[start:end]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:usable], dtype)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    carry = data[usable:]
+                position += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise InputError(
+            f"The {role} {path} is truncated or corrupt ({error}); it cannot be read completely. "
+            "Copy or export it again."
+        ) from None
+    except OSError as error:
+        raise InputError(f"The {role} {path} cannot be read: {error.strerror or error}.") from None
+    if layout is None:
+        return
+    offset, size, _ = layout
+    if position < offset + size:
+        raise InputError(
+            f"The {role} {path} is truncated: it holds {max(position - offset, 0)} of the {size} bytes of "
+            "voxel data its header announces. Copy or export it again."
+        )
+    if bad:
+        raise InputError(
+            f"The {role} {path} has {bad} NaN or infinite voxels. Replace them (for example with the "
+            "background value) before segmenting."
+        )
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """(voxel data offset, voxel data bytes, float dtype or None) from a NIfTI-1/2 header."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
+            offset = max(int(struct.unpack(order + "f", header[108:112])[0]), 352)
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = max(struct.unpack(order + "q", header[168:176])[0], 544)
+            break
+    else:
+        return None
+    rank = dims[0]
+    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : rank + 1]):
+        return None
+    size = int(np.prod([int(d) for d in dims[1 : rank + 1]], dtype=object)) * bitpix // 8
+    dtype = np.dtype(order + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
+    return offset, size, dtype
 
 
 def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
@@ -325,6 +426,15 @@ def resolve_preset(volume: np.ndarray, preset: str) -> str:
     return "ct-abdomen" if float(np.min(volume)) < CT_AUTO_MINIMUM else "mr"
 
 
+def intensity_summary(volume: np.ndarray) -> dict:
+    """What kind of intensities ``volume`` holds: ``modality`` (``ct`` by the ``auto`` preset's
+    rule, else ``mr``) and its 1st/99th percentiles ``low``/``high`` (on a subsample: fast)."""
+    sample = np.asarray(volume, dtype=np.float32)[::2, ::2, ::2]
+    low, high = np.percentile(sample, (1.0, 99.0)) if sample.size else (0.0, 0.0)
+    modality = "ct" if float(np.min(volume)) < CT_AUTO_MINIMUM else "mr"
+    return {"modality": modality, "low": float(low), "high": float(high)}
+
+
 def check_preset(preset: str) -> None:
     """Raise :class:`InputError` if ``preset`` is not a known or well-formed custom preset."""
     _parse_preset(preset)
@@ -453,22 +563,65 @@ def annotated_slices(labels: np.ndarray, label: int, axis: int) -> list[int]:
     return [int(i) for i in np.flatnonzero(planes.reshape(planes.shape[0], -1).any(axis=1))]
 
 
-def parse_slices(text: str) -> list[int]:
-    """``"12,20,30-33"`` -> ``[12, 20, 30, 31, 32, 33]`` (sorted, without repeats)."""
+class SliceRanges(tuple):
+    """Parsed slice list such as ``"12,20,30-33"``: sorted ``(first, last)`` pairs, never expanded
+    until clipped to a volume (``0-999999999999`` costs nothing)."""
+
+    def within(self, count: int) -> list[int]:
+        """The listed indices that exist in a volume of ``count`` slices, sorted."""
+        chosen: set[int] = set()
+        for first, last in self:
+            chosen.update(range(min(first, count), min(last, count - 1) + 1))
+        return sorted(chosen)
+
+    def outside(self, count: int) -> list[tuple[int, int]]:
+        """The listed ranges (or their parts) at or beyond ``count``."""
+        return [(max(first, count), last) for first, last in self if last >= count]
+
+    @classmethod
+    def of(cls, indices) -> "SliceRanges":
+        """From whole numbers (an API caller's list); anything else is refused."""
+        if isinstance(indices, SliceRanges):
+            return indices
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+            raise InputError(f"Give the slices as a list of whole numbers; got {indices!r}.")
+        values = list(indices)
+        for value in values:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise InputError(f"Slice indices must be whole numbers from 0; got {value!r}.")
+        return cls(sorted((int(v), int(v)) for v in set(values)))
+
+
+def format_indices(indices, limit: int = 10) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``; ``(first, last)`` pairs are accepted too; at most
+    ``limit`` parts are shown, so a message stays one short line."""
+    pairs = []
+    for item in sorted(indices):
+        first, last = item if isinstance(item, tuple) else (item, item)
+        if pairs and first <= pairs[-1][1] + 1:
+            pairs[-1][1] = max(pairs[-1][1], last)
+        else:
+            pairs.append([first, last])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in pairs]
+    shown = ", ".join(parts[:limit])
+    return shown + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def parse_slices(text: str) -> SliceRanges:
+    """``"12,20,30-33"`` -> ranges ((12, 12), (20, 20), (30, 33)); see :class:`SliceRanges`."""
     example = "e.g. 12,20,30-33"
     if not str(text).strip():
         raise InputError(f"The slice list is empty; give slice indices ({example}).")
-    slices: set[int] = set()
+    ranges: set[tuple[int, int]] = set()
     for item in str(text).split(","):
         item = item.strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        match = re.fullmatch(r"(\d{1,18})(?:\s*-\s*(\d{1,18}))?", item)
         if not match:
-            raise InputError(
-                f"Cannot read {item!r} in the slice list {text!r}: use indices from 0 and ranges ({example})."
-            )
+            shown = item if len(item) <= 40 else item[:40] + "..."
+            raise InputError(f"Cannot read {shown!r} in the slice list: use indices from 0 and ranges ({example}).")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise InputError(f"The range {item!r} in the slice list runs backwards; write it as {last}-{first}.")
-        slices.update(range(first, last + 1))
-    return sorted(slices)
+        ranges.add((first, last))
+    return SliceRanges(sorted(ranges))

@@ -11,6 +11,7 @@ from ..backend import Sam2Model
 from ..driver import Sam2Driver
 from ..events import RunEvents
 from ..features import FeatureCache
+from .sweep import PreviousRun, Sweep
 
 
 @dataclass
@@ -49,7 +50,11 @@ class RunContext:
     axis: int
     preset: str = "auto"
     info: dict = field(default_factory=dict)  # per-label statistics reported by the methods
+    intensity: dict = field(default_factory=dict)  # the target's volume.intensity_summary, kept by adapters
     on_success: list = field(default_factory=list)  # writes deferred until every label succeeded
+    previous: PreviousRun | None = None  # set for an update after a correction
+    quality: dict = field(default_factory=dict)  # label -> slice -> {"quality", "source", components}
+    sweeps: dict = field(default_factory=dict)  # label -> the Sweep its propagation used
 
     @property
     def num_slices(self) -> int:
@@ -61,3 +66,17 @@ class RunContext:
 
     def emit(self, label: int, index: int, mask: np.ndarray) -> None:
         self.events.slice_done(label, self.axis, index, mask)
+
+    def sweep(self, label: int, given) -> Sweep:
+        """The slices this label's propagation visits: a full run, or, in an update, outward
+        from the edited slices until the previous result is met again."""
+        if self.previous is None:
+            sweep = Sweep(self.num_slices, given)
+        else:
+            sweep = Sweep(self.num_slices, given, self.previous.masks[label], self.previous.edited)
+        self.sweeps[label] = sweep
+        return sweep
+
+    def record_quality(self, label: int, index: int, quality: dict) -> None:
+        """Keep one predicted slice's quality (``quality`` in [0, 1], ``source``, components)."""
+        self.quality.setdefault(label, {})[index] = quality

@@ -1,8 +1,12 @@
 """OFL-SAM2 adapters in a run: what is saved after training and how a saved one is used.
 
-An adapter holds the trained head (λ, lift, AFM) and a compact support bank (image features,
-memory features, object pointers of at most ``ADAPTER_BANK_SLICES`` support slices, evenly
-chosen), so that it segments new volumes with no support at all — the cohort batch path.
+An adapter holds the trained head (λ, lift, AFM) and a support bank, so that it segments new
+volumes with no support at all — the cohort batch path. The bank keeps every support slice that
+holds the object and up to ``ADAPTER_EMPTY_SLICES`` empty ones (evenly spread): image features
+and memory features in bf16, object pointers and object scores in fp32, and the retrieval keys
+when they are pooled (flat keys are the normalised features themselves and are recomputed).
+At 1024 px a slice costs about 2.5 MiB (2 MiB features + 0.5 MiB memory), so a support of 90
+object slices from 3 volumes makes an adapter of about 265 MiB.
 """
 
 from __future__ import annotations
@@ -12,9 +16,20 @@ import torch
 
 from ..ofl.adapter import load_adapter, save_adapter
 from .base import RunContext, SupportSet
+from .ofl_bank import Bank, retrieval_key
 
-ADAPTER_BANK_SLICES = 32
+ADAPTER_EMPTY_SLICES = 16  # empty support slices kept as negatives (retrieval, learner)
 _BANK_FIELDS = ("vision", "targets", "obj_ptr", "object_score")
+_BF16_FIELDS = ("vision", "targets")  # the large ones; bf16 is what SAM2's own memory bank keeps
+
+
+def adapter_slices(bank: Bank) -> np.ndarray:
+    """Bank indices an adapter keeps: every slice holding the object, plus up to
+    ADAPTER_EMPTY_SLICES empty ones evenly spread over the rest."""
+    objects, empties = np.flatnonzero(bank.has_object), np.flatnonzero(~bank.has_object)
+    if empties.size > ADAPTER_EMPTY_SLICES:
+        empties = empties[np.unique(np.linspace(0, empties.size - 1, ADAPTER_EMPTY_SLICES).round().astype(int))]
+    return np.sort(np.concatenate([objects, empties]))
 
 
 def expected_metadata(ctx: RunContext) -> dict:
@@ -32,8 +47,6 @@ def expected_metadata(ctx: RunContext) -> dict:
 
 def load_for_run(ctx: RunContext, support: SupportSet, head):
     """Load ``options.adapter`` for this label into ``head``; return its stored bank (or None)."""
-    from .ofl import Bank, retrieval_key
-
     if not ctx.options.adapter:
         return None
     tensors, _ = load_adapter(ctx.options.adapter, label=support.name, expected=expected_metadata(ctx))
@@ -42,9 +55,10 @@ def load_for_run(ctx: RunContext, support: SupportSet, head):
     head.to(device)
     bank = {f: tensors[f"bank.{f}"].to(device, torch.float32) for f in _BANK_FIELDS}
     count = bank["vision"].shape[0]
+    stored_keys = tensors.get("bank.keys") if ctx.options.retrieval == "pooled" else None
     return Bank(
         **bank,
-        keys=retrieval_key(bank["vision"], ctx.options.retrieval),
+        keys=stored_keys.to(device, torch.float32) if stored_keys is not None else retrieval_key(bank["vision"], ctx.options.retrieval),
         source=np.ones(count, dtype=int),
         index=np.arange(count),
     )
@@ -56,14 +70,18 @@ def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict
     opts = ctx.options
     if not opts.save_adapter:
         return
-    keep = np.unique(np.linspace(0, len(bank) - 1, num=min(len(bank), ADAPTER_BANK_SLICES)).round().astype(int))
-    keep = torch.from_numpy(keep).to(bank.vision.device)
+    keep = torch.from_numpy(adapter_slices(bank)).to(bank.vision.device)
     tensors = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
-    tensors.update({f"bank.{f}": getattr(bank, f)[keep].detach().cpu().contiguous() for f in _BANK_FIELDS})
+    for name in _BANK_FIELDS:
+        value = getattr(bank, name)[keep].detach()
+        tensors[f"bank.{name}"] = value.to(torch.bfloat16 if name in _BF16_FIELDS else torch.float32).cpu().contiguous()
+    if opts.retrieval == "pooled":
+        tensors["bank.keys"] = bank.keys[keep].detach().float().cpu().contiguous()
     metadata = dict(expected_metadata(ctx))
     metadata.update(
         label=support.label,
         label_name=support.name,
+        intensity=ctx.intensity,  # what it was trained on: a run on other-looking volumes is warned
         training={
             "epochs": len(stats.get("loss_history", [])),
             "lr": opts.lr,
@@ -76,6 +94,8 @@ def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict
             "seed": opts.seed,
             "label_seed": stats.get("seed"),  # derived from seed and label: head init, episode order
             "support_slices": len(bank),
+            "adapter_slices": int(keep.numel()),
+            "adapter_object_slices": int(bank.has_object.sum()),
             "support_volumes": int(len(set(bank.source.tolist()))),
             "final_loss": (stats.get("loss_history") or [None])[-1],
         },
