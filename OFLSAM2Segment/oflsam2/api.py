@@ -225,8 +225,15 @@ class Engine:
         options: MethodOptions | None = None,
         references: Sequence[Reference] = (),
         events: RunEvents | None = None,
+        previous: SegmentResult | None = None,
     ) -> SegmentResult:
         """Segment ``image`` (raw intensities, ``(z, y, x)``) for every label in ``supports``.
+
+        ``previous``: an earlier result of this image, method and axis to update after a
+        correction (see :func:`oflsam2.review.previous_run`): slices annotated now but drawn
+        differently there are the edits, propagation restarts from them only, and every slice it
+        does not reach keeps the previous result. ``info["quality"]`` holds each label's per-slice
+        quality; :func:`oflsam2.review.suggest` reads it.
 
         Raises :class:`~oflsam2.errors.InputError` for unusable input and
         :class:`~oflsam2.errors.Cancelled` when ``events.is_cancelled()`` turns true. Slices are
@@ -239,6 +246,7 @@ class Engine:
         from .driver import Sam2Driver
         from .methods import runner
         from .methods.base import RunContext
+        from .review import finish_label, previous_run, review_info
         from .volume import apply_preset, intensity_summary, resolve_preset
 
         options = options or MethodOptions()
@@ -248,24 +256,28 @@ class Engine:
             settings=self.settings,
         )
         preset = resolve_preset(image, preset)  # recorded by adapters: "auto" would say nothing
+        run_slices = annotated_in_run(supports)
+        update = None if previous is None else previous_run(previous, supports, image.shape, method, axis, run_slices)
         started = time.perf_counter()
         events.progress("loading", 0, 1, f"loading {self.settings.model}")
         model = self.model
         events.progress("loading", 1, 1, f"{self.settings.model} on {model.device}")
         target = self.feature_cache(apply_preset(image, preset), axis)
-        target.encode(events=events)
+        if update is None:  # an update encodes only the slices it visits
+            target.encode(events=events)
         ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
+        ctx.previous = update
         ctx.intensity = intensity_summary(image)
         reference_slices = [
             (self.feature_cache(apply_preset(np.asarray(r.image, dtype=np.float32), preset), axis), np.moveaxis(r.labels, axis, 0))
             for r in references
         ]
         masks = {}
-        run_slices = annotated_in_run(supports)
         for support in supports:
             label_support = _support_set(support, axis, reference_slices, run_slices)
             with torch.no_grad(), deterministic_mode(self.settings.deterministic):
                 result = runner(method)(ctx, label_support)
+            result = finish_label(ctx, support.label, result)
             for index, annotation in label_support.in_volume.items():
                 result[index] = annotation
             masks[support.label] = np.moveaxis(result, 0, axis)
@@ -277,8 +289,16 @@ class Engine:
             "device": str(model.device),
             "random_weights": model.random_weights,
             "labels": ctx.info,
+            **review_info(ctx, run_slices, previous),
         }
         return SegmentResult(masks, axis, method, info)
+
+    def update(self, image: np.ndarray, supports: Sequence[LabelSupport], previous: SegmentResult, **run) -> SegmentResult:
+        """Re-propagate ``previous`` after the user corrected slices: :meth:`segment` with
+        ``previous`` (``run``: its other keyword arguments, as for the first run). For ``ofl``,
+        pass the first run's ``options.save_adapter`` folder as ``options.adapter`` so the
+        trained head is reused and only warm-started (``options.warm_start_epochs``)."""
+        return self.segment(image, supports, previous=previous, **run)
 
 
 DETERMINISTIC_THREADS = 1

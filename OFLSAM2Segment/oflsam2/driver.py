@@ -38,12 +38,14 @@ class Memory:
 @dataclass
 class Prediction:
     """SAM2 head output for B slices: low_res (B, 1, S/4, S/4) and high_res (B, 1, S, S) mask
-    logits (object-score gated), obj_ptr (B, 256), object_score (B, 1)."""
+    logits (object-score gated), obj_ptr (B, 256), object_score (B, 1), and iou (B, 1): the
+    decoder's predicted IoU of the mask it output (1 for a given mask)."""
 
     low_res: torch.Tensor
     high_res: torch.Tensor
     obj_ptr: torch.Tensor
     object_score: torch.Tensor
+    iou: torch.Tensor | None = None
 
 
 class Sam2Driver:
@@ -156,20 +158,22 @@ class Sam2Driver:
     def decode(self, pix_feat: torch.Tensor, backbone: Backbone) -> Prediction:
         """SAM2 heads without prompts (multimask as SAM2 tracks): E (B, 256, h, w) -> Prediction."""
         with self.model.autocast():
-            _, _, _, low, high, ptr, score = self.net._forward_sam_heads(
+            _, _, ious, low, high, ptr, score = self.net._forward_sam_heads(
                 backbone_features=pix_feat,
                 point_inputs=None,
                 mask_inputs=None,
                 high_res_features=backbone.high_res,
                 multimask_output=self.net._use_multimask(is_init_cond_frame=False, point_inputs=None),
             )
-        return Prediction(low.float(), high.float(), ptr.float(), score.float())
+        # With several candidates SAM2 outputs the one of highest predicted IoU.
+        iou = ious.float().amax(dim=1, keepdim=True)
+        return Prediction(low.float(), high.float(), ptr.float(), score.float(), iou)
 
     def mask_as_output(self, backbone: Backbone, masks: torch.Tensor) -> Prediction:
         """A given mask (B, 1, S, S) in {0, 1} taken as the slice's output (±10 logits)."""
         with self.model.autocast():
-            _, _, _, low, high, ptr, score = self.net._use_mask_as_output(backbone.vision, backbone.high_res, masks)
-        return Prediction(low.float(), high.float(), ptr.float(), score.float())
+            _, _, ious, low, high, ptr, score = self.net._use_mask_as_output(backbone.vision, backbone.high_res, masks)
+        return Prediction(low.float(), high.float(), ptr.float(), score.float(), ious.float()[:, :1])
 
     def encode_memory(self, backbone: Backbone, prediction: Prediction, binarize: bool, dtype=torch.bfloat16) -> Memory:
         """Memory of a slice from its high-res logits: binarised for given masks, soft for tracked

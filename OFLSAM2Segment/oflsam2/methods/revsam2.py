@@ -32,6 +32,7 @@ from ..events import check_cancel
 from ..features import Backbone
 from .base import RunContext, SupportSet, SupportSlice
 from .sam2_propagation import propagate
+from .sweep import tracking_quality
 
 MODES = ("full", "forward", "forward_fifo", "random")
 SAMPLINGS = ("even", "random")
@@ -118,12 +119,15 @@ def encode_supports(ctx: RunContext, slices: list[SupportSlice]) -> SupportBank:
     return SupportBank(joined, memories, [s.mask for s in slices])
 
 
-def forward_predictions(ctx: RunContext, bank: SupportBank, queries: list[int], label: int, final: bool) -> dict[int, np.ndarray]:
+def forward_predictions(
+    ctx: RunContext, bank: SupportBank, queries: list[int], label: int, final: bool, qualities: dict | None = None
+) -> dict[int, np.ndarray]:
     """Stage 1: each query slice from the supports alone -> {index: (H, W) bool}.
 
     The bank is FS-MedSAM2's video [S_0 .. S_{N_s-1}, Q]: every support a conditioning memory,
     its pointer at distance N_s - j, and N_s + 1 frames. Query slices never see each other, so
-    they are batched. ``final``: report each slice as done (the ``forward`` baseline).
+    they are batched. ``final``: report each slice as done (the ``forward`` baseline), with its
+    quality. ``qualities``: filled with each slice's quality (:func:`tracking_quality`).
     """
     driver, n_s = ctx.driver, len(bank)
     spatial = [(0, memory) for memory in bank.memories]
@@ -136,9 +140,13 @@ def forward_predictions(ctx: RunContext, bank: SupportBank, queries: list[int], 
         indices = queries[start : start + batch]
         backbone = ctx.target.backbone(indices)
         prediction = driver.decode(driver.attend(backbone, spatial, pointers, n_s + 1), backbone)
-        for index, mask in zip(indices, driver.to_slice_masks(prediction.low_res, ctx.slice_shape)):
+        for row, (index, mask) in enumerate(zip(indices, driver.to_slice_masks(prediction.low_res, ctx.slice_shape))):
             predictions[index] = mask
+            quality = tracking_quality(prediction, row)
+            if qualities is not None:
+                qualities[index] = quality
             if final:
+                ctx.record_quality(label, index, quality)
                 ctx.emit(label, index, mask)
     ctx.events.progress("forward", len(queries), len(queries), "forward propagation done")
     return predictions
@@ -203,6 +211,7 @@ def forward_with_fifo(ctx: RunContext, bank: SupportBank, queries: list[int], la
         spatial, pointers = track.bank(n_s + index, reverse=False)
         prediction, track.tracked[n_s + index] = driver.track(backbone, spatial, pointers, num_frames)
         out[index] = driver.to_slice_masks(prediction.low_res, ctx.slice_shape)[0]
+        ctx.record_quality(label, index, tracking_quality(prediction))
         ctx.emit(label, index, out[index])
     ctx.events.progress("forward", len(queries), len(queries), "forward propagation done")
     return out
@@ -217,6 +226,8 @@ def segment(ctx: RunContext, support: SupportSet, mode: str) -> np.ndarray:
     seconds: dict[str, float] = {}
     info = {"mode": mode, "seconds": seconds}
     ctx.info[label] = info
+    if ctx.previous is not None:
+        return update(ctx, support, mode, info)
 
     started = time.perf_counter()
     own, external = choose_supports(ctx, support)
@@ -229,7 +240,8 @@ def segment(ctx: RunContext, support: SupportSet, mode: str) -> np.ndarray:
         out = forward_with_fifo(ctx, bank, queries, label)
         seconds["forward"] = time.perf_counter() - started
         return out
-    predictions = forward_predictions(ctx, bank, queries, label, final=mode == "forward")
+    forward_quality: dict[int, dict] = {}
+    predictions = forward_predictions(ctx, bank, queries, label, final=mode == "forward", qualities=forward_quality)
     seconds["forward"] = time.perf_counter() - started
     if mode == "forward":
         out = np.zeros((ctx.num_slices,) + ctx.slice_shape, dtype=bool)
@@ -255,6 +267,12 @@ def segment(ctx: RunContext, support: SupportSet, mode: str) -> np.ndarray:
 
     check_cancel(ctx.events)
     for index in selected:  # final already: they keep their forward masks
+        forward = forward_quality[index]
+        if "scores" in info:  # the reverse score is what chose it
+            quality = {"quality": info["scores"][index], "source": "reverse", "reverse": info["scores"][index]}
+            ctx.record_quality(label, index, quality | {"iou": forward["iou"], "presence": forward["presence"]})
+        else:
+            ctx.record_quality(label, index, forward)
         ctx.emit(label, index, predictions[index])
     given = {i: predictions[i] for i in selected} | support.in_volume
     extra = bank.memories[len(own) :] if options.include_supports_in_propagation else []
@@ -264,6 +282,39 @@ def segment(ctx: RunContext, support: SupportSet, mode: str) -> np.ndarray:
     for index in selected:
         out[index] = predictions[index]
     return out
+
+
+def update(ctx: RunContext, support: SupportSet, mode: str, info: dict) -> np.ndarray:
+    """Re-propagate after a correction (``ctx.previous``), outward from the edited slices.
+
+    ``full`` and ``random``: the previous run's selected slices keep their masks and condition
+    the tracking again, with every annotated slice, edited ones included; the forward and
+    reverse stages are not re-run. ``forward``: the edited slices join the supports and the
+    slices around them are predicted again. ``forward_fifo`` cannot be updated (every slice
+    depends on all the slices before it).
+    """
+    label = support.label
+    if mode == "forward_fifo":
+        raise InputError(
+            "An update is not available for RevSAM2 mode forward_fifo (each slice depends on every slice "
+            "before it); run a fresh segmentation without a previous result."
+        )
+    if mode == "forward" or ctx.options.include_supports_in_propagation:
+        own, external = choose_supports(ctx, support)
+        bank = encode_supports(ctx, own + external)
+        info["supports"] = len(bank)
+    if mode == "forward":
+        out = np.zeros((ctx.num_slices,) + ctx.slice_shape, dtype=bool)
+        sweep = ctx.sweep(label, support.in_volume)
+        for index, _ in sweep:
+            out[index] = forward_predictions(ctx, bank, [index], label, final=True)[index]
+            sweep.done(index, out[index])
+        return out
+    selected = [i for i in ctx.previous.selected.get(label, []) if i not in support.in_volume]
+    info["selected"] = selected
+    given = {i: ctx.previous.masks[label][i] for i in selected} | support.in_volume
+    extra = bank.memories[len(own) :] if ctx.options.include_supports_in_propagation else []
+    return propagate(ctx, label, given, extra_conditioning=extra)
 
 
 @torch.no_grad()

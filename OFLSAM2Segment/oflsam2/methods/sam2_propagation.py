@@ -13,6 +13,7 @@ from ..driver import Memory, TrackedVolume
 from ..errors import InputError
 from ..events import check_cancel
 from .base import RunContext, SupportSet
+from .sweep import tracking_quality
 
 
 def propagate(
@@ -25,8 +26,10 @@ def propagate(
     """Track one object from the given slices (index -> (H, W) bool) -> (N, H, W) bool.
 
     Given slices keep the mask SAM2 makes of them (their prompt, resized twice); callers that
-    must return the user's own annotation copy it over afterwards. ``extra_conditioning``: memories
-    of slices from other volumes added to every bank (see :class:`TrackedVolume`); none in SAM2.
+    must return the user's own annotation copy it over afterwards. ``extra_conditioning``:
+    memories of slices from other volumes added to every bank (see :class:`TrackedVolume`); none
+    in SAM2. The slices visited are :meth:`RunContext.sweep`'s (every other one in a full run),
+    each with its quality recorded.
     """
     driver, cache, n = ctx.driver, ctx.target, ctx.num_slices
     shape = ctx.slice_shape
@@ -38,19 +41,19 @@ def propagate(
         prediction, memory = driver.condition_on_mask(backbone, driver.mask_to_model(given[index][None]))
         track.cond[index] = memory
         out[index] = driver.to_slice_masks(prediction.low_res, shape)[0]
-    start = min(given)
-    order = [(i, False) for i in range(start, n)] + [(i, True) for i in range(start - 1, -1, -1)]
-    todo = [(i, rev) for i, rev in order if i not in given]
-    for done, (index, reverse) in enumerate(todo):
-        ctx.events.progress(stage, done, len(todo), f"slice {done + 1}/{len(todo)}")
+    sweep = ctx.sweep(label, given)
+    for done, (index, step) in enumerate(sweep):
+        ctx.events.progress(stage, min(done, sweep.bound), sweep.bound, f"slice {done + 1}/{sweep.bound}")
         check_cancel(ctx.events)  # after reporting: a cancel asked for now stops here
         backbone = cache.backbone([index])
-        spatial, pointers = track.bank(index, reverse)
+        spatial, pointers = track.bank(index, reverse=step < 0)
         prediction, memory = ctx.driver.track(backbone, spatial, pointers, n)
         track.tracked[index] = memory
         out[index] = driver.to_slice_masks(prediction.low_res, shape)[0]
+        sweep.done(index, out[index])
+        ctx.record_quality(label, index, tracking_quality(prediction))
         ctx.emit(label, index, out[index])
-    ctx.events.progress(stage, len(todo), len(todo), "done")
+    ctx.events.progress(stage, sweep.bound, sweep.bound, "done")
     return out
 
 
