@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse the virtual environment .venv at the repository root and install OFLSAM2.
 #   bash scripts/setup.sh          engine + CLI
-#   bash scripts/setup.sh --test   ... plus the test tools (pytest, slicer-core)
+#   bash scripts/setup.sh --test   ... plus the test tools (pytest, hypothesis, slicer-core)
 #   bash scripts/setup.sh --demo   ... plus the demo's sample data package (nilearn)
 # torch goes first (OFLSAM2_TORCH overrides the requirement, e.g. a CUDA build); sam2 is an
 # sdist whose metadata pulls torchvision and a CUDA torch, so it is built against the installed

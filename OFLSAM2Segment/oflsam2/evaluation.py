@@ -22,6 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .outputs import apply_destination_mode
+from .volume import MAX_DISTINCT_LABELS, check_nifti_file
 from .metrics import BOTH_EMPTY_CHOICES, METRIC_LIBRARIES, METRIC_NAMES, case_metrics, pooled_dice
 
 LABEL_FILE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -68,6 +70,9 @@ def read_label_map(path) -> tuple[np.ndarray, sitk.Image]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"The label file {path} does not exist.")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"The label file {path} cannot be read: permission denied.")
+    check_nifti_file(path, "label file")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -85,6 +90,12 @@ def read_label_map(path) -> tuple[np.ndarray, sitk.Image]:
         array = rounded
     if array.size and array.min() < 0:
         raise InputError(f"{path} holds negative values; label values must be 0 (background) or positive.")
+    distinct = len(np.unique(array[::2, ::2, ::2]))  # a subsample: enough to tell, and fast
+    if distinct > MAX_DISTINCT_LABELS:
+        raise InputError(
+            f"{path} has more than {distinct} distinct values: it looks like an intensity image, not a label map "
+            f"(at most {MAX_DISTINCT_LABELS} labels are supported). Give the segmentation, not the image."
+        )
     high = int(array.max(initial=0))
     return array.astype(np.uint8 if high <= 255 else np.uint16 if high <= 65535 else np.uint32), image
 
@@ -249,6 +260,9 @@ def write_csv(rows: Sequence[dict], path, columns: Sequence[str] | None = None) 
             writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+            stream.flush()
+            os.fsync(stream.fileno())
+        apply_destination_mode(temporary, path)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -328,8 +342,13 @@ def run_eval_command(args) -> int:
         raise InputError(f"--nsd-tolerance must be a distance in mm >= 0; got {args.nsd_tolerance}.")
     both_empty = "exclude" if args.exclude_empty else "one"
     pred, ref = Path(args.pred), Path(args.ref)
+    for flag, path in (("--pred", pred), ("--ref", ref)):
+        if not path.exists():
+            raise InputError(f"{flag} {path} does not exist.")
     if pred.is_dir() != ref.is_dir():
         raise InputError("--pred and --ref must both be files or both be folders.")
+    if out is not None:
+        _refuse_overwriting_inputs([out, out.with_name(f"{_csv_stem(out)}_summary.csv")], pred, ref)
     if pred.is_dir():
         rows, unmatched = evaluate_folders(pred, ref, args.labels, args.nsd_tolerance, both_empty=both_empty)
         for path in unmatched:
@@ -359,6 +378,20 @@ def parse_label_list(text: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _refuse_overwriting_inputs(outputs, pred: Path, ref: Path) -> None:
+    """Refuse a CSV that would replace a prediction or reference file (or one of their folders)."""
+    inputs = [pred, ref]
+    for folder in (pred, ref):
+        if folder.is_dir():
+            inputs += [p for p in folder.iterdir() if p.is_file()]
+    for output in outputs:
+        for source in inputs:
+            if os.path.abspath(output) == os.path.abspath(source):
+                raise InputError(
+                    f"--out would overwrite the input {source}; choose another name so your data is not overwritten."
+                )
 
 
 def _check_labels(labels) -> list[int]:

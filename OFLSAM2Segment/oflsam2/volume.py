@@ -166,6 +166,8 @@ def check_nifti_file(path, role: str = "file") -> None:
     if not name.endswith((".nii", ".nii.gz")):
         return
     opener = gzip.open if name.endswith(".gz") else open
+    if opener is gzip.open and not _starts_with(path, b"\x1f\x8b"):
+        return  # not gzip at all: the reader names the problem better
     layout, position, carry, bad = None, 0, b"", 0
     try:
         with opener(path, "rb") as stream:
@@ -203,6 +205,14 @@ def check_nifti_file(path, role: str = "file") -> None:
             f"The {role} {path} has {bad} NaN or infinite voxels. Replace them (for example with the "
             "background value) before segmenting."
         )
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
