@@ -19,8 +19,8 @@ Console example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -33,7 +33,7 @@ from oflsam2.api import LabelSupport, Reference
 from oflsam2.errors import Cancelled, CheckpointError, InputError
 
 from . import mrml_io
-from .options import RunConfig, needs_download, parse_options, snake_case
+from .options import RunConfig, check_outputs, needs_download, parse_options, read_adapters, snake_case
 from .worker import DownloadRequest, GpuOutOfMemory, MessageKind, SegmentRequest, Worker
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class SegmentTarget:
     name: str
     label: int
     slices: list[int]
+    ignored_axes: list[str] = dataclasses.field(default_factory=list)  # strokes drawn on other axes, left out
 
 
 @dataclass
@@ -112,6 +113,7 @@ class RunPlan:
     targets: list[SegmentTarget]
     request: SegmentRequest | None  # released (None) when the run ends
     config: RunConfig
+    warnings: list[str] = dataclasses.field(default_factory=list)  # for the user: what was left out and why
 
 
 class Run:
@@ -122,8 +124,10 @@ class Run:
     """
 
     def __init__(self, plan: RunPlan, steps: list, worker: Worker, writer: SliceWriter,
-                 snapshot: mrml_io.SegmentSnapshot, progress: ProgressCallback | None, on_end: Callable):
+                 snapshot: mrml_io.SegmentSnapshot, progress: ProgressCallback | None, on_end: Callable,
+                 edits: mrml_io.EditWatch | None = None):
         self.plan = plan
+        self.edits = edits  # the user's edits since the run started (the run's own writes excluded)
         self.state = "running"
         self.summary: dict | None = None
         self.error: BaseException | None = None
@@ -183,7 +187,9 @@ class Run:
         if not self._accepting or segment_id is None or self.job.cancel_requested:
             return
         try:
-            self._writer.write(segment_id, axis, index, plane)
+            with self._own_changes():
+                self._snapshot.record_plane(segment_id, axis, index)  # before writing: a half-done write is restored too
+                self._writer.write(segment_id, axis, index, plane)
         except Exception as exc:  # a failed write ends the run; the snapshot puts things back
             self.error, self.traceback_text = exc, ""
             self.job.cancel()
@@ -208,9 +214,11 @@ class Run:
             "axisName": plan.axis_name,
             "seconds": time.perf_counter() - self._started,
             "segments": {
-                t.segment_id: {"name": t.name, "annotated": list(t.slices), "written": self._written[t.segment_id]}
+                t.segment_id: {"name": t.name, "annotated": list(t.slices), "written": self._written[t.segment_id],
+                               "ignoredStrokeAxes": list(t.ignored_axes)}
                 for t in plan.targets
             },
+            "warnings": plan.warnings + ignored_stroke_warnings(plan.targets),
             "engine": summary.get("info", {}),
         }
         self._end("completed", restore=False)
@@ -222,7 +230,8 @@ class Run:
             state = "failed"  # cancelled by us after a failed write
         if restore and self._segmentation_alive:
             try:
-                self._snapshot.restore()
+                with self._own_changes():
+                    self._snapshot.restore()
             except Exception:
                 log.exception("OFLSAM2: could not restore the segments after the run ended")
         elif self._segmentation_alive:
@@ -241,6 +250,14 @@ class Run:
             "failed": f"Failed: {self.error}{restored}",
         }[state]
         self._report(state, 1, 1, text)
+
+    @property
+    def changed_segmentation(self) -> bool:
+        """Whether the run left the segmentation changed (completed with at least one plane written)."""
+        return self.state == "completed" and any(self._written.values())
+
+    def _own_changes(self):
+        return self.edits.own_changes() if self.edits is not None else contextlib.nullcontext()
 
     def _report(self, stage: str, done: int, total: int, text: str = "") -> None:
         if self._progress is not None:
@@ -350,6 +367,7 @@ class OFLSAM2Logic:
         self._installer = installer if installer is not None else (_default_installer if worker is None else None)
         self._watch: _SceneWatch | None = None
         self._undo: mrml_io.UndoRecorder | None = None
+        self._undo_run: Run | None = None  # the run the undo recorder saved the state before
         self.adapterPath: str | None = None
         self.lastRun: Run | None = None  # the latest run started by this logic, kept after it ends
 
@@ -378,8 +396,15 @@ class OFLSAM2Logic:
                 saveUndoState: Callable[[], object] | None = None, **options):
         """Segment ``segmentIds`` of ``segmentationNode`` in ``volumeNode`` from their annotated slices.
 
-        - ``segmentIds``: default all segments with at least one painted voxel (all segments when
-          an adapter is used).
+        - ``segmentIds``: a list of segment IDs, or one ID as a string. ``None`` (the default)
+          means every segment drawn on the run's slice axis (every segment when an adapter is
+          used); an empty list is an error (no segment selected).
+        - Annotated slices: the planes of the run's axis that the user drew on. Strokes drawn on
+          another axis are left out and reported (``summary["warnings"]``), never counted as
+          annotations (see :func:`mrml_io.drawn_support`).
+        - The run only adds voxels to the target segments, on the segmentation's own grid; other
+          segments are never changed. Cancel or failure puts back every plane the run wrote and
+          keeps the user's edits elsewhere.
         - ``method``: ``ofl`` (OFL-SAM2), ``revsam2``, ``sam2`` (plain SAM2 propagation) or ``forward``.
         - ``progressCallback(stage, done, total, text)``: stages ``installing``, ``downloading``,
           ``loading``, ``encoding``, ``training``, ``propagating``... and finally one of
@@ -400,21 +425,28 @@ class OFLSAM2Logic:
             options["adapter"] = self.adapterPath
         config = parse_options(method, options)
         plan = self.prepare(volumeNode, segmentationNode, segmentIds, config, references)
+        check_outputs(config, [t.name for t in plan.targets])  # before installing, downloading or any model work
         steps = self._steps_before(plan.config, progressCallback) + [plan.request]
 
         segmentation = plan.segmentation_node
-        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets])
+        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets], plan.geometry)
         if saveUndoState is not None:
             saveUndoState()
         else:
             self._undo_recorder(segmentation.GetScene()).save(segmentation, plan.volume_node)
         writer = writer or mrml_io.SegmentSliceWriter(segmentation, plan.geometry)
-        snapshot.mark_in_progress()
+        edits = mrml_io.EditWatch(segmentation)
+        with edits.own_changes():
+            snapshot.mark_in_progress()
         try:
-            run = Run(plan, steps, self.worker, writer, snapshot, progressCallback, self._run_ended)
+            run = Run(plan, steps, self.worker, writer, snapshot, progressCallback, self._run_ended, edits=edits)
         except Exception:
-            snapshot.restore_statuses()
+            with edits.own_changes():
+                snapshot.restore_statuses()
+            edits.stop()
             raise
+        self._stop_watching_edits()
+        self._undo_run = run if saveUndoState is None else None
         self.worker.active_run = run
         self.lastRun = run
         self._watch = _SceneWatch(run, segmentation.GetScene())
@@ -427,41 +459,86 @@ class OFLSAM2Logic:
         """Read the image and the annotated slices from the scene (main thread, no writes)."""
         with_adapter = bool(config.options.adapter)
         _check_input_nodes(volumeNode, segmentationNode)
-        ids = list(segmentIds) if segmentIds else self._default_segments(segmentationNode, volumeNode, with_adapter)
+        segmentIds = segment_id_list(segmentIds)
+        references = reference_pairs_list(references)
+        chosen = segmentIds is None and not with_adapter  # the default: the segments drawn on the run's axis
+        ids = segmentIds if segmentIds is not None else self._default_segments(segmentationNode, volumeNode, with_adapter)
         support = _read_support(volumeNode, segmentationNode, ids, config.axis)
+        warnings = []
+        if chosen:
+            left_out = [s for s in ids if not support.slices[s]]
+            ids = [s for s in ids if support.slices[s]] or ids  # none drawn on the axis: the error below says so
+            warnings = [f"Segment {support.names[s]!r} has strokes only on the {' and '.join(support.ignored[s])} axis; "
+                        f"it was left out of this {support.axis_name} run." for s in left_out if s not in ids]
         image, geometry = mrml_io.volume_array(volumeNode)
         reference_pairs = [self._reference(pair, support.names) for pair in references]
         targets, supports = [], []
         for label, segment_id in enumerate(ids, start=1):
             name, slices = support.names[segment_id], support.slices[segment_id]
             if not slices and not with_adapter and not reference_pairs:
+                ignored = support.ignored[segment_id]
                 raise InputError(
                     f"Segment {name!r} has no annotated slice. Paint it on at least one {support.axis_name} "
                     "slice (or add a reference volume, or use a trained adapter)."
+                    + (f" Its strokes on the {' and '.join(ignored)} axis were ignored: a run along the "
+                       f"{support.axis_name} axis uses only what was drawn on {support.axis_name} slices." if ignored else "")
                 )
-            targets.append(SegmentTarget(segment_id, name, label, slices))
+            targets.append(SegmentTarget(segment_id, name, label, slices, support.ignored[segment_id]))
             supports.append(LabelSupport(label, name, support.masks[segment_id], slices))
         request = SegmentRequest(config.settings, image, supports, config.method, support.axis, config.preset,
                                  config.options, reference_pairs)
-        return RunPlan(volumeNode, segmentationNode, geometry, support.axis, support.axis_name, targets, request, config)
+        return RunPlan(volumeNode, segmentationNode, geometry, support.axis, support.axis_name, targets, request, config,
+                       warnings)
 
     def describeSupport(self, volumeNode, segmentationNode, segmentIds: Sequence[str],
                         axis: str = "auto") -> tuple[str, list[SegmentTarget]]:
         """The slice axis a run would use and each segment's annotated planes along it, for the
         GUI's support list (``label`` is the engine's label number)."""
         _check_input_nodes(volumeNode, segmentationNode)
-        support = _read_support(volumeNode, segmentationNode, list(segmentIds), axis)
+        segmentIds = segment_id_list(segmentIds)
+        if segmentIds is None:
+            raise InputError("No segment selected; select the segments to describe.")
+        support = _read_support(volumeNode, segmentationNode, segmentIds, axis)
         return support.axis_name, [
-            SegmentTarget(s, support.names[s], label, support.slices[s]) for label, s in enumerate(segmentIds, start=1)
+            SegmentTarget(s, support.names[s], label, support.slices[s], support.ignored[s])
+            for label, s in enumerate(segmentIds, start=1)
         ]
 
     def undoLastRun(self) -> bool:
-        """Put the segmentation of the last module run back as it was before that run."""
-        return self._undo is not None and self._undo.undo()
+        """Put the segmentation of the last module run back as it was before that run.
+
+        Refused (:class:`InputError` saying why) when there is nothing to undo, when that run
+        changed nothing, or when the segmentation was edited since the run started: undoing
+        would discard those edits."""
+        reason = self.undoUnavailableReason()
+        if reason is not None:
+            raise InputError(reason)
+        undone = self._undo.undo()
+        self._stop_watching_edits()
+        self._undo_run = None
+        return undone
 
     def canUndo(self) -> bool:
-        return self._undo is not None and self._undo.can_undo()
+        return self.undoUnavailableReason() is None
 
+    def undoUnavailableReason(self) -> str | None:
+        """Why "Undo last run" is not offered now, or None when it is."""
+        run = self._undo_run
+        if run is None or run is not self.lastRun or self._undo is None or not self._undo.can_undo():
+            return "There is no OFLSAM2 run to undo."
+        if not run.finished:
+            return "A run is in progress; cancel it to put the segments back."
+        if not run.changed_segmentation:
+            return "The last run changed nothing (it was cancelled, failed or wrote no slice); there is nothing to undo."
+        if run.edits is None or run.edits.edited:
+            return ("The segmentation was edited after the last run started; undoing the run would discard "
+                    "those edits too. Use the Segment Editor's undo, or erase the run's slices by hand.")
+        return None
+
+    def _stop_watching_edits(self) -> None:
+        run = self.lastRun
+        if run is not None and run.edits is not None:
+            run.edits.stop()
     # -----------------------------------------------------------------------------------------
     # Adapters
 
@@ -471,7 +548,7 @@ class OFLSAM2Logic:
         if not adapterPath:
             self.adapterPath = None
             return []
-        adapters = _read_adapters(adapterPath)
+        adapters = read_adapters(adapterPath)
         self.adapterPath = str(adapterPath)
         return adapters
 
@@ -487,28 +564,41 @@ class OFLSAM2Logic:
         """Segment a cohort without any annotation: one new segmentation per volume with one
         segment per adapter label (or per name in ``segmentNames``). The model, image size,
         intensity preset and slice axis default to the adapter's. Blocking; returns the new
-        segmentation nodes."""
+        segmentation nodes. If any volume fails, every segmentation this call created is
+        removed again and the error is raised: the scene is left as it was."""
         from oflsam2.volume import axis_name
 
-        adapters = _read_adapters(adapterPath)
+        adapters = read_adapters(adapterPath)
+        if isinstance(segmentNames, str):
+            segmentNames = [segmentNames]
         names = list(segmentNames) if segmentNames else [a.get("label_name") or str(a["label"]) for a in adapters]
         trained = adapters[0]
         options = {snake_case(k): v for k, v in options.items()}
         for key in ("model", "image_size", "preset"):
             options.setdefault(key, trained[key])
+        options["adapter"] = str(adapterPath)
+        volumeNodes = list(volumeNodes)
+        for volumeNode in volumeNodes:  # every volume and option checked before any node is made
+            _check_input_nodes(volumeNode, None, need_segmentation=False)
+        config = parse_options("ofl", {**options, "axis": options.get("axis") or "auto"})
+        check_outputs(config, names)
         created = []
-        for volumeNode in volumeNodes:
-            scene = volumeNode.GetScene()
-            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} OFL-SAM2")
-            segmentation.CreateDefaultDisplayNodes()
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            ids = [segmentation.GetSegmentation().AddEmptySegment("", name) for name in names]
-            if not all(ids):
-                raise RuntimeError("Could not create segments: the segmentation converter rules are not registered.")
-            axis = options.get("axis") or axis_name(int(trained["axis"]), mrml_io.volume_geometry(volumeNode).direction_lps)
-            self.process(volumeNode, segmentation, ids, "ofl", True, progressCallback,
-                         **{**options, "adapter": str(adapterPath), "axis": axis})
-            created.append(segmentation)
+        try:
+            for volumeNode in volumeNodes:
+                scene = volumeNode.GetScene()
+                segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} OFL-SAM2")
+                created.append(segmentation)
+                segmentation.CreateDefaultDisplayNodes()
+                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                ids = [segmentation.GetSegmentation().AddEmptySegment("", name) for name in names]
+                if not all(ids):
+                    raise RuntimeError("Could not create segments: the segmentation converter rules are not registered.")
+                axis = options.get("axis") or axis_name(int(trained["axis"]), mrml_io.volume_geometry(volumeNode).direction_lps)
+                self.process(volumeNode, segmentation, ids, "ofl", True, progressCallback, **{**options, "axis": axis})
+        except BaseException:
+            for segmentation in created:
+                _remove_with_display_nodes(segmentation)
+            raise
         return created
 
     # -----------------------------------------------------------------------------------------
@@ -590,6 +680,7 @@ class _Support:
     slices: dict  # segment id -> annotated plane indices along ``axis``
     axis: int
     axis_name: str
+    ignored: dict  # segment id -> names of the other axes it has strokes on (left out of ``masks``)
 
 
 def _read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str) -> _Support:
@@ -597,6 +688,8 @@ def _read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str
     along) and the annotated planes along it."""
     from oflsam2.volume import axis_name, check_plane_size, resolve_axis
 
+    if not ids:
+        raise InputError("No segment selected; select the segments to segment.")
     if len(set(ids)) != len(ids):
         raise InputError("A segment was selected twice; select each segment once.")
     mrml_io.check_same_space(volumeNode, segmentationNode)
@@ -608,25 +701,60 @@ def _read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str
         union[masks[segment_id]] = label
     axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz, support=union)
     check_plane_size(geometry.shape, axis)
-    slices = {s: mrml_io.annotated_planes(masks[s], axis) for s in ids}
-    return _Support(masks, mrml_io.segment_names(segmentationNode, ids), slices, axis, axis_name(axis, geometry.direction_lps))
+    drawn = {s: mrml_io.drawn_support(masks[s], axis) for s in ids}
+    ignored = {s: [axis_name(a, geometry.direction_lps) for a in drawn[s].ignored_axes] for s in ids}
+    return _Support({s: drawn[s].mask for s in ids}, mrml_io.segment_names(segmentationNode, ids),
+                    {s: drawn[s].planes for s in ids}, axis, axis_name(axis, geometry.direction_lps), ignored)
 
 
-def _read_adapters(path) -> list[dict]:
-    """Metadata of the labels saved in an adapter folder (only the JSON files are read)."""
-    from oflsam2.ofl.adapter import list_adapters
+def segment_id_list(segmentIds) -> list[str] | None:
+    """``segmentIds`` as a list: None stays None (the default segments), one string is one ID."""
+    if segmentIds is None:
+        return None
+    ids = [segmentIds] if isinstance(segmentIds, str) else list(segmentIds)
+    if not ids:
+        raise InputError("No segment selected: give at least one segment ID, or None for the default segments.")
+    bad = [s for s in ids if not isinstance(s, str) or not s]
+    if bad:
+        raise InputError(f"Segment IDs must be non-empty strings (e.g. 'Segment_1'); got {bad!r}.")
+    return ids
 
-    if not path or not os.path.isdir(path):
-        raise InputError(f"The adapter folder {path} does not exist; give the folder written by 'Save adapter'.")
-    adapters = list_adapters(path)
-    if not adapters:
-        raise InputError(f"{path} holds no OFL-SAM2 adapter; give the folder written by 'Save adapter'.")
-    return adapters
+
+def reference_pairs_list(references) -> list[tuple]:
+    """``references`` as a list of (volumeNode, segmentationNode) pairs, or a clear error."""
+    pairs = list(references or ())
+    for number, pair in enumerate(pairs, start=1):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputError(
+                f"Reference {number} must be a pair (volumeNode, segmentationNode); got {pair!r}. "
+                "Pass references=[(volumeNode, segmentationNode), ...]."
+            )
+    return [tuple(pair) for pair in pairs]
 
 
-def _check_input_nodes(volumeNode, segmentationNode) -> None:
+def ignored_stroke_warnings(targets: Sequence[SegmentTarget]) -> list[str]:
+    return [f"Segment {t.name!r} also has strokes on the {' and '.join(t.ignored_axes)} axis, which were ignored."
+            for t in targets if t.ignored_axes]
+
+
+def _remove_with_display_nodes(node) -> None:
+    scene = node.GetScene()
+    if scene is None:
+        return
+    display_nodes = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    for display_node in display_nodes:
+        if display_node is not None and display_node.GetScene() is scene:
+            scene.RemoveNode(display_node)
+    scene.RemoveNode(node)
+
+
+def _check_input_nodes(volumeNode, segmentationNode, need_segmentation: bool = True) -> None:
     if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError("Select the CT or MR volume to segment (a scalar volume, not a labelmap).")
+    if not need_segmentation:
+        if volumeNode.GetScene() is None:
+            raise InputError(f"Volume {volumeNode.GetName()!r} is not in a scene.")
+        return
     if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
         raise InputError("Select the segmentation that holds the annotated slices.")
     if volumeNode.GetScene() is None or volumeNode.GetScene() is not segmentationNode.GetScene():

@@ -11,6 +11,7 @@ touch one plane of one segment and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -47,11 +48,7 @@ class VolumeGeometry:
         return _LPS_FROM_RAS @ directions
 
     def vtk_matrix(self) -> vtk.vtkMatrix4x4:
-        matrix = vtk.vtkMatrix4x4()
-        for row in range(4):
-            for column in range(4):
-                matrix.SetElement(row, column, float(self.ijk_to_ras[row, column]))
-        return matrix
+        return _vtk_matrix(self.ijk_to_ras)
 
     def plane_shape(self, axis: int) -> tuple[int, int]:
         return tuple(n for a, n in enumerate(self.shape) if a != axis)
@@ -77,7 +74,29 @@ def volume_geometry(volume_node) -> VolumeGeometry:
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     x, y, z = image.GetDimensions()
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    if not np.all(np.isfinite(ijk_to_ras)) or np.any(spacing <= 1e-9):
+        raise InputError(
+            f"Volume {volume_node.GetName()!r} has a zero or invalid voxel spacing "
+            f"({', '.join(f'{s:g}' for s in spacing)} mm along i, j, k). Set the real spacing in the "
+            "Volumes module (Volume Information > Image Spacing) and run again."
+        )
     return VolumeGeometry((z, y, x), ijk_to_ras)
+
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row, column]))
+    return matrix
+
+
+def _numpy_matrix(image) -> np.ndarray:
+    """(4, 4) IJK->RAS of a ``vtkOrientedImageData``."""
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def volume_array(volume_node) -> tuple[np.ndarray, VolumeGeometry]:
@@ -128,31 +147,152 @@ def segment_names(segmentation_node, segment_ids: Iterable[str] | None = None) -
 
 def segment_masks(segmentation_node, segment_ids: Sequence[str], volume_node) -> dict[str, np.ndarray]:
     """Each segment as a bool (z, y, x) array on the volume's grid, whatever the segmentation's
-    own geometry (exported through a temporary labelmap with the volume as reference)."""
+    own geometry (nearest-neighbour resampling of the segment's labelmap).
+
+    Reads add nothing to the scene: no temporary labelmap, display or colour-table node.
+    """
     check_same_space(volume_node, segmentation_node)
-    scene = volume_node.GetScene()
-    if scene is None:
-        raise InputError(f"Volume {volume_node.GetName()!r} is not in a scene.")
-    shape = volume_geometry(volume_node).shape
-    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
-    labelmap.SetHideFromEditors(True)
-    labelmap.SetSaveWithScene(False)
-    scene.AddNode(labelmap)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    try:
-        masks = {}
-        for segment_id in segment_ids:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segment_id)
-            if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
-                raise InputError(f"Could not read segment {segment_id!r} of {segmentation_node.GetName()!r} on the volume grid.")
-            array = slicer.util.arrayFromVolume(labelmap)
-            if array.shape != shape:
-                raise InputError(f"Segment {segment_id!r} was exported with shape {array.shape}, the volume has {shape}.")
-            masks[segment_id] = array > 0
-        return masks
-    finally:
-        scene.RemoveNode(labelmap)
+    geometry = volume_geometry(volume_node)
+    volume_grid = SegmentGrid.of_volume(geometry)
+    masks = {}
+    for segment_id in segment_ids:
+        labelmap = slicer.vtkOrientedImageData()
+        if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap):
+            raise InputError(f"Could not read segment {segment_id!r} of {segmentation_node.GetName()!r} on the volume grid.")
+        masks[segment_id] = volume_grid.read(labelmap)
+    return masks
+
+
+@dataclass(frozen=True)
+class SegmentGrid:
+    """A voxel lattice: VTK ``extent`` [i0, i1, j0, j1, k0, k1] and its 4x4 IJK->RAS matrix.
+
+    Arrays on a grid are (z, y, x) = (k - k0, j - j0, i - i0). A segment is written on its own
+    grid (:func:`segment_grid`), so that Slicer never resamples the labelmap layer it shares
+    with other segments.
+    """
+
+    extent: tuple[int, int, int, int, int, int]
+    ijk_to_ras: np.ndarray  # (4, 4)
+
+    @classmethod
+    def of_volume(cls, geometry: VolumeGeometry) -> "SegmentGrid":
+        z, y, x = geometry.shape
+        return cls((0, x - 1, 0, y - 1, 0, z - 1), geometry.ijk_to_ras)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        i0, i1, j0, j1, k0, k1 = self.extent
+        return (k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+
+    def same_lattice(self, ijk_to_ras: np.ndarray) -> bool:
+        return bool(np.allclose(self.ijk_to_ras, ijk_to_ras, rtol=0.0, atol=1e-6))
+
+    def image(self, voxels: np.ndarray, extent: Sequence[int] | None = None):
+        """A uint8 ``vtkOrientedImageData`` of (z, y, x) ``voxels`` covering ``extent`` (default: the grid)."""
+        extent = list(extent if extent is not None else self.extent)
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        flat = np.ascontiguousarray(voxels, dtype=np.uint8).ravel()
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        image.SetImageToWorldMatrix(_vtk_matrix(self.ijk_to_ras))
+        return image
+
+    def read(self, labelmap) -> np.ndarray:
+        """A binary ``vtkOrientedImageData`` (any lattice or extent) as a bool (z, y, x) array on this grid."""
+        out = np.zeros(self.shape, dtype=bool)
+        if _is_empty(labelmap) or labelmap.GetPointData().GetScalars() is None:
+            return out
+        if not self.same_lattice(_numpy_matrix(labelmap)):
+            reference = slicer.vtkOrientedImageData()
+            reference.SetExtent(*self.extent)
+            reference.SetImageToWorldMatrix(_vtk_matrix(self.ijk_to_ras))
+            resampled = slicer.vtkOrientedImageData()
+            if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                    labelmap, reference, resampled, False, True):
+                raise InputError("Could not resample a segment onto the volume grid.")
+            labelmap = resampled
+            if _is_empty(labelmap):
+                return out
+        extent = labelmap.GetExtent()
+        i0, i1, j0, j1, k0, k1 = extent
+        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        voxels = voxels.reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) > 0
+        own = self.extent
+        low = [max(extent[2 * a], own[2 * a]) for a in range(3)]  # i, j, k
+        high = [min(extent[2 * a + 1], own[2 * a + 1]) for a in range(3)]
+        if any(lo > hi for lo, hi in zip(low, high)):
+            return out
+        source = tuple(slice(low[a] - extent[2 * a], high[a] - extent[2 * a] + 1) for a in (2, 1, 0))
+        target = tuple(slice(low[a] - own[2 * a], high[a] - own[2 * a] + 1) for a in (2, 1, 0))
+        out[target] = voxels[source]
+        return out
+
+    def plane_voxels(self, geometry: VolumeGeometry, axis: int, index: int, plane: np.ndarray):
+        """The grid voxels whose nearest volume voxel lies on plane ``index`` along array ``axis``.
+
+        Returns ``(extent, hit, value)``: the VTK extent of the smallest box of grid voxels that
+        holds them, a bool (z, y, x) array of those voxels in that box, and the value of
+        ``plane`` (2-D bool, the volume plane) at each of them. None when no grid voxel maps to
+        the plane (the segmentation's grid does not reach it). On the volume's own grid this
+        is exactly the plane.
+        """
+        grid_to_volume = np.linalg.inv(geometry.ijk_to_ras) @ self.ijk_to_ras
+        volume_to_grid = np.linalg.inv(grid_to_volume)
+        size_ijk = geometry.shape[::-1]
+        vtk_axis = 2 - axis
+        low = [-0.5] * 3
+        high = [n - 0.5 for n in size_ijk]
+        low[vtk_axis], high[vtk_axis] = index - 0.5, index + 0.5
+        corners = np.array([[c[0], c[1], c[2], 1.0] for c in np.array(np.meshgrid(*zip(low, high))).reshape(3, -1).T])
+        on_grid = (volume_to_grid @ corners.T)[:3]
+        first = np.maximum(np.floor(on_grid.min(axis=1)).astype(int), self.extent[0::2])
+        last = np.minimum(np.ceil(on_grid.max(axis=1)).astype(int), self.extent[1::2])
+        if np.any(first > last):
+            return None
+        i, j, k = np.meshgrid(*(np.arange(first[a], last[a] + 1) for a in range(3)), indexing="ij")
+        ijk = np.stack([i, j, k], axis=-1).transpose(2, 1, 0, 3)  # (z, y, x, 3) in grid order
+        volume_ijk = np.floor(ijk @ grid_to_volume[:3, :3].T + grid_to_volume[:3, 3] + 0.5).astype(np.int64)
+        inside = np.all((volume_ijk >= 0) & (volume_ijk < np.asarray(size_ijk)), axis=-1)
+        hit = inside & (volume_ijk[..., vtk_axis] == index)
+        if not hit.any():
+            return None
+        in_plane = [2 - a for a in range(3) if a != axis]  # the plane's array axes, as i/j/k columns
+        rows = np.clip(volume_ijk[..., in_plane[0]], 0, plane.shape[0] - 1)
+        columns = np.clip(volume_ijk[..., in_plane[1]], 0, plane.shape[1] - 1)
+        value = hit & np.asarray(plane, dtype=bool)[rows, columns]
+        extent = [int(first[0]), int(last[0]), int(first[1]), int(last[1]), int(first[2]), int(last[2])]
+        return extent, hit, value
+
+
+def segment_grid(segmentation_node, segment_id: str, geometry: VolumeGeometry) -> SegmentGrid:
+    """The grid that segment ``segment_id`` is stored on: its labelmap layer's lattice, over the
+    segmentation's reference geometry when that lies on the same lattice (else over the layer's
+    own extent). A segment with no voxels yet uses the reference geometry, or the volume's grid."""
+    segmentation = segmentation_node.GetSegmentation()
+    reference = None
+    serialized = segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if serialized:
+        image = slicer.vtkOrientedImageData()
+        if slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, image, False) and not _is_empty(image):
+            reference = SegmentGrid(tuple(image.GetExtent()), _numpy_matrix(image))
+    segment = segmentation.GetSegment(segment_id)
+    layer = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()) if segment else None
+    if layer is not None and not _is_empty(layer) and layer.GetPointData().GetScalars() is not None:
+        matrix = _numpy_matrix(layer)
+        if reference is not None and reference.same_lattice(matrix):
+            return reference
+        return SegmentGrid(tuple(layer.GetExtent()), matrix)
+    return reference if reference is not None else SegmentGrid.of_volume(geometry)
+
+
+def _layer_matrix(segmentation_node, segment_id: str):
+    """IJK->RAS of the labelmap layer holding ``segment_id`` (None while the segment is empty)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    layer = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()) if segment else None
+    if layer is None or _is_empty(layer) or layer.GetPointData().GetScalars() is None:
+        return None
+    return _numpy_matrix(layer)
 
 
 def annotated_planes(mask: np.ndarray, axis: int) -> list[int]:
@@ -160,6 +300,51 @@ def annotated_planes(mask: np.ndarray, axis: int) -> list[int]:
     from oflsam2.volume import annotated_slices
 
     return annotated_slices(np.asarray(mask, dtype=np.uint8), 1, axis)
+
+
+@dataclass
+class DrawnSupport:
+    """A segment's annotation along one axis: what was drawn on that axis's planes.
+
+    ``mask``: the segment on its annotated planes only (bool (z, y, x)); ``planes``: the
+    annotated planes along the axis; ``ignored_axes``: array axes of the strokes left out.
+    """
+
+    mask: np.ndarray
+    planes: list[int]
+    ignored_axes: list[int]
+
+
+def area_planes(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Per plane along ``axis``: whether the mask covers an area there (a 2 x 2 block of voxels)
+    rather than only lines one voxel wide. Bool (number of planes,)."""
+    planes = np.moveaxis(np.asarray(mask, dtype=bool), axis, 0)
+    blocks = planes[:, :-1, :-1] & planes[:, 1:, :-1] & planes[:, :-1, 1:] & planes[:, 1:, 1:]
+    return blocks.reshape(blocks.shape[0], -1).any(axis=1)
+
+
+def drawn_support(mask: np.ndarray, axis: int) -> DrawnSupport:
+    """The planes of ``axis`` that the user drew on, and the strokes drawn on other axes.
+
+    Rule: a plane of the run's axis is annotated when the segment covers an area on it (at
+    least one 2 x 2 block of voxels, see :func:`area_planes`). A stroke drawn on a plane of
+    another axis crosses the run's planes as lines one voxel wide, so those planes stay
+    unannotated: the stroke's voxels there are left out of the support (and kept in the
+    segment: a run only adds voxels). A segment filled in 3-D (e.g. by an earlier run) covers
+    an area on each of its planes, so all of them count. ``ignored_axes``: the other axes on
+    whose planes the left-out voxels cover an area (both other axes if they only form lines).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    annotated = area_planes(mask, axis)
+    selector = [np.newaxis] * 3
+    selector[axis] = slice(None)
+    kept = mask & annotated[tuple(selector)]
+    left_out = mask & ~kept
+    ignored = []
+    if left_out.any():
+        others = [a for a in range(3) if a != axis]
+        ignored = [a for a in others if area_planes(left_out, a).any()] or others
+    return DrawnSupport(kept, [int(i) for i in np.flatnonzero(annotated)], ignored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,22 +371,47 @@ def plane_image(geometry: VolumeGeometry, axis: int, index: int, plane: np.ndarr
 
 
 class SegmentSliceWriter:
-    """Module path: replace one plane of one segment (MODE_MERGE_MIN with zeros, then
-    MODE_MERGE_MASK with the mask), leaving other planes, other segments and shared layers intact.
-    MODE_REPLACE would erase the rest of the segment and MODE_MERGE_MAX would paint the raw 1s
-    into whichever segment owns label value 1 on a shared layer."""
+    """Module path: add one plane of the engine's result to one segment, on the segment's own grid.
+
+    The plane (on the volume grid) is mapped onto the grid the segment is stored on (each
+    segment voxel takes the value of its nearest volume voxel), and those voxels are added with
+    ``MODE_MERGE_MASK`` (which uses the segment's label value on a shared layer and moves the
+    segment to its own layer where it would overlap another one). The modifier is always on the
+    segment's own lattice, so Slicer never resamples the layer that other segments share, and
+    other segments never change. A write only adds voxels: strokes the user made on the plane
+    (or makes during the run) are kept. ``MODE_REPLACE`` would erase the rest of the segment
+    and ``MODE_MERGE_MAX`` would paint the raw 1s into whichever segment owns label value 1.
+    """
 
     def __init__(self, segmentation_node, geometry: VolumeGeometry):
         self.segmentation_node = segmentation_node
         self.geometry = geometry
+        self._grids: dict[str, SegmentGrid] = {}
+
+    def grid(self, segment_id: str) -> SegmentGrid:
+        if segment_id not in self._grids:
+            self._grids[segment_id] = segment_grid(self.segmentation_node, segment_id, self.geometry)
+        return self._grids[segment_id]
 
     def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+        plane = np.asarray(plane)
+        self.geometry.plane_extent(axis, index)  # checks axis and index
+        if plane.shape != self.geometry.plane_shape(axis):
+            raise ValueError(f"A plane along axis {axis} must have shape {self.geometry.plane_shape(axis)}; got {plane.shape}.")
+        grid = self.grid(segment_id)
+        found = grid.plane_voxels(self.geometry, axis, index, plane > 0)
+        if found is None or not found[2].any():
+            return
+        layer = _layer_matrix(self.segmentation_node, segment_id)
+        if layer is not None and not grid.same_lattice(layer):
+            raise RuntimeError(
+                f"The voxel grid of segment {segment_id!r} changed during the run (was the segmentation "
+                "resampled?); the run stopped so that no segment gets resampled."
+            )
+        extent, _, value = found
         logic = slicer.vtkSlicerSegmentationsModuleLogic
-        zeros, extent = plane_image(self.geometry, axis, index, np.zeros(self.geometry.plane_shape(axis), np.uint8))
-        mask, _ = plane_image(self.geometry, axis, index, plane)
-        ok = logic.SetBinaryLabelmapToSegment(zeros, self.segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent)
-        ok = ok and logic.SetBinaryLabelmapToSegment(mask, self.segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent)
-        if not ok:
+        image = grid.image(value, extent)
+        if not logic.SetBinaryLabelmapToSegment(image, self.segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
             raise RuntimeError(f"Could not write plane {index} (axis {axis}) of segment {segment_id!r}.")
 
 
@@ -233,17 +443,24 @@ class EditorSliceWriter:
 
 
 class SegmentSnapshot:
-    """Copies of target segments taken before a run; ``restore`` puts them back exactly.
+    """Copies of target segments taken before a run; ``restore`` puts back what the run wrote.
 
-    This is what "cancel leaves the segmentation as it was" rests on: slices are written while
-    the run progresses, and on cancel or error every target segment gets its old voxels and
-    status back. Other segments are not touched.
+    This is what "cancel leaves the segmentation as it was" rests on. With ``geometry`` (the
+    volume grid the run writes planes of), the run reports each plane with :meth:`record_plane`
+    before writing it, and :meth:`restore` gives the voxels of those planes (mapped onto each
+    segment's own grid, as the writer maps them) their old values back and keeps every other
+    voxel as it is now, so edits the user made elsewhere during the run survive. Without
+    ``geometry``, :meth:`restore` puts the whole segments back. Only the target segments are
+    ever written (see :class:`SegmentSliceWriter`), so they are all a restore has to cover.
     """
 
-    def __init__(self, segmentation_node, segment_ids: Sequence[str]):
+    def __init__(self, segmentation_node, segment_ids: Sequence[str], geometry: VolumeGeometry | None = None):
         self.segmentation_node = segmentation_node
+        self.geometry = geometry
         self._labelmaps = {}
         self._statuses = {}
+        self._planes: dict[str, set] = {s: set() for s in segment_ids}
+        self._grids: dict[str, SegmentGrid] = {}
         segmentation = segmentation_node.GetSegmentation()
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         for segment_id in segment_ids:
@@ -252,10 +469,20 @@ class SegmentSnapshot:
                 raise InputError(f"Could not read segment {segment_id!r} of {segmentation_node.GetName()!r} to back it up.")
             self._labelmaps[segment_id] = copy
             self._statuses[segment_id] = logic.GetSegmentStatus(segmentation.GetSegment(segment_id))
+            if geometry is not None:
+                self._grids[segment_id] = segment_grid(segmentation_node, segment_id, geometry)
 
     @property
     def segment_ids(self) -> list[str]:
         return list(self._labelmaps)
+
+    def record_plane(self, segment_id: str, axis: int, index: int) -> None:
+        """The run is about to write plane ``index`` along ``axis`` of ``segment_id``."""
+        self._planes[segment_id].add((axis, index))
+
+    def changed_segments(self) -> list[str]:
+        """Segments the run wrote at least one plane of."""
+        return [s for s, planes in self._planes.items() if planes]
 
     def mark_in_progress(self) -> None:
         self._set_statuses({s: slicer.vtkSlicerSegmentationsModuleLogic.InProgress for s in self._labelmaps})
@@ -264,20 +491,48 @@ class SegmentSnapshot:
         self._set_statuses(self._statuses)
 
     def restore(self) -> None:
-        """Put back each target segment's voxels and status (segments deleted meanwhile are skipped)."""
-        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        """Put back each target segment's written voxels (or whole segment, without ``geometry``)
+        and its status. Segments deleted meanwhile are skipped."""
         segmentation = self.segmentation_node.GetSegmentation()
         for segment_id, labelmap in self._labelmaps.items():
             if segmentation.GetSegment(segment_id) is None:
                 continue
-            if _is_empty(labelmap):  # was empty: clear what the run wrote (VTK rejects empty extents)
-                current = slicer.vtkOrientedImageData()
-                self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
-                if _is_empty(current):
-                    continue
-                labelmap = _zeros_like(current)
-            logic.SetBinaryLabelmapToSegment(labelmap, self.segmentation_node, segment_id, logic.MODE_REPLACE)
+            if self.geometry is None:
+                self._restore_whole(segment_id, labelmap)
+            elif self._planes[segment_id]:
+                self._restore_planes(segment_id, labelmap)
         self.restore_statuses()
+
+    def _restore_planes(self, segment_id: str, labelmap) -> None:
+        grid = self._grids[segment_id]
+        before = grid.read(labelmap)
+        current_image = slicer.vtkOrientedImageData()
+        self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current_image)
+        current = grid.read(current_image)
+        restored = current.copy()
+        k0, j0, i0 = grid.extent[4], grid.extent[2], grid.extent[0]
+        for axis, index in self._planes[segment_id]:
+            found = grid.plane_voxels(self.geometry, axis, index, np.ones(self.geometry.plane_shape(axis), bool))
+            if found is None:
+                continue
+            extent, hit, _ = found
+            box = (slice(extent[4] - k0, extent[5] - k0 + 1), slice(extent[2] - j0, extent[3] - j0 + 1),
+                   slice(extent[0] - i0, extent[1] - i0 + 1))
+            restored[box][hit] = before[box][hit]
+        if np.array_equal(restored, current):
+            return
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        logic.SetBinaryLabelmapToSegment(grid.image(restored), self.segmentation_node, segment_id, logic.MODE_REPLACE)
+
+    def _restore_whole(self, segment_id: str, labelmap) -> None:
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if _is_empty(labelmap):  # was empty: clear what the run wrote (VTK rejects empty extents)
+            current = slicer.vtkOrientedImageData()
+            self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
+            if _is_empty(current):
+                return
+            labelmap = _zeros_like(current)
+        logic.SetBinaryLabelmapToSegment(labelmap, self.segmentation_node, segment_id, logic.MODE_REPLACE)
 
     def _set_statuses(self, statuses: dict) -> None:
         segmentation = self.segmentation_node.GetSegmentation()
@@ -285,6 +540,41 @@ class SegmentSnapshot:
             segment = segmentation.GetSegment(segment_id)
             if segment is not None:
                 slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(segment, status)
+
+
+class EditWatch:
+    """Notices voxel edits of a segmentation that are not the run's own writes.
+
+    Observes the segmentation's source-representation, segment-added and segment-removed
+    events; changes made inside :meth:`own_changes` (the run's writes and restores) do not
+    count. ``edited`` tells "Undo last run" whether undoing would discard the user's work.
+    """
+
+    EVENTS = ("SourceRepresentationModified", "SegmentAdded", "SegmentRemoved")
+
+    def __init__(self, segmentation_node):
+        self.segmentation_node = segmentation_node
+        self.edited = False
+        self._own = 0
+        self._segmentation = segmentation_node.GetSegmentation()
+        self._tags = [self._segmentation.AddObserver(getattr(slicer.vtkSegmentation, e), self._on_change) for e in self.EVENTS]
+
+    def _on_change(self, caller, event) -> None:
+        if not self._own:
+            self.edited = True
+
+    @contextlib.contextmanager
+    def own_changes(self):
+        self._own += 1
+        try:
+            yield
+        finally:
+            self._own -= 1
+
+    def stop(self) -> None:
+        for tag in self._tags:
+            self._segmentation.RemoveObserver(tag)
+        self._tags = []
 
 
 def _is_empty(image) -> bool:

@@ -64,8 +64,7 @@ def parse_options(method: str, options: dict) -> RunConfig:
         else:
             raise InputError(f"Unknown option {key!r}. Known options: {', '.join(option_names())}.")
     settings = _model_settings(model_values)
-    method_options = MethodOptions(**method_values)
-    _check_method_options(method_options)
+    method_options = MethodOptions(**method_values)  # checks itself: the engine's messages, as in the CLI
     axis = run_values["axis"].lower()
     if axis not in AXES:
         raise InputError(f"Unknown slice axis {run_values['axis']!r}; choose one of: {', '.join(AXES)}.")
@@ -74,6 +73,68 @@ def parse_options(method: str, options: dict) -> RunConfig:
 
     check_preset(preset)
     return RunConfig(settings, method_options, method, axis, preset)
+
+
+ADAPTER_FIELDS = ("label", "model", "image_size", "preset", "axis")  # what a run with an adapter reads
+
+
+def read_adapters(path) -> list[dict]:
+    """Metadata of the labels saved in an adapter folder (only the JSON files are read); each
+    must hold the fields of :data:`ADAPTER_FIELDS`."""
+    from oflsam2.ofl.adapter import list_adapters
+
+    if not path or not os.path.isdir(path):
+        raise InputError(f"The adapter folder {path} does not exist; give the folder written by 'Save adapter'.")
+    adapters = list_adapters(path)
+    if not adapters:
+        raise InputError(f"{path} holds no OFL-SAM2 adapter; give the folder written by 'Save adapter'.")
+    for adapter in adapters:
+        missing = [f for f in ADAPTER_FIELDS if f not in adapter]
+        if missing:
+            raise InputError(
+                f"The adapter file {adapter['path']} lacks the field(s) {', '.join(missing)}: it was not written by "
+                "OFLSAM2's 'Save adapter' or was edited. Train and save the adapter again."
+            )
+    return adapters
+
+
+def check_outputs(config: RunConfig, target_names: list[str]) -> None:
+    """What a run would only find out at its end, checked before any model work: the adapter
+    holds a label for every target (OFL-SAM2 loads one per target name), and the folder to save
+    a trained adapter into can be written."""
+    options = config.options
+    if options.adapter and config.method == "ofl":
+        _check_adapter_labels(str(options.adapter), target_names)
+    if options.save_adapter:
+        check_writable_folder(str(options.save_adapter), "the adapter")
+
+
+def _check_adapter_labels(path: str, target_names: list[str]) -> None:
+    from oflsam2.ofl.adapter import METADATA_SUFFIX, adapter_stem
+
+    if os.path.isfile(path):  # one adapter file: used for every label
+        return
+    adapters = read_adapters(path)
+    held = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
+    for name in target_names:
+        by_file = os.path.isfile(os.path.join(path, adapter_stem(name, 0) + METADATA_SUFFIX))
+        by_label = any(name.casefold() in (str(a.get("label_name")).casefold(), str(a.get("label"))) for a in adapters)
+        if not (by_file or by_label):
+            raise InputError(f"No adapter for label {name!r} in {path} (it holds: {held}). Train one for this label first.")
+
+
+def check_writable_folder(path: str, what: str) -> None:
+    """Raise :class:`InputError` unless ``path`` is a folder that can be written, or can be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path} is a file; give a folder to save {what} into.")
+    existing = path
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == os.path.abspath(existing):
+            break
+        existing = parent
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write to {existing}, so {what} could not be saved in {path}; choose a folder you can write to.")
 
 
 def needs_download(settings: ModelSettings) -> bool:
@@ -132,20 +193,6 @@ def _identify_local(checkpoint: str | None) -> str:
             "Choose the model it was trained from in the model list and keep the path in the local checkpoint field."
         )
     return model
-
-
-def _check_method_options(options: MethodOptions) -> None:
-    problems = []
-    if not 0.0 <= options.gamma <= 1.0:
-        problems.append(f"gamma (confidence gate) must lie in 0..1, got {options.gamma}")
-    if options.num_retrieved < 1:
-        problems.append(f"num_retrieved (K) must be at least 1, got {options.num_retrieved}")
-    if options.epochs < 0:
-        problems.append(f"epochs must be 0 or more, got {options.epochs}")
-    if options.top_k < 1:
-        problems.append(f"top_k must be at least 1, got {options.top_k}")
-    if problems:
-        raise InputError("Invalid option(s): " + "; ".join(problems) + ".")
 
 
 def _coerce(name: str, value, field: dataclasses.Field):
