@@ -46,3 +46,11 @@ def chaos_case(shared_data):
         return image, np.rint(labels).astype(np.uint8)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory, shared_data, tiny_model):
+    """Three cropped CHAOS volumes, their supports and an adapter trained in the test (``cohort_data``)."""
+    from cohort_data import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("cohort"), shared_data, tiny_model)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create or reuse the virtual environment .venv at the repository root and install OFLSAM2.
 #   bash scripts/setup.sh          engine + CLI
-#   bash scripts/setup.sh --test   ... plus the test tools (pytest, hypothesis, slicer-core)
+#   bash scripts/setup.sh --test   ... plus the test tools (pytest, hypothesis, slicer-core, ray)
 #   bash scripts/setup.sh --demo   ... plus the demo's sample data package (nilearn)
+#   bash scripts/setup.sh --ray    ... plus Ray, for `--executor ray` (batch, experiment)
 # torch goes first (OFLSAM2_TORCH overrides the requirement, e.g. a CUDA build); sam2 is an
 # sdist whose metadata pulls torchvision and a CUDA torch, so it is built against the installed
 # torch without its dependencies and without the optional CUDA extension.
@@ -19,6 +20,7 @@ for arg in "$@"; do
   case "$arg" in
     --test) extras="${extras:+$extras,}test" ;;
     --demo) extras="${extras:+$extras,}demo" ;;
+    --ray) extras="${extras:+$extras,}ray" ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oflsam2 {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_segment(commands)
+    _add_batch(commands)
     _add_train(commands)
     _add_checkpoints(commands)
     _add_demo(commands)
@@ -160,15 +161,20 @@ def _add_model_options(parser) -> None:
 
 
 def run_segment(args) -> int:
-    from .api import MethodOptions
-
-    options = MethodOptions(
-        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
-        revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter, save_adapter=args.save_adapter,
-    )
-    summary = _run_pipeline(args, args.method, Path(args.out), args.seg_nrrd, options)
+    summary = _run_pipeline(args, args.method, Path(args.out), args.seg_nrrd, method_options(args))
     _print_summary(summary, args.json)
     return 0
+
+
+def method_options(args):
+    """:class:`~oflsam2.api.MethodOptions` from the ``segment`` options (also used by ``batch``)."""
+    from .api import MethodOptions
+
+    return MethodOptions(
+        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
+        revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter,
+        save_adapter=getattr(args, "save_adapter", None),
+    )
 
 
 def run_train(args) -> int:
@@ -269,6 +275,100 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     print(f"took {summary['timings']['total']:.1f} s")
     if "warning" in summary:
         print(summary["warning"])
+
+
+# ---------------------------------------------------------------------------------------------
+# batch
+
+EXIT_SOME_FAILED = 1
+# segment's options that name one case's files or review one run; batch has its own (INPUT, --support-dir, --out).
+_PER_CASE_OPTIONS = {"help", "image", "support", "out", "seg_nrrd", "save_adapter", "quality_out", "suggest", "save_state", "previous"}
+
+
+def _add_batch(commands) -> None:
+    """``batch``: every ``segment`` option (copied from its parser, so none is forgotten) plus the cohort's own."""
+    import copy
+
+    from .batch import CASES_FILE, OUTPUT_SUFFIX
+    from .executors import add_executor_options
+
+    parser = commands.add_parser(
+        "batch",
+        help="segment every volume of a folder or CSV manifest (one model load; resumable; local or Ray)",
+        description=(
+            "Segment every case of INPUT (a folder of NIfTI/NRRD/MetaImage files and DICOM series folders, or a CSV "
+            "manifest with columns image[,support][,out]) with the same method and options, using a trained adapter "
+            f"(--adapter) or per-case support maps (--support-dir). Case NAME (the file name without its suffix) is "
+            f"written to OUT/NAME{OUTPUT_SUFFIX}; OUT/{CASES_FILE} lists every case. Finished cases are skipped on a "
+            "re-run with the same settings. Exit status 1 when some case failed."
+        ),
+    )
+    parser.add_argument("input", help="folder of volumes, or a CSV manifest (image[,support][,out])")
+    parser.add_argument("--out", required=True, help="output folder (created if absent)")
+    parser.add_argument("--support-dir", help="folder of support label maps, matched to cases by name")
+    parser.add_argument("--seg-nrrd", action="store_true", help="also write OUT/NAME_seg.seg.nrrd (Slicer segmentation)")
+    add_executor_options(parser)
+    for action in commands.choices["segment"]._actions:
+        if action.dest not in _PER_CASE_OPTIONS:
+            parser._add_action(copy.copy(action))
+    parser.set_defaults(func=run_batch_command)
+
+
+def run_batch_command(args) -> int:
+    from .batch import BatchJob, check_job, collect_cases, run_batch
+    from .executors import make_executor
+
+    job = BatchJob(
+        method=args.method, settings=model_settings(args), options=method_options(args), labels=args.labels,
+        support_slices=args.support_slices, axis=args.axis, preset=args.preset, references=args.reference,
+    )
+    out_dir = check_job(job, args.out)
+    cases = collect_cases(args.input, out_dir, support_dir=args.support_dir, seg_nrrd=args.seg_nrrd)
+    show = not args.json and sys.stderr.isatty()
+    with make_executor(
+        args.executor, job.settings, max_cached_volumes=1 + len(job.references), address=args.address, workers=args.workers
+    ) as executor, _BatchBars(len(cases), show) as bars:
+        local = executor.name == "local"
+        outcome = run_batch(job, cases, out_dir, executor, on_case_done=bars.case_done, events_for=bars.events_for if local else None)
+    if args.json:
+        print(json.dumps({"cases": outcome.rows, "failed": outcome.failed, "cases_file": str(outcome.cases_file)}, indent=2))
+    else:
+        counts = {status: sum(r["status"] == status for r in outcome.rows) for status in ("done", "skipped", "failed")}
+        for row in outcome.rows:
+            if row["status"] == "failed":
+                print(f"failed {row['case']}: {row['error']}")
+        print(f"{counts['done']} case(s) done, {counts['skipped']} skipped (already done), {counts['failed']} failed; see {outcome.cases_file}")
+        if job.settings.random_weights:
+            print(random_weights_banner())
+    return EXIT_SOME_FAILED if outcome.failed else 0
+
+
+class _BatchBars:
+    """An overall bar (cases, with ETA) and, for in-process runs, the running case's stage bar."""
+
+    def __init__(self, total: int, show: bool):
+        from tqdm import tqdm
+
+        self._show = show
+        self._overall = tqdm(total=total, desc="cases", unit="case", file=sys.stderr, disable=not show, position=0)
+        self._stages = StageBars(position=1, leave=False)
+
+    def events_for(self, case):
+        from .events import Events
+
+        self._overall.set_postfix_str(case.name)
+        return Events(on_progress=self._stages.update if self._show else None)
+
+    def case_done(self, row: dict) -> None:
+        self._stages.close()
+        self._overall.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stages.close()
+        self._overall.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,9 +504,10 @@ def progress_events():
 class StageBars:
     """One tqdm bar per run stage; a new stage closes the previous bar."""
 
-    def __init__(self):
+    def __init__(self, **bar_options):
         self._stage = None
         self._bar = None
+        self._bar_options = {"leave": True, **bar_options}
 
     def update(self, stage: str, done: int, total: int, message: str = "") -> None:
         from tqdm import tqdm
@@ -414,7 +515,7 @@ class StageBars:
         if stage != self._stage:
             self.close()
             self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, file=sys.stderr, mininterval=0.5, leave=True)
+            self._bar = tqdm(total=total, desc=stage, file=sys.stderr, mininterval=0.5, **self._bar_options)
         bar = self._bar
         if total != bar.total:
             bar.total = total

@@ -575,57 +575,92 @@ def default_engine_factory(config: ExperimentConfig) -> Callable[[ModelSettings]
     """Builds the real :class:`~oflsam2.api.Engine`, caching every support stack of a group."""
     from .api import Engine
 
+    return functools.partial(Engine, max_cached_volumes=cached_volumes(config))
+
+
+def cached_volumes(config: ExperimentConfig) -> int:
+    """Feature caches an engine keeps: every support stack of a group, plus the query."""
     volumes = len(config.support.volumes) if isinstance(config.support.volumes, list) else config.support.volumes
-    stacks = volumes * (len(config.labels) if config.support.mode == "slices" else 1)
-    return functools.partial(Engine, max_cached_volumes=stacks + 1)
+    return volumes * (len(config.labels) if config.support.mode == "slices" else 1) + 1
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir, *, engine_factory: Callable[[ModelSettings], object] | None = None, progress: bool = True
+    config: ExperimentConfig,
+    out_dir,
+    *,
+    engine_factory: Callable[[ModelSettings], object] | None = None,
+    progress: bool = True,
+    executor=None,
 ) -> ExperimentOutcome:
     """Run (or resume) every group x query x method of ``config`` into ``out_dir``.
 
     ``engine_factory(settings)`` returns an object with :meth:`Engine.segment`'s signature;
-    it is called once, and only if some case is left to compute.
+    it is called once, and only if some case is left to compute. ``executor`` (see
+    :mod:`oflsam2.executors`; default: in this process) runs the cases left; the first case
+    that fails stops the experiment.
     """
     from tqdm import tqdm
 
     from .events import Events
+    from .executors import LocalExecutor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = draw_groups(config, scan_cases(config))
     _record_run(config, groups, out_dir / "run.json")
     factory = engine_factory or default_engine_factory(config)
-    engine = None
-    volumes = len(groups[0]["support"])
-    loader = _CaseLoader(config, keep=volumes + 1)
+    executor = executor or LocalExecutor(lambda: factory(config.model))
+    loader = _CaseLoader(config, keep=len(groups[0]["support"]) + 1)
     total = sum(len(g["queries"]) for g in groups) * len(config.methods)
-    rows, computed, skipped = [], 0, 0
-    with tqdm(total=total, desc=config.name, unit="case", disable=not progress, file=sys.stderr) as bar:
-        events = Events(on_progress=lambda stage, done, all_, message="": bar.set_postfix_str(f"{stage} {done}/{all_}"))
-        for group in groups:
-            calls = None
-            group_dir = out_dir / f"group_{group['group']}"
-            for case in group["queries"]:
-                for run in config.methods:
-                    folder = group_dir / run.name / case
-                    bar.set_description(f"{config.name} g{group['group']} {run.name} {case}")
-                    if (folder / METRICS_FILE).is_file():
-                        rows += read_csv(folder / METRICS_FILE)
-                        skipped += 1
-                        bar.update()
-                        continue
-                    if engine is None:
-                        engine = factory(config.model)
-                    if calls is None:
-                        calls = support_references(config, group, loader)
-                        if config.montage and config.support.mode == "slices":
-                            _support_montages(config, group, loader, group_dir / "supports")
-                    rows += _run_case(config, engine, run, group["group"], case, loader.load(case), calls, folder, events)
-                    computed += 1
-                    bar.update()
-    return _finish(config, rows, out_dir, computed, skipped)
+    found: dict[int, list[dict]] = {}  # position in the run order -> rows of a finished case
+    tasks, positions, names = [], [], []
+    for group in groups:
+        group_dir = out_dir / f"group_{group['group']}"
+        montages_due = config.montage and config.support.mode == "slices"
+        for case in group["queries"]:
+            for run in config.methods:
+                folder = group_dir / run.name / case
+                if (folder / METRICS_FILE).is_file():
+                    found[len(positions) + len(found)] = read_csv(folder / METRICS_FILE)
+                    continue
+                if montages_due:
+                    _support_montages(config, group, loader, group_dir / "supports")
+                    montages_due = False
+                positions.append(len(positions) + len(found))
+                names.append(f"g{group['group']} {run.name} {case}")
+                tasks.append(functools.partial(_case_task, config, group, case, run.name, folder))
+    skipped = len(found)
+    with tqdm(total=total, initial=skipped, desc=config.name, unit="case", disable=not progress, file=sys.stderr) as bar:
+
+        def events_for(index: int):
+            bar.set_description(f"{config.name} {names[index]}")
+            return Events(on_progress=lambda stage, done, all_, message="": bar.set_postfix_str(f"{stage} {done}/{all_}"))
+
+        def finished(outcome) -> None:
+            if outcome.error:
+                raise InputError(f"Case {names[outcome.index]} failed: {outcome.error}")
+            found[positions[outcome.index]] = outcome.value
+            bar.update()
+
+        if tasks:
+            executor.run(tasks, finished, events_for, catch_errors=False)
+    rows = [row for position in sorted(found) for row in found[position]]
+    return _finish(config, rows, out_dir, len(tasks), skipped)
+
+
+_WORKER_LOADER: dict[str, _CaseLoader] = {}  # one per process: the last config's volumes
+
+
+def _case_task(config: ExperimentConfig, group: dict, case: str, run_name: str, folder: Path, engine, events) -> list[dict]:
+    """One query x method in a worker (this process or a Ray actor); returns its metric rows."""
+    key = json.dumps([str(config.path), config.preset, config.axis, [[c.id, str(c.image), str(c.label)] for c in config.cases.values()]])
+    if key not in _WORKER_LOADER:
+        _WORKER_LOADER.clear()
+        _WORKER_LOADER[key] = _CaseLoader(config, keep=len(group["support"]) + 1)
+    loader = _WORKER_LOADER[key]
+    run = next(r for r in config.methods if r.name == run_name)
+    calls = support_references(config, group, loader)
+    return _run_case(config, engine, run, group["group"], case, loader.load(case), calls, folder, events)
 
 
 def _run_case(config, engine, run: MethodRun, group: int, case: str, query: LoadedCase, calls, folder: Path, events) -> list[dict]:
@@ -877,7 +912,9 @@ def results_markdown(config: ExperimentConfig, results: list[dict]) -> str:
 
 
 def register_experiment_command(subparsers) -> None:
-    """Add ``experiment CONFIG [--out DIR] [--data-root DIR] [--random-weights] [--device D]``."""
+    """Add ``experiment CONFIG [--out DIR] [--data-root DIR] [--random-weights] [--device D] [--executor E]``."""
+    from .executors import add_executor_options
+
     parser = subparsers.add_parser(
         "experiment",
         help="run a few-shot experiment described by a YAML file (resumable)",
@@ -891,16 +928,20 @@ def register_experiment_command(subparsers) -> None:
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="where to run SAM2 (default: the file's, else auto)")
     parser.add_argument("--no-montage", action="store_true", help="skip the PNG montages")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_options(parser)
     parser.set_defaults(func=run_experiment_command)
 
 
 def run_experiment_command(args) -> int:
     """Handler of ``oflsam2 experiment``; raises :class:`InputError` for a bad config."""
+    from .executors import make_executor
+
     config = load_config(args.config, data_root=args.data_root, random_weights=args.random_weights, device=args.device)
     if args.no_montage:
         config.montage = False
     out = Path(args.out) if args.out else Path("results") / config.name
-    outcome = run_experiment(config, out, progress=not args.quiet)
+    with make_executor(args.executor, config.model, max_cached_volumes=cached_volumes(config), address=args.address, workers=args.workers) as executor:
+        outcome = run_experiment(config, out, progress=not args.quiet, executor=executor)
     print(results_markdown(config, outcome.results))
     print(f"{outcome.computed} case run(s) computed, {outcome.skipped} found finished; results in {out}")
     return 0
