@@ -238,9 +238,12 @@ class SegmentGrid:
         is exactly the plane.
         """
         grid_to_volume = np.linalg.inv(geometry.ijk_to_ras) @ self.ijk_to_ras
-        volume_to_grid = np.linalg.inv(grid_to_volume)
         size_ijk = geometry.shape[::-1]
         vtk_axis = 2 - axis
+        shift = np.rint(grid_to_volume[:3, 3])
+        if np.allclose(grid_to_volume[:3, :3], np.eye(3), atol=1e-6) and np.allclose(grid_to_volume[:3, 3], shift, atol=1e-6):
+            return self._shifted_plane_voxels(shift.astype(int), size_ijk, vtk_axis, index, plane)
+        volume_to_grid = np.linalg.inv(grid_to_volume)
         low = [-0.5] * 3
         high = [n - 0.5 for n in size_ijk]
         low[vtk_axis], high[vtk_axis] = index - 0.5, index + 0.5
@@ -263,6 +266,23 @@ class SegmentGrid:
         value = hit & np.asarray(plane, dtype=bool)[rows, columns]
         extent = [int(first[0]), int(last[0]), int(first[1]), int(last[1]), int(first[2]), int(last[2])]
         return extent, hit, value
+
+    def _shifted_plane_voxels(self, shift: np.ndarray, size_ijk, vtk_axis: int, index: int, plane: np.ndarray):
+        """:meth:`plane_voxels` when the grid is the volume's lattice moved by whole voxels
+        (the volume's own grid, or a cropped one): the plane itself, cut to the grid."""
+        first = np.array([-s for s in shift])  # grid index of volume index 0
+        low = np.maximum(first, self.extent[0::2])
+        high = np.minimum(first + np.asarray(size_ijk) - 1, self.extent[1::2])
+        low[vtk_axis] = high[vtk_axis] = index - shift[vtk_axis]
+        if np.any(low > high) or not self.extent[2 * vtk_axis] <= low[vtk_axis] <= self.extent[2 * vtk_axis + 1]:
+            return None
+        volume_low, volume_high = low + shift, high + shift  # the same box in volume indices
+        in_plane = [a for a in (2, 1, 0) if a != vtk_axis]  # the plane's rows and columns as i/j/k
+        rows = slice(volume_low[in_plane[0]], volume_high[in_plane[0]] + 1)
+        columns = slice(volume_low[in_plane[1]], volume_high[in_plane[1]] + 1)
+        value = np.expand_dims(np.asarray(plane, dtype=bool)[rows, columns], 2 - vtk_axis)
+        extent = [int(v) for pair in zip(low, high) for v in pair]
+        return extent, np.ones(value.shape, dtype=bool), value
 
 
 def segment_grid(segmentation_node, segment_id: str, geometry: VolumeGeometry) -> SegmentGrid:

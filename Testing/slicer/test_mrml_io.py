@@ -314,3 +314,28 @@ def test_snapshot_of_a_brand_new_segment_restores_it_empty(scene):
     snapshot.restore()
 
     assert not read_segments(segmentation, volume)[segment_id].any()
+
+
+@pytest.mark.parametrize("extent", [(0, 7, 0, 6, 0, 5), (2, 6, 1, 5, -1, 3)])
+def test_plane_mapping_on_a_whole_voxel_shift_matches_the_general_mapping(scene, extent):
+    """The fast path (grid = the volume's lattice, possibly cropped) maps a plane to the same
+    voxels as the general nearest-voxel mapping does on an almost identical grid."""
+    volume = add_volume(scene, np.zeros(SHAPE, np.float32), (1.0, 1.0, 2.0))
+    geometry = mrml_io.volume_geometry(volume)
+    nudged = geometry.ijk_to_ras.copy()
+    nudged[:3, :3] = nudged[:3, :3] @ np.array([[1.0, -1e-5, 0.0], [1e-5, 1.0, 0.0], [0.0, 0.0, 1.0]])  # general path
+    rng = np.random.default_rng(0)
+    for axis in range(3):
+        for index in range(SHAPE[axis]):
+            plane = rng.random(geometry.plane_shape(axis)) > 0.5
+            results = []
+            for matrix in (geometry.ijk_to_ras, nudged):
+                grid = mrml_io.SegmentGrid(extent, matrix)
+                found = grid.plane_voxels(geometry, axis, index, plane)
+                full = np.zeros(grid.shape, bool)
+                if found is not None:
+                    box, _, value = found
+                    full[box[4] - extent[4]:box[5] - extent[4] + 1, box[2] - extent[2]:box[3] - extent[2] + 1,
+                         box[0] - extent[0]:box[1] - extent[0] + 1] = value
+                results.append(full)
+            np.testing.assert_array_equal(results[0], results[1], err_msg=f"axis {axis}, plane {index}")
