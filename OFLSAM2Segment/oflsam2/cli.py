@@ -104,6 +104,18 @@ def _add_segment(commands) -> None:
     parser.add_argument("--top-k", type=_at_least(1), default=3, help="RevSAM2 supports kept per query (default 3)")
     parser.add_argument("--revsam2-mode", choices=REVSAM2_MODES, default="full", help="RevSAM2 variant (default full)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--warm-start-epochs", type=_at_least(0), default=10,
+        help="OFL-SAM2 epochs when a trained adapter is refined (--adapter with support, or an update; default 10)",
+    )
+    review = parser.add_argument_group("review and correct")
+    review.add_argument("--quality-out", metavar="CSV", help="write per-slice quality as label,slice,quality,source rows")
+    review.add_argument("--suggest", type=_at_least(0), metavar="N", help="print the N slices per label best worth annotating next")
+    review.add_argument("--save-state", metavar="DIR", help="save what an update needs (settings, quality, OFL-SAM2 adapter) in DIR")
+    review.add_argument(
+        "--previous", metavar="PREV",
+        help="update PREV (an output of a run with --save-state DIR) from the slices where --support differs from it",
+    )
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.set_defaults(func=run_segment)
 
@@ -161,8 +173,30 @@ def _add_model_options(parser) -> None:
 
 
 def run_segment(args) -> int:
+    if args.previous or args.save_state or args.quality_out or args.suggest is not None:
+        return _run_reviewed(args)
     summary = _run_pipeline(args, args.method, Path(args.out), args.seg_nrrd, method_options(args))
     _print_summary(summary, args.json)
+    return 0
+
+
+def _run_reviewed(args) -> int:
+    """``segment`` with the review options (quality, suggestions, saved state, update)."""
+    from .run_state import describe, segment_reviewed
+
+    settings = model_settings(args)
+    summary = segment_reviewed(
+        image_path=args.image, support_path=args.support, out_path=Path(args.out), seg_nrrd_path=args.seg_nrrd,
+        method=args.method, axis=args.axis, preset=args.preset, labels=args.labels, support_slices=args.support_slices,
+        references=args.reference, settings=settings, options=method_options(args), events=progress_events(),
+        previous_path=args.previous, state_dir=args.save_state, quality_out=args.quality_out, suggest_count=args.suggest,
+    )
+    if settings.random_weights:
+        summary["warning"] = random_weights_banner()
+    _print_summary(summary, args.json)
+    if not args.json:
+        for line in describe(summary):
+            print(line)
     return 0
 
 
@@ -173,7 +207,7 @@ def method_options(args):
     return MethodOptions(
         epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
         revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter,
-        save_adapter=getattr(args, "save_adapter", None),
+        save_adapter=getattr(args, "save_adapter", None), warm_start_epochs=args.warm_start_epochs,
     )
 
 

@@ -1,0 +1,305 @@
+"""Review and correct from files: the CLI's ``--save-state``, ``--previous``, ``--quality-out``
+and ``--suggest``.
+
+A run given ``--save-state DIR`` writes ``DIR/state.json`` after its outputs: the model and
+image size, method, axis, labels, annotated slices, the image grid, a digest of the output, the
+per-slice quality and, for ``ofl``, the trained adapter in ``DIR/adapter``. An update is the same
+command with ``--previous PREV`` (the untouched output of that run) and ``--support CORRECTED``
+(PREV with corrections drawn on some slices): every plane along the run's axis where CORRECTED
+differs from PREV becomes an annotated slice, the engine re-propagates from those planes only
+(:func:`oflsam2.review.previous_run`), and the state is rewritten for the next round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .review import quality_rows, suggest, write_quality_csv, write_text_atomic
+from .volume import format_indices, read_image, read_labels
+
+STATE_FILE = "state.json"
+ADAPTER_FOLDER = "adapter"
+KIND = "oflsam2-run-state"
+FORMAT_VERSION = 1
+_GRID_TOLERANCE = 1e-4  # relative, on spacing, origin and direction
+
+
+class _RecordingEngine:
+    """Passes ``previous`` to :meth:`Engine.segment` and keeps the result for the review outputs."""
+
+    def __init__(self, engine, previous=None):
+        self.engine, self.previous, self.result = engine, previous, None
+
+    def segment(self, *args, **kwargs):
+        self.result = self.engine.segment(*args, previous=self.previous, **kwargs)
+        return self.result
+
+
+def check_review_options(method: str, options, quality_out, state_dir, previous_path) -> None:
+    """Refuse review options that cannot work, before anything is read."""
+    from .pipeline import check_folder_writable
+
+    if quality_out is not None:
+        path = Path(quality_out)
+        if path.suffix.lower() != ".csv":
+            raise InputError(f"--quality-out {path}: give a .csv file name.")
+        if not path.parent.is_dir():
+            raise InputError(f"--quality-out {path}: the folder {path.parent} does not exist. Create it first.")
+    if previous_path is not None and state_dir is None:
+        raise InputError(
+            "--previous needs --save-state DIR: the folder the run that wrote the previous result saved its "
+            "state in (it knows the annotated slices). Run the first segmentation with --save-state DIR."
+        )
+    if state_dir is not None:
+        check_folder_writable(Path(state_dir), "--save-state")
+        if method == "ofl" and options.save_adapter is not None:
+            raise InputError("--save-state already keeps the OFL-SAM2 adapter (in DIR/adapter); leave out --save-adapter.")
+
+
+def load_state(state_dir, settings) -> dict:
+    """The state saved in ``state_dir``; refused when missing, damaged or made with another
+    model or image size."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{path} does not exist: --previous needs the state saved by the run that wrote the previous result "
+            "(run it with --save-state DIR)."
+        ) from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path} cannot be read ({error}); run a fresh segmentation with --save-state.") from None
+    if not isinstance(state, dict) or state.get("kind") != KIND or state.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} is not a run state this version reads; run a fresh segmentation with --save-state.")
+    current = {"model": settings.model, "image_size": settings.image_size, "random_weights": settings.random_weights}
+    problems = [f"{key} is {state.get(key)!r} there but {value!r} now" for key, value in current.items() if state.get(key) != value]
+    if problems:
+        raise InputError(
+            f"The saved state {path} comes from another model setup: {'; '.join(problems)}. Update with the same "
+            "--model and --image-size (and weights), or run a fresh segmentation."
+        )
+    return state
+
+
+def label_digest(labels: np.ndarray) -> str:
+    """A digest of a label map's values and shape (independent of the file's integer type)."""
+    digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+    digest.update(str(labels.shape).encode())
+    return digest.hexdigest()
+
+
+def _grid(image: sitk.Image) -> dict:
+    return {
+        "size": list(image.GetSize()),
+        "spacing": list(image.GetSpacing()),
+        "origin": list(image.GetOrigin()),
+        "direction": list(image.GetDirection()),
+    }
+
+
+def _same_grid(grid: dict, image: sitk.Image) -> bool:
+    other = _grid(image)
+    if grid["size"] != other["size"]:
+        return False
+    scale = max(1.0, float(np.abs(other["spacing"]).max()))
+    return all(np.allclose(grid[key], other[key], atol=_GRID_TOLERANCE * scale) for key in ("spacing", "origin", "direction"))
+
+
+def _read_previous(previous_path, image: sitk.Image, state: dict) -> np.ndarray:
+    """PREV as an integer array; refused unless it lies on the image's grid and is the output
+    the state's run wrote."""
+    previous = sitk.ReadImage(str(previous_path)) if Path(previous_path).is_file() else None
+    if previous is None:
+        raise InputError(f"The previous result {previous_path} does not exist.")
+    if not _same_grid(_grid(image), previous):
+        raise InputError(
+            f"The previous result {previous_path} lies on another grid than the image (size {previous.GetSize()} vs "
+            f"{image.GetSize()}, or spacing/origin/direction): give the output of a run on this image."
+        )
+    labels = sitk.GetArrayFromImage(previous).astype(np.int32)
+    if label_digest(labels) != state.get("output_digest"):
+        raise InputError(
+            f"The previous result {previous_path} is not the output saved with this state (it was edited, or comes "
+            "from another run). Give the untouched output as --previous and your corrected copy as --support."
+        )
+    return labels
+
+
+def _edited_planes(support: np.ndarray, previous: np.ndarray, labels, axis: int, annotated) -> list[int]:
+    """Planes along ``axis`` where the support's labels differ from the previous result.
+
+    Refused: corrections drawn on another axis (the changes fill one plane of another axis but
+    several of the run's: a sagittal stroke in an axial run), an annotated slice erased, and a
+    corrected plane left without any label (the file cannot say "annotated, object absent").
+    """
+    ours = np.where(np.isin(support, labels), support, 0)
+    theirs = np.where(np.isin(previous, labels), previous, 0)
+    changed = ours != theirs
+    planes = {a: np.flatnonzero(changed.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)}
+    edited = [int(i) for i in planes[axis]]
+    for other in (a for a in range(3) if a != axis):
+        if len(edited) >= 3 and len(planes[other]) == 1:
+            raise InputError(
+                f"The corrections lie in one plane of array axis {other} ({int(planes[other][0])}) but change "
+                f"{len(edited)} slices of the run's axis {axis}: draw corrections on slices of the run's axis, "
+                "or run a fresh segmentation along the other axis."
+            )
+    empty = [i for i in edited if not np.take(ours, i, axis=axis).any()]
+    erased = [i for i in empty if i in set(annotated)]
+    if erased:
+        raise InputError(
+            f"Annotated slice(s) {format_indices(erased)} were erased in the support: an update cannot remove an "
+            "annotation. Restore them, or run a fresh segmentation without them."
+        )
+    if empty:
+        raise InputError(
+            f"Slice(s) {format_indices(empty)} were cleared of every label: a cleared slice cannot be told apart "
+            "from an unannotated one in a label file. Run a fresh segmentation with your corrected slices as support."
+        )
+    return edited
+
+
+def prepare_update(state: dict, image_path, support_path, previous_path, labels, axis: str, method: str):
+    """Check an update against its state; return (previous SegmentResult, annotated slices,
+    edited slices, axis name). Nothing is written."""
+    from .api import SegmentResult
+
+    if method != state["method"]:
+        raise InputError(
+            f"The previous result was made with --method {state['method']}; update with the same method "
+            "(or run a fresh segmentation)."
+        )
+    if axis not in ("auto", state["axis_name"]):
+        raise InputError(
+            f"The previous run sliced along the {state['axis_name']} axis, this one asks for {axis}: corrections "
+            f"are taken on the run's axis. Leave out --axis or give --axis {state['axis_name']}."
+        )
+    if labels is not None and sorted(labels) != sorted(state["labels"]):
+        raise InputError(f"The previous run segmented labels {state['labels']}; an update segments the same labels.")
+    if support_path is None:
+        raise InputError("--previous needs --support: the previous result with your corrections drawn on some slices.")
+    image = read_image(image_path)
+    if not _same_grid(state["grid"], image):
+        raise InputError(f"The image {image_path} is not on the grid of the image the saved state was made on.")
+    previous = _read_previous(previous_path, image, state)
+    support = read_labels(support_path, image)
+    axis_index, annotated = int(state["axis"]), [int(i) for i in state["annotated"]]
+    edited = _edited_planes(support, previous, state["labels"], axis_index, annotated)
+    result = SegmentResult(
+        masks={int(label): previous == int(label) for label in state["labels"]},
+        axis=axis_index,
+        method=state["method"],
+        info={"annotated": annotated, "quality": state.get("quality", {}), "labels": state.get("label_stats", {})},
+    )
+    result.info["labels"] = {int(k): v for k, v in result.info["labels"].items()}
+    return result, sorted(set(annotated) | set(edited)), edited, state["axis_name"]
+
+
+def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, output_path) -> Path:
+    """Write ``state.json`` for the next update (atomically, after the outputs)."""
+    output = sitk.GetArrayFromImage(sitk.ReadImage(str(output_path)))
+    labels = summary["labels"]
+    state = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "model": settings.model,
+        "image_size": settings.image_size,
+        "random_weights": settings.random_weights,
+        "method": summary["method"],
+        "axis": summary["axis"],
+        "axis_name": summary["axis_name"],
+        "preset": summary["preset"],
+        "labels": labels,
+        "label_names": {str(k): v for k, v in summary["label_names"].items()},
+        "annotated": [int(i) for i in result.info["annotated"]],
+        "grid": _grid(image),
+        "output": str(output_path),
+        "output_digest": label_digest(output),
+        "quality": {str(label): {str(i): e for i, e in entries.items()} for label, entries in result.info["quality"].items()},
+        "label_stats": {str(label): {"selected": stats["selected"]} for label, stats in result.info["labels"].items() if "selected" in stats},
+    }
+    folder = Path(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / STATE_FILE
+    write_text_atomic(path, json.dumps(state, indent=1, default=_plain) + "\n")
+    return path
+
+
+def _plain(value):
+    """numpy scalars in the JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def segment_reviewed(
+    *, image_path, support_path, out_path, seg_nrrd_path, method, axis, preset, labels, support_slices, references,
+    settings, options, events, previous_path=None, state_dir=None, quality_out=None, suggest_count=None, engine=None,
+) -> dict:
+    """:func:`oflsam2.pipeline.segment_files` plus the review options (see the module doc).
+
+    Returns its summary with ``quality_out``, ``suggested`` and, for an update, ``edited`` added.
+    """
+    import dataclasses
+
+    from .api import Engine
+    from .pipeline import segment_files
+
+    check_review_options(method, options, quality_out, state_dir, previous_path)
+    previous = None
+    edited = None
+    if previous_path is not None:
+        if support_slices is not None:
+            raise InputError("--support-slices cannot be combined with --previous: the corrected slices are found by comparison.")
+        state = load_state(state_dir, settings)
+        previous, support_slices, edited, axis = prepare_update(
+            state, image_path, support_path, previous_path, labels, axis, method
+        )
+        labels = state["labels"]
+        preset = state["preset"] if preset == "auto" else preset
+        if method == "ofl" and options.adapter is None and (Path(state_dir) / ADAPTER_FOLDER).is_dir():
+            options = dataclasses.replace(options, adapter=str(Path(state_dir) / ADAPTER_FOLDER))
+    if state_dir is not None and method == "ofl":
+        options = dataclasses.replace(options, save_adapter=str(Path(state_dir) / ADAPTER_FOLDER))
+    recording = _RecordingEngine(engine or Engine(settings), previous)
+    summary = segment_files(
+        image_path, support_path, out_path,
+        labels=labels, support_slices=support_slices, method=method, axis=axis, preset=preset, settings=settings,
+        options=options, references=references, seg_nrrd_path=seg_nrrd_path, events=events, engine=recording,
+    )
+    result = recording.result
+    if edited is not None:
+        summary["edited"] = edited
+    if quality_out is not None:
+        summary["quality_out"] = str(write_quality_csv(quality_rows(result), quality_out))
+    if suggest_count is not None:
+        summary["suggested"] = suggest(result, suggest_count)
+    if state_dir is not None:
+        summary["state"] = str(save_state(state_dir, summary, result, settings, read_image(image_path), out_path))
+    return summary
+
+
+def describe(summary: dict) -> list[str]:
+    """Lines the CLI prints for the review outputs."""
+    lines = []
+    if "edited" in summary:
+        recomputed = summary["engine"].get("recomputed", {})
+        lines.append(f"corrected slices {summary['edited']}; recomputed: " + "; ".join(
+            f"label {label} {format_indices(slices) or 'none'}" for label, slices in recomputed.items()
+        ))
+    if "suggested" in summary:
+        for label, slices in summary["suggested"].items():
+            name = summary["label_names"][label]
+            lines.append(f"annotate next, label {label} ({name}): slices {', '.join(map(str, slices)) or 'none found'}")
+    if "quality_out" in summary:
+        lines.append(f"wrote {summary['quality_out']}")
+    if "state" in summary:
+        lines.append(f"saved state in {summary['state']}")
+    return lines
+
