@@ -31,6 +31,7 @@ from slicer.util import VTKObservationMixin
 from oflsam2.volume import PRESETS
 from OFLSAM2SegmentLib import device as devices
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+from OFLSAM2SegmentLib.observers import SegmentationObserver
 from OFLSAM2SegmentLib.options import AXES, DEVICES, LOCAL_MODEL, model_choices
 from OFLSAM2SegmentLib.progress import progress_text, support_line
 from OFLSAM2SegmentLib.worker import GpuOutOfMemory
@@ -38,8 +39,6 @@ from OFLSAM2SegmentLib.worker import GpuOutOfMemory
 # The effect lives in a folder that nothing imports: Slicer loads it as a module named after that
 # folder (qSlicerSegmentEditorScriptedEffect::setPythonSource), which must not be this module's Lib.
 EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "SegmentEditorOFLSAM2Lib", "SegmentEditorEffect.py")
-# Segment changes that may change the annotated slices listed in the GUI.
-SEGMENT_EVENTS = ("SegmentModified", "SegmentAdded", "SegmentRemoved")
 
 #
 # OFLSAM2Segment
@@ -144,7 +143,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedSegmentation = None
+        # Segment changes refresh the support list, only while the module is shown (enter/exit).
+        self._segmentationObserver = SegmentationObserver(self.scheduleSupportUpdate)
         self._updatingGui = False
         self._supportTimer = None
 
@@ -187,6 +187,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel()
         self.removeObservers()
+        self._segmentationObserver.deactivate()
         if self._supportTimer is not None:
             self._supportTimer.stop()
 
@@ -200,9 +201,15 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        self._segmentationObserver.activate()
         self.initializeParameterNode()
+        self.scheduleSupportUpdate()  # strokes made while the module was hidden
 
     def exit(self) -> None:
+        # Hidden module: Segment Editor strokes must not trigger support-list reads.
+        self._segmentationObserver.deactivate()
+        if self._supportTimer is not None:
+            self._supportTimer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -240,15 +247,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Inputs and support list
 
     def onSegmentationChanged(self, node) -> None:
-        previous = self._observedSegmentation
-        if previous is not None:
-            for event in SEGMENT_EVENTS:
-                self.removeObserver(previous, getattr(slicer.vtkSegmentation, event), self.scheduleSupportUpdate)
-        self._observedSegmentation = node
+        self._segmentationObserver.setNode(node)
         self.ui.segmentsTableView.setSegmentationNode(node)
-        if node is not None:
-            for event in SEGMENT_EVENTS:
-                self.addObserver(node, getattr(slicer.vtkSegmentation, event), self.scheduleSupportUpdate)
         if self._parameterNode:
             # keep the selected segments that exist in this segmentation
             kept = [s for s in self._parameterNode.segmentIds if node is not None and node.GetSegmentation().GetSegment(s)]
@@ -282,7 +282,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self.ui.supportLabel.text = str(exc)
             return
-        self.ui.supportLabel.text = "\n".join(support_line(t.name, axisName, t.slices) for t in targets)
+        self.ui.supportLabel.text = "\n".join(support_line(t.name, axisName, t.slices, t.ignored_axes) for t in targets)
+        self._updateButtons()  # an edit since the last run withdraws "Undo last run"
 
     def onAddReference(self) -> None:
         volume = self.ui.referenceVolumeSelector.currentNode()
@@ -362,7 +363,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Segment the selected segments.") if ready
             else _("Select a volume, a segmentation and at least one segment with annotated slices.")
         )
-        self.ui.undoButton.enabled = not running and self.logic is not None and self.logic.canUndo()
+        undoBlocked = self.logic.undoUnavailableReason() if self.logic is not None else ""
+        self.ui.undoButton.enabled = not running and undoBlocked is None
+        self.ui.undoButton.toolTip = _("Put the segments back as they were before the last run.") if undoBlocked is None else undoBlocked
 
     # -----------------------------------------------------------------------------------------
     # Run
@@ -403,7 +406,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _runEnded(self, stage, text) -> None:
         self.ui.progressBar.hide()
-        self.ui.statusLabel.text = text
+        run = self.logic.lastRun
+        warnings = (run.summary or {}).get("warnings", []) if run is not None else []
+        self.ui.statusLabel.text = "\n".join([text, *warnings])
         self._updateButtons()
         self.scheduleSupportUpdate()
         if stage != "failed":

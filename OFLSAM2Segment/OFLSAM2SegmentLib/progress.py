@@ -45,12 +45,17 @@ def slice_ranges(indices: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def support_line(name: str, axis_name: str, slices: Sequence[int]) -> str:
-    """One line of the support list: ``"Liver: 3 axial slices (12, 20-21)"``."""
+def support_line(name: str, axis_name: str, slices: Sequence[int], ignored_axes: Sequence[str] = ()) -> str:
+    """One line of the support list: ``"Liver: 3 axial slices (12, 20-21)"``, plus the axes of
+    strokes that a run along ``axis_name`` ignores (``"; strokes on the sagittal axis ignored"``)."""
     if not slices:
-        return f"{name}: no annotated slice - paint at least one {axis_name} slice"
-    noun = "slice" if len(slices) == 1 else "slices"
-    return f"{name}: {len(slices)} {axis_name} {noun} ({slice_ranges(slices)})"
+        line = f"{name}: no annotated slice - paint at least one {axis_name} slice"
+    else:
+        noun = "slice" if len(slices) == 1 else "slices"
+        line = f"{name}: {len(slices)} {axis_name} {noun} ({slice_ranges(slices)})"
+    if ignored_axes:
+        line += f"; strokes on the {' and '.join(ignored_axes)} axis ignored"
+    return line
 
 
 def _range_text(run: list[int]) -> str:

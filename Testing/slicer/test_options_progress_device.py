@@ -86,6 +86,7 @@ def test_progress_text_and_support_lines():
     assert support_line("Liver", "axial", [12, 20, 21]) == "Liver: 3 axial slices (12, 20-21)"
     assert support_line("Liver", "axial", [7]) == "Liver: 1 axial slice (7)"
     assert "no annotated slice" in support_line("Spleen", "coronal", [])
+    assert support_line("Liver", "axial", [2, 5], ["sagittal"]) == "Liver: 2 axial slices (2, 5); strokes on the sagittal axis ignored"
 
 
 def test_start_up_imports_and_the_gpu_probe_do_not_import_torch():
