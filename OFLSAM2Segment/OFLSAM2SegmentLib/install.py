@@ -8,6 +8,7 @@ Nothing is installed while Slicer runs its tests (``--testing``).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -120,24 +121,55 @@ def install_sam2(requirement: str) -> None:
     slicer.util.pip_install([*SAM2_PIP_ARGS, requirement])  # a list: each item is one argument
 
 
+def slicer_packaging():
+    """``slicer.packaging`` (Slicer >= 5.12), or None on older Slicer.
+
+    It is a submodule that ``slicer/__init__`` does not import, so ``slicer.packaging`` is
+    absent until something imports it: ``getattr(slicer, "packaging")`` alone would miss it.
+    """
+    try:
+        packaging = importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+    return packaging if hasattr(packaging, "pip_ensure") and hasattr(packaging, "pip_check") else None
+
+
 def _install_rest(requirements: list[str]) -> None:
     import slicer
 
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
+    packaging = slicer_packaging()
+    if packaging is not None:  # Slicer >= 5.12
         packaging.pip_ensure(requirements, skip_packages=SKIP_PACKAGES, prompt_install=False, requester="OFLSAM2")
-    else:  # Slicer 5.10 / 5.11
+    else:  # Slicer 5.8 / 5.10: pip installs a version inside each requirement's floor and ceiling
         slicer.util.pip_install(list(requirements))
 
 
 def _unsatisfied(requirements: list[str]) -> list[str]:
-    """Requirements not met by what is installed (versions too, with Slicer >= 5.12's pip_check)."""
-    import slicer
-
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_check"):
+    """Requirements not met by what is installed, versions included."""
+    packaging = slicer_packaging()
+    if packaging is not None:
         return [r for r in requirements if not packaging.pip_check(r)]
-    return missing_requirements(requirements)
+    return [r for r in requirements if not _satisfied_without_pip(r)]
+
+
+def _satisfied_without_pip(requirement: str) -> bool:
+    """Slicer < 5.12: the requirement's module imports and its installed version lies within the
+    requirement's floor and ceiling (a requirement whose environment marker does not apply is met)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip always ships it
+        from pip._vendor.packaging.requirements import Requirement
+
+    parsed = Requirement(requirement)
+    if parsed.marker is not None and not parsed.marker.evaluate():
+        return True
+    if missing_requirements([requirement]):
+        return False
+    try:
+        version = importlib.metadata.version(parsed.name)
+    except importlib.metadata.PackageNotFoundError:
+        return not parsed.specifier  # importable but not installed by pip: only a bare name is met
+    return parsed.specifier.contains(version, prereleases=True)
 
 
 def _installed_version(distribution: str) -> str | None:

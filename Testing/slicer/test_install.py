@@ -25,11 +25,12 @@ class FakeSlicer:
             pip_install=lambda args: self.calls.append(("pip_install", list(args), os.environ.get("SAM2_BUILD_CUDA"))),
             showStatusMessage=lambda text, *a: None,
         )
-        if with_packaging:
-            self.packaging = types.SimpleNamespace(
-                pip_check=lambda requirement: install.requirement_name(requirement) not in unsatisfied,
-                pip_ensure=lambda requirements, **kw: self.calls.append(("pip_ensure", list(requirements), kw)),
-            )
+        # Slicer >= 5.12 has the submodule slicer.packaging, which slicer/__init__ does not
+        # import: it is not an attribute of ``slicer`` until imported (the fixture registers it).
+        self.packaging_module = types.SimpleNamespace(
+            pip_check=lambda requirement: install.requirement_name(requirement) not in unsatisfied,
+            pip_ensure=lambda requirements, **kw: self.calls.append(("pip_ensure", list(requirements), kw)),
+        ) if with_packaging else None
 
 
 class FakePyTorchUtils:
@@ -55,6 +56,10 @@ def environment(monkeypatch):
 
     def use(fake_slicer, pytorch_utils="default"):
         monkeypatch.setitem(sys.modules, "slicer", fake_slicer)
+        if fake_slicer.packaging_module is not None:
+            monkeypatch.setitem(sys.modules, "slicer.packaging", fake_slicer.packaging_module)
+        else:
+            monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
         module = FakePyTorchUtils(fake_slicer.calls) if pytorch_utils == "default" else pytorch_utils
         monkeypatch.setitem(sys.modules, "PyTorchUtils", module)  # None: "not installed"
         return fake_slicer
@@ -129,3 +134,25 @@ def test_requirements_have_floor_and_ceiling_and_leave_slicer_packages_alone():
     for requirement in requirements:
         assert "==" not in requirement, requirement
         assert ">=" in requirement and "<" in requirement.replace("<=", ""), f"{requirement} needs a floor and a ceiling"
+
+
+def test_slicer_packaging_is_imported_as_a_submodule(environment):
+    """On 5.12 ``slicer.packaging`` is not an attribute of ``slicer`` until imported."""
+    slicer = environment(FakeSlicer())
+    assert not hasattr(slicer, "packaging")
+    assert install.slicer_packaging() is sys.modules["slicer.packaging"]
+    install.ensure_dependencies()
+    assert [c[0] for c in slicer.calls][-1] == "pip_ensure"
+
+
+def test_without_slicer_packaging_versions_outside_the_pins_are_installed(environment):
+    """Slicer 5.8/5.10: an installed package whose version is below the floor or above the
+    ceiling counts as unsatisfied, like pip_check would say on 5.12."""
+    import importlib.metadata
+
+    environment(FakeSlicer(with_packaging=False))
+    numpy_version = importlib.metadata.version("numpy")
+    major = int(numpy_version.split(".")[0])
+    requirements = [f"numpy>={major + 1}", f"numpy<{major}", f"numpy>={major},<{major + 1}", "not-a-real-package-xyz>=1"]
+    assert install._unsatisfied(requirements) == [requirements[0], requirements[1], requirements[3]]
+    assert install._unsatisfied(['numpy>=1; python_version < "3"']) == []  # marker does not apply
