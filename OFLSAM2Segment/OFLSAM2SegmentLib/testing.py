@@ -8,6 +8,20 @@ import slicer
 from . import mrml_io
 
 
+def engine_missing_reason() -> str | None:
+    """Why the self-tests cannot run here (torch or sam2 missing, as on Slicer's extension build
+    machines), or None when they can."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "sam2") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"OFLSAM2 self-test skipped: {' and '.join(missing)} not installed in Slicer's Python. Install the PyTorch "
+        "extension, run OFLSAM2 once (it offers to install sam2 and the rest), then run the self-test again."
+    )
+
+
 def target_slices(depth: int) -> tuple[int, int]:
     """The two annotated axial slices of a test volume with ``depth`` slices (at 1/3 and 2/3)."""
     return depth // 3, (2 * depth) // 3
