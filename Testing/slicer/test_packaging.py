@@ -163,11 +163,38 @@ def test_extension_metadata_agree():
     assert s4ext["description"] == cmake["EXTENSION_DESCRIPTION"]
 
     catalog = json.loads((REPO / "OFLSAM2.json").read_text(encoding="utf-8"))
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled"}
-    assert {"$schema", "category", "scm_url"} <= catalog.keys() <= allowed
-    assert catalog["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.0.json#")
     assert catalog["scm_url"] == s4ext["scmurl"] and catalog["category"] == s4ext["category"]
-    assert catalog["build_dependencies"] == [cmake["EXTENSION_DEPENDS"]] and catalog["scm_type"] in ("git", "local")
+    assert catalog["build_dependencies"] == [cmake["EXTENSION_DEPENDS"]] and catalog["tier"] == int(s4ext["tier"])
+
+
+# The ExtensionsIndex catalog entry schema v1.0.1 (Slicer/Slicer Schemas/): field -> accepted
+# type, no other field allowed; $schema, category and scm_url required; tier one of 1, 3, 5.
+CATALOG_FIELDS = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                  "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
+def test_extension_index_entry_follows_schema_1_0_1():
+    catalog = json.loads((REPO / "OFLSAM2.json").read_text(encoding="utf-8"))
+    assert catalog["$schema"] == (
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert {"$schema", "category", "scm_url"} <= catalog.keys() <= CATALOG_FIELDS.keys(), catalog.keys() - CATALOG_FIELDS.keys()
+    for field, kind in CATALOG_FIELDS.items():
+        if field in catalog:
+            assert isinstance(catalog[field], kind) and not (kind is int and isinstance(catalog[field], bool)), field
+    assert catalog["tier"] in (1, 3, 5) and catalog["scm_type"] in ("git", "local")
+    assert all(isinstance(d, str) for d in catalog["build_dependencies"])
+
+
+def test_license_is_apache_2_at_the_root_and_packaged():
+    """The Extensions Index's check_description_files.py requires a LICENSE at the repository
+    root; the package metadata says Apache-2.0; the extension package ships this file."""
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+    sections = re.findall(r"^   (\d)\. ([A-Z][^.]+)\.", text, flags=re.MULTILINE)
+    assert [int(n) for n, _ in sections] == list(range(1, 10)), sections
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r"set\(EXTENSION_LICENSE_FILE \$\{CMAKE_CURRENT_SOURCE_DIR\}/LICENSE\)", cmake_text(REPO / "CMakeLists.txt"))
 
 
 @pytest.mark.parametrize("relative,size", [("Resources/OFLSAM2.png", (128, 128)),
