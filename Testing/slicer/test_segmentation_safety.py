@@ -468,8 +468,8 @@ def test_undo_is_refused_after_later_strokes(scene):
     paint_segment(segmentation, volume, ids[1], stroke)
     painted = read_segments(segmentation, volume)
 
-    assert not logic.canUndo()
     with nodes_unchanged(scene), pytest.raises(InputError, match="edited after the last run"):
+        assert not logic.canUndo()
         logic.undoLastRun()
     after = read_segments(segmentation, volume)
     for segment_id in ids:
@@ -479,20 +479,21 @@ def test_undo_is_refused_after_later_strokes(scene):
 def test_undo_is_offered_only_for_a_run_that_changed_something(scene):
     volume, segmentation, ids = annotated_case(scene)
     logic, worker = make_logic(lambda s: RaisingEngine(RuntimeError("engine broke")))
-    with pytest.raises(RuntimeError, match="engine broke"):
-        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+    with nodes_unchanged(scene):
+        with pytest.raises(RuntimeError, match="engine broke"):
+            logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+        assert not logic.canUndo()
+        with pytest.raises(InputError, match="changed nothing"):
+            logic.undoLastRun()
     worker.shutdown()
-    assert not logic.canUndo()
-    with pytest.raises(InputError, match="changed nothing"):
-        logic.undoLastRun()
 
     before = read_segments(segmentation, volume)
     logic, worker = make_logic(CopyEngine)
-    logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
-    worker.shutdown()
-    assert logic.canUndo()
     with nodes_unchanged(scene):
+        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+        assert logic.canUndo()
         assert logic.undoLastRun()
+    worker.shutdown()
     after = read_segments(segmentation, volume)
     for segment_id in ids:
         np.testing.assert_array_equal(after[segment_id], before[segment_id])
@@ -571,7 +572,7 @@ def test_the_option_messages_are_the_engines(scene):
     logic, worker = make_logic(CountingFactory())
     with pytest.raises(InputError) as from_engine:
         MethodOptions(max_supports=0)
-    with pytest.raises(InputError) as from_logic:
+    with nodes_unchanged(scene), pytest.raises(InputError) as from_logic:
         logic.process(volume, segmentation, ids[:1], method="ofl", maxSupports=0, **FAST)
     worker.shutdown()
     assert str(from_logic.value) == str(from_engine.value)
