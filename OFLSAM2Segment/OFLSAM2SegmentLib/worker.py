@@ -403,10 +403,11 @@ class Job:
             if message[0] == MessageKind.SLICE:
                 path = message[4]
                 try:
-                    plane = np.load(path, allow_pickle=False)
+                    message = (*message[:4], np.load(path, allow_pickle=False))
+                except (OSError, ValueError) as exc:  # the run fails (and restores) instead of the timer
+                    message = (MessageKind.ERROR, WorkerError(f"A result plane from the worker could not be read: {exc}"), "")
                 finally:
                     _remove(path)
-                message = (*message[:4], plane)
             elif message[0] in TERMINAL_KINDS:
                 shutil.rmtree(self.folder, ignore_errors=True)
             yield message

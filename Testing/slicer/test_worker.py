@@ -126,3 +126,32 @@ def test_request_never_keeps_a_view():
     owned = np.zeros(SHAPE, np.float32)
     assert not np.shares_memory(request(image=view).image, volume)
     assert request(image=owned).image is owned  # an array the caller handed over is not copied again
+
+
+def test_errors_come_back_with_their_type_and_unknown_types_as_worker_errors():
+    from oflsam2.errors import InputError
+    from OFLSAM2SegmentLib.worker import WorkerError, rebuild_error
+
+    rebuilt = rebuild_error({"error_type": "InputError", "error_module": "oflsam2.errors", "message": "bad slices"})
+    assert type(rebuilt) is InputError and str(rebuilt) == "bad slices"
+    assert type(rebuild_error({"error_type": "KeyError", "error_module": "builtins", "message": "x"})) is KeyError
+    # A name that is not an exception of a known module never becomes one (no arbitrary class lookup).
+    for event in ({"error_type": "system", "error_module": "os", "message": "rm"},
+                  {"error_type": "Popen", "error_module": "subprocess", "message": "ls"},
+                  {"error_type": "print", "error_module": "builtins", "message": "x"}):
+        error = rebuild_error(event)
+        assert type(error) is WorkerError and event["error_type"] in str(error)
+
+
+def test_a_result_plane_that_cannot_be_read_fails_the_job_instead_of_the_timer(factory):
+    worker = Worker(factory(CopyEngine))
+    job = worker.submit(request())
+    assert job.finished.wait(10)
+    for plane in job.folder.glob("plane-*.npy"):
+        plane.unlink()
+    messages = list(job.messages())
+    worker.shutdown()
+    assert messages[-1][0] == MessageKind.DONE
+    errors = [m for m in messages if m[0] == MessageKind.ERROR]
+    assert errors and "could not be read" in str(errors[0][1])
+    assert not job.folder.exists()  # the job's files are removed with its final message
