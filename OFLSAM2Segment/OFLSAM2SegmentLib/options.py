@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from oflsam2.api import METHODS, MethodOptions, ModelSettings
 from oflsam2.errors import InputError
@@ -99,21 +100,28 @@ def read_adapters(path) -> list[dict]:
 
 
 def check_outputs(config: RunConfig, target_names: list[str]) -> None:
-    """What a run would only find out at its end, checked before any model work: the adapter
-    holds a label for every target (OFL-SAM2 loads one per target name), and the folder to save
-    a trained adapter into can be written."""
+    """What a run would only find out late, checked before any model work, with the engine's
+    (and so the CLI's) checks where it has them: an adapter is used by OFL-SAM2 only, fits the
+    run's model and image size, and holds a label for every target (one is loaded per target
+    name); the folder to save a trained adapter into can be created and written."""
+    from oflsam2.batch import check_adapter_fits
+    from oflsam2.pipeline import check_folder_writable
+
     options = config.options
-    if options.adapter and config.method == "ofl":
+    for name, value in (("An adapter", options.adapter), ("Saving an adapter", options.save_adapter)):
+        if value and config.method != "ofl":
+            raise InputError(f"{name} is for OFL-SAM2 only; method {config.method!r} cannot use one. Choose method 'ofl'.")
+    if options.adapter and not os.path.isfile(str(options.adapter)):
+        read_adapters(str(options.adapter))  # the folder exists, holds adapters, each with its fields
+        check_adapter_fits(str(options.adapter), config.settings)
         _check_adapter_labels(str(options.adapter), target_names)
     if options.save_adapter:
-        check_writable_folder(str(options.save_adapter), "the adapter")
+        check_folder_writable(Path(options.save_adapter), "The folder to save the adapter in,")
 
 
 def _check_adapter_labels(path: str, target_names: list[str]) -> None:
     from oflsam2.ofl.adapter import METADATA_SUFFIX, adapter_stem
 
-    if os.path.isfile(path):  # one adapter file: used for every label
-        return
     adapters = read_adapters(path)
     held = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
     for name in target_names:
@@ -121,20 +129,6 @@ def _check_adapter_labels(path: str, target_names: list[str]) -> None:
         by_label = any(name.casefold() in (str(a.get("label_name")).casefold(), str(a.get("label"))) for a in adapters)
         if not (by_file or by_label):
             raise InputError(f"No adapter for label {name!r} in {path} (it holds: {held}). Train one for this label first.")
-
-
-def check_writable_folder(path: str, what: str) -> None:
-    """Raise :class:`InputError` unless ``path`` is a folder that can be written, or can be created."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{path} is a file; give a folder to save {what} into.")
-    existing = path
-    while not os.path.isdir(existing):
-        parent = os.path.dirname(os.path.abspath(existing))
-        if parent == os.path.abspath(existing):
-            break
-        existing = parent
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"Cannot write to {existing}, so {what} could not be saved in {path}; choose a folder you can write to.")
 
 
 def needs_download(settings: ModelSettings) -> bool:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slicer
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from oflsam2.errors import InputError  # noqa: E402
+from oflsam2.errors import AdapterError, InputError  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.worker import Worker  # noqa: E402
 
@@ -585,19 +585,24 @@ def test_adapter_labels_and_the_save_folder_are_checked_before_any_model_work(sc
     logic, worker = make_logic(factory)
     with nodes_unchanged(scene):
         with pytest.raises(InputError, match="No adapter for label 'Liver'.*it holds: Spleen"):
-            logic.process(volume, segmentation, ids[:1], method="ofl", adapter=str(adapter), **FAST)
+            logic.process(volume, segmentation, ids[:1], method="ofl", adapter=str(adapter), model="sam2.1-small",
+                          imageSize=512, **FAST)
         read_only = tmp_path / "read-only"
         read_only.mkdir()
         read_only.chmod(0o500)
         try:
             if not os.access(read_only, os.W_OK):  # root can write anyway
-                with pytest.raises(InputError, match="Cannot write to"):
+                with pytest.raises(InputError, match="cannot be written.*permission denied"):
                     logic.saveAdapter(volume, segmentation, str(read_only / "adapter"), ids[:1], **FAST)
         finally:
             read_only.chmod(0o700)
         a_file = tmp_path / "a-file"
         a_file.write_text("")
-        with pytest.raises(InputError, match="is a file"):
+        with pytest.raises(InputError, match="is a file; give a folder"):
             logic.saveAdapter(volume, segmentation, str(a_file), ids[:1], **FAST)
+        with pytest.raises(InputError, match="for OFL-SAM2 only"):
+            logic.process(volume, segmentation, ids[:1], method="sam2", adapter=str(adapter), **FAST)
+        with pytest.raises(AdapterError, match="trained with model 'sam2.1-small'.*this run: 'sam2.1-tiny'"):
+            logic.process(volume, segmentation, ids[:1], method="ofl", adapter=str(adapter), model="sam2.1-tiny", **FAST)
     worker.shutdown()
     assert factory.built == 0
