@@ -421,7 +421,7 @@ class OFLSAM2Logic:
         """
         if self.isRunning():
             raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
-        if self.adapterPath and "adapter" not in options:
+        if self.adapterPath and "adapter" not in options and method == "ofl":  # only OFL-SAM2 uses adapters
             options["adapter"] = self.adapterPath
         config = parse_options(method, options)
         plan = self.prepare(volumeNode, segmentationNode, segmentIds, config, references)

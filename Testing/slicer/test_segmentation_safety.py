@@ -606,3 +606,15 @@ def test_adapter_labels_and_the_save_folder_are_checked_before_any_model_work(sc
             logic.process(volume, segmentation, ids[:1], method="ofl", adapter=str(adapter), model="sam2.1-tiny", **FAST)
     worker.shutdown()
     assert factory.built == 0
+
+
+def test_a_loaded_adapter_is_used_by_ofl_runs_only(scene, tmp_path):
+    volume, segmentation, ids = annotated_case(scene)
+    adapter = saved_adapter(tmp_path)
+    engine = CopyEngine()
+    logic, worker = make_logic(lambda s: engine)
+    with nodes_unchanged(scene):
+        logic.loadAdapter(str(adapter))
+        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+    worker.shutdown()
+    assert engine.calls[0]["options"].adapter is None
