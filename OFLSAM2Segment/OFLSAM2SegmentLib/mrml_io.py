@@ -253,18 +253,40 @@ class SegmentGrid:
         last = np.minimum(np.ceil(on_grid.max(axis=1)).astype(int), self.extent[1::2])
         if np.any(first > last):
             return None
-        i, j, k = np.meshgrid(*(np.arange(first[a], last[a] + 1) for a in range(3)), indexing="ij")
-        ijk = np.stack([i, j, k], axis=-1).transpose(2, 1, 0, 3)  # (z, y, x, 3) in grid order
-        volume_ijk = np.floor(ijk @ grid_to_volume[:3, :3].T + grid_to_volume[:3, 3] + 0.5).astype(np.int64)
-        inside = np.all((volume_ijk >= 0) & (volume_ijk < np.asarray(size_ijk)), axis=-1)
-        hit = inside & (volume_ijk[..., vtk_axis] == index)
-        if not hit.any():
-            return None
+        # Walk the grid axis most aligned with the plane's normal: along it, each grid column meets
+        # the one-voxel-thick slab in a few voxels, found directly (not by testing the whole box).
+        normal = grid_to_volume[vtk_axis, :3]
+        along = int(np.argmax(np.abs(normal)))
+        across = [a for a in range(3) if a != along]
+        columns_p, columns_q = np.meshgrid(*(np.arange(first[a], last[a] + 1) for a in across), indexing="ij")
+        rest = normal[across[0]] * columns_p + normal[across[1]] * columns_q + grid_to_volume[vtk_axis, 3]
+        bounds = np.stack([(index - 0.5 - rest) / normal[along], (index + 0.5 - rest) / normal[along]])
+        start = np.ceil(bounds.min(axis=0) - 1e-9).astype(np.int64)
+        steps = int(np.max(np.floor(bounds.max(axis=0)) - start)) + 2
         in_plane = [2 - a for a in range(3) if a != axis]  # the plane's array axes, as i/j/k columns
-        rows = np.clip(volume_ijk[..., in_plane[0]], 0, plane.shape[0] - 1)
-        columns = np.clip(volume_ijk[..., in_plane[1]], 0, plane.shape[1] - 1)
-        value = hit & np.asarray(plane, dtype=bool)[rows, columns]
-        extent = [int(first[0]), int(last[0]), int(first[1]), int(last[1]), int(first[2]), int(last[2])]
+        plane = np.asarray(plane, dtype=bool)
+        found_ijk, found_value = [], []
+        for step in range(steps):
+            ijk = np.empty(columns_p.shape + (3,), dtype=np.int64)
+            ijk[..., along] = start + step
+            ijk[..., across[0]], ijk[..., across[1]] = columns_p, columns_q
+            volume_ijk = np.floor(ijk @ grid_to_volume[:3, :3].T + grid_to_volume[:3, 3] + 0.5).astype(np.int64)
+            hit = (ijk[..., along] >= first[along]) & (ijk[..., along] <= last[along])
+            hit &= np.all((volume_ijk >= 0) & (volume_ijk < np.asarray(size_ijk)), axis=-1)
+            hit &= volume_ijk[..., vtk_axis] == index
+            found_ijk.append(ijk[hit])
+            found_value.append(plane[volume_ijk[hit][:, in_plane[0]], volume_ijk[hit][:, in_plane[1]]])
+        ijk = np.concatenate(found_ijk)
+        if not len(ijk):
+            return None
+        low, high = ijk.min(axis=0), ijk.max(axis=0)
+        shape = tuple(int(n) for n in (high - low + 1)[::-1])  # (k, j, i)
+        where = tuple((ijk - low)[:, a] for a in (2, 1, 0))
+        hit = np.zeros(shape, dtype=bool)
+        hit[where] = True
+        value = np.zeros(shape, dtype=bool)
+        value[where] = np.concatenate(found_value)
+        extent = [int(v) for pair in zip(low, high) for v in pair]
         return extent, hit, value
 
     def _shifted_plane_voxels(self, shift: np.ndarray, size_ijk, vtk_axis: int, index: int, plane: np.ndarray):

@@ -339,3 +339,48 @@ def test_plane_mapping_on_a_whole_voxel_shift_matches_the_general_mapping(scene,
                          box[0] - extent[0]:box[1] - extent[0] + 1] = value
                 results.append(full)
             np.testing.assert_array_equal(results[0], results[1], err_msg=f"axis {axis}, plane {index}")
+
+
+def rotation_about(axis, degrees):
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    a, b = [i for i in range(3) if i != axis]
+    matrix = np.eye(3)
+    matrix[a, a], matrix[a, b], matrix[b, a], matrix[b, b] = c, -s, s, c
+    return matrix
+
+
+@pytest.mark.parametrize("rotation_axis,degrees,spacing", [(2, 20, (1.0, 1.0, 2.0)), (0, 20, (0.7, 0.9, 1.5)),
+                                                           (1, 35, (1.3, 1.0, 0.8))])
+def test_plane_mapping_on_an_oblique_grid_is_the_nearest_volume_voxel(scene, rotation_axis, degrees, spacing):
+    """Each grid voxel belongs to the volume plane of its nearest volume voxel: checked against a
+    brute-force mapping of every grid voxel."""
+    volume = add_volume(scene, np.zeros(SHAPE, np.float32), (1.0, 1.0, 2.0))
+    geometry = mrml_io.volume_geometry(volume)
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation_about(rotation_axis, degrees) * np.asarray(spacing)
+    matrix[:3, 3] = (0.3, -1.2, 0.7)
+    extent = (-3, 10, -3, 10, -2, 9)
+    grid = mrml_io.SegmentGrid(extent, matrix)
+    k, j, i = np.meshgrid(*(np.arange(extent[2 * a], extent[2 * a + 1] + 1) for a in (2, 1, 0)), indexing="ij")
+    ras = np.stack([i, j, k, np.ones_like(i)], -1) @ matrix.T
+    nearest = np.floor(ras @ np.linalg.inv(geometry.ijk_to_ras).T + 0.5).astype(int)[..., :3]  # volume i, j, k
+    inside = np.all((nearest >= 0) & (nearest < np.asarray(SHAPE[::-1])), axis=-1)
+    rng = np.random.default_rng(1)
+    for axis in range(3):
+        for index in range(SHAPE[axis]):
+            plane = rng.random(geometry.plane_shape(axis)) > 0.5
+            expected_hit = inside & (nearest[..., 2 - axis] == index)
+            rows_cols = [nearest[..., 2 - a] for a in range(3) if a != axis]
+            expected_value = expected_hit & plane[np.clip(rows_cols[0], 0, plane.shape[0] - 1),
+                                                  np.clip(rows_cols[1], 0, plane.shape[1] - 1)]
+            hit = np.zeros(grid.shape, bool)
+            value = np.zeros(grid.shape, bool)
+            found = grid.plane_voxels(geometry, axis, index, plane)
+            if found is not None:
+                box, box_hit, box_value = found
+                where = (slice(box[4] - extent[4], box[5] - extent[4] + 1), slice(box[2] - extent[2], box[3] - extent[2] + 1),
+                         slice(box[0] - extent[0], box[1] - extent[0] + 1))
+                hit[where], value[where] = box_hit, box_value
+            np.testing.assert_array_equal(hit, expected_hit, err_msg=f"axis {axis}, plane {index}")
+            np.testing.assert_array_equal(value, expected_value, err_msg=f"axis {axis}, plane {index}")

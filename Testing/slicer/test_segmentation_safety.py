@@ -227,7 +227,6 @@ def wait_for_writes(run, pump, count, timeout=20.0):
         time.sleep(0.01)
 
 
-@pytest.mark.slow
 def test_chaos_case_on_a_rotated_segmentation_grid(scene, chaos_case):
     """The issue's CHAOS report (397 of 10,144 voxels of other segments changed): a crop of a real
     MR volume, the segmentation on a grid rotated 20 degrees, the liver (on two slices) and the
