@@ -337,13 +337,6 @@ def _layer_matrix(segmentation_node, segment_id: str):
     return _numpy_matrix(layer)
 
 
-def annotated_planes(mask: np.ndarray, axis: int) -> list[int]:
-    """Indices along ``axis`` of the planes of a bool (z, y, x) mask that contain any voxel."""
-    from oflsam2.volume import annotated_slices
-
-    return annotated_slices(np.asarray(mask, dtype=np.uint8), 1, axis)
-
-
 @dataclass
 class DrawnSupport:
     """A segment's annotation along one axis: what was drawn on that axis's planes.

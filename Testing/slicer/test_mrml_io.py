@@ -92,7 +92,7 @@ def test_oblique_chaos_labels_read_back_on_the_volume_grid(scene, shared_data):
 
     for segment_id, (name, expected) in zip(ids, organs.items()):
         np.testing.assert_array_equal(masks[segment_id], expected, err_msg=name)
-    liver_slices = mrml_io.annotated_planes(masks[ids[0]], 0)
+    liver_slices = mrml_io.drawn_support(masks[ids[0]], 0).planes
     assert liver_slices == [int(k) for k in np.flatnonzero(organs["liver"].any(axis=(1, 2)))]
     assert len(liver_slices) == 22  # README: case 2 has liver on 22 slices
 
@@ -141,14 +141,22 @@ def test_segmentation_on_a_cropped_grid_reads_on_the_full_volume_grid(scene):
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_annotated_planes_along_each_axis(axis):
+def test_drawn_support_along_each_axis(axis):
+    """A plane is annotated where the segment covers an area (a 2 x 2 block); a lone voxel or a
+    one-voxel line does not annotate it and is reported as a stroke on the other axes."""
     mask = np.zeros(SHAPE, bool)
-    for plane in (1, 3, 4):
-        voxel = [1, 1, 1]
-        voxel[axis] = plane
-        mask[tuple(voxel)] = True  # one voxel is enough to make a plane annotated
-    assert mrml_io.annotated_planes(mask, axis) == [1, 3, 4]
-    assert mrml_io.annotated_planes(mask, (axis + 1) % 3) == [1]
+    for plane in (1, 4):
+        block = [slice(1, 3)] * 3
+        block[axis] = plane
+        mask[tuple(block)] = True
+    lone = [1, 1, 1]
+    lone[axis] = 3
+    mask[tuple(lone)] = True
+    drawn = mrml_io.drawn_support(mask, axis)
+    assert drawn.planes == [1, 4] and sorted(drawn.ignored_axes) == sorted({0, 1, 2} - {axis})
+    assert not drawn.mask[tuple(lone)] and drawn.mask.sum() == 8
+    across = mrml_io.drawn_support(mask, (axis + 1) % 3)  # the blocks are lines across the other axis
+    assert across.planes == [] and axis in across.ignored_axes
 
 
 # ---------------------------------------------------------------------------------------------
