@@ -38,7 +38,6 @@ from .errors import AdapterError, CheckpointError, InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 OUTPUT_SUFFIX = "_seg.nii.gz"
-SEG_NRRD_SUFFIX = "_seg.seg.nrrd"
 RECORD_SUFFIX = ".run.json"
 CASES_FILE = "cases.csv"
 CASE_COLUMNS = ("case", "status", "seconds", "slices", "quality", "attempts", "error")

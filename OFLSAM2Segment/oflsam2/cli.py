@@ -342,9 +342,14 @@ def _add_batch(commands) -> None:
     parser.add_argument("--support-dir", help="folder of support label maps, matched to cases by name")
     parser.add_argument("--seg-nrrd", action="store_true", help="also write OUT/NAME_seg.seg.nrrd (Slicer segmentation)")
     add_executor_options(parser)
-    for action in commands.choices["segment"]._actions:
+    segment = commands.choices["segment"]
+    copies = {}
+    for action in segment._actions:
         if action.dest not in _PER_CASE_OPTIONS:
-            parser._add_action(copy.copy(action))
+            copies[action] = parser._add_action(copy.copy(action))
+    for group in segment._mutually_exclusive_groups:  # e.g. --checkpoint / --random-weights
+        exclusive = parser.add_mutually_exclusive_group(required=group.required)
+        exclusive._group_actions.extend(copies[a] for a in group._group_actions if a in copies)
     parser.set_defaults(func=run_batch_command)
 
 
