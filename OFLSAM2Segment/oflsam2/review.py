@@ -66,8 +66,8 @@ def suggest(result, n: int, *, labels: Sequence[int] | None = None, spacing: int
         scores = _label_entries(quality, label)
         picked: list[int] = []
         if present.size:
-            def distance(i: int) -> int:
-                return min((abs(i - a) for a in annotated), default=len(present) + int(present[-1]))
+            def distance(i: int) -> float:  # to the nearest annotated slice
+                return min((abs(i - a) for a in annotated), default=float("inf"))
 
             candidates = [i for i in range(int(present[0]), int(present[-1]) + 1) if distance(i) >= spacing]
             candidates.sort(key=lambda i: (_quality_of(scores, i), -distance(i), i))
