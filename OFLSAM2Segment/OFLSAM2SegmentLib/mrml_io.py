@@ -386,37 +386,12 @@ def drawn_support(mask: np.ndarray, axis: int) -> DrawnSupport:
 # Per-slice writes
 
 
-def plane_image(geometry: VolumeGeometry, axis: int, index: int, plane: np.ndarray) -> tuple[object, list[int]]:
-    """A one-plane ``vtkOrientedImageData`` (uint8) on the volume grid, and its extent.
-
-    ``plane`` is 2-D: (y, x) for axis 0, (z, x) for axis 1, (z, y) for axis 2.
-    """
-    plane = np.asarray(plane)
-    expected = geometry.plane_shape(axis)
-    if plane.shape != expected:
-        raise ValueError(f"A plane along axis {axis} must have shape {expected}; got {plane.shape}.")
-    extent = geometry.plane_extent(axis, index)
-    voxels = np.ascontiguousarray(np.expand_dims(plane, axis) > 0, dtype=np.uint8)
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(*extent)
-    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
-    image.GetPointData().SetScalars(scalars)
-    image.SetImageToWorldMatrix(geometry.vtk_matrix())
-    return image, extent
-
-
-class SegmentSliceWriter:
-    """Module path: add one plane of the engine's result to one segment, on the segment's own grid.
-
-    The plane (on the volume grid) is mapped onto the grid the segment is stored on (each
-    segment voxel takes the value of its nearest volume voxel), and those voxels are added with
-    ``MODE_MERGE_MASK`` (which uses the segment's label value on a shared layer and moves the
-    segment to its own layer where it would overlap another one). The modifier is always on the
-    segment's own lattice, so Slicer never resamples the layer that other segments share, and
-    other segments never change. A write only adds voxels: strokes the user made on the plane
-    (or makes during the run) are kept. ``MODE_REPLACE`` would erase the rest of the segment
-    and ``MODE_MERGE_MAX`` would paint the raw 1s into whichever segment owns label value 1.
-    """
+class _SegmentGridWriter:
+    """Maps a plane of the engine's result (on the volume grid) onto the grid a segment is stored
+    on: each segment voxel takes the value of its nearest volume voxel. The modifier image is
+    always on the segment's own lattice, so Slicer never resamples the labelmap layer the segment
+    shares with others, and other segments never change. Writes only add voxels: strokes the user
+    made on the plane (or makes during the run) are kept."""
 
     def __init__(self, segmentation_node, geometry: VolumeGeometry):
         self.segmentation_node = segmentation_node
@@ -428,7 +403,8 @@ class SegmentSliceWriter:
             self._grids[segment_id] = segment_grid(self.segmentation_node, segment_id, self.geometry)
         return self._grids[segment_id]
 
-    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+    def modifier(self, segment_id: str, axis: int, index: int, plane: np.ndarray):
+        """``(image, extent)``: the plane's voxels to add, on the segment's grid (None: nothing to add)."""
         plane = np.asarray(plane)
         self.geometry.plane_extent(axis, index)  # checks axis and index
         if plane.shape != self.geometry.plane_shape(axis):
@@ -436,7 +412,7 @@ class SegmentSliceWriter:
         grid = self.grid(segment_id)
         found = grid.plane_voxels(self.geometry, axis, index, plane > 0)
         if found is None or not found[2].any():
-            return
+            return None
         layer = _layer_matrix(self.segmentation_node, segment_id)
         if layer is not None and not grid.same_lattice(layer):
             raise RuntimeError(
@@ -444,33 +420,40 @@ class SegmentSliceWriter:
                 "resampled?); the run stopped so that no segment gets resampled."
             )
         extent, _, value = found
+        return grid.image(value, extent), extent
+
+
+class SegmentSliceWriter(_SegmentGridWriter):
+    """Module path: add the plane's voxels with ``MODE_MERGE_MASK``, which uses the segment's
+    label value on a shared layer and moves the segment to its own layer where it would overlap
+    another one. ``MODE_REPLACE`` would erase the rest of the segment and ``MODE_MERGE_MAX``
+    would paint the raw 1s into whichever segment owns label value 1."""
+
+    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+        modifier = self.modifier(segment_id, axis, index, plane)
+        if modifier is None:
+            return
+        image, extent = modifier
         logic = slicer.vtkSlicerSegmentationsModuleLogic
-        image = grid.image(value, extent)
         if not logic.SetBinaryLabelmapToSegment(image, self.segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
             raise RuntimeError(f"Could not write plane {index} (axis {axis}) of segment {segment_id!r}.")
 
 
-class EditorSliceWriter:
-    """Segment Editor path: ``Remove`` with an all-ones plane, then ``Add`` with the mask,
-    bypassing the editor's masking and overwrite settings (``Set`` would replace the whole
-    segment). The modifier image covers one plane only, and the editor changes nothing outside
-    the modifier's extent.
+class EditorSliceWriter(_SegmentGridWriter):
+    """Segment Editor path: ``Add`` the plane's voxels, on the segment's own grid, through
+    ``modify(segment_id, image, mode)``: the effect's ``modifySegmentByLabelmap(segmentation,
+    segment_id, image, mode, bypassMasking=True)`` (or ``vtkSlicerSegmentEditorLogic``'s). The
+    modifier covers only the plane's voxels; ``Set`` would replace the whole segment."""
 
-    ``modify(segment_id, image, mode)`` is the effect's ``modifySegmentByLabelmap(segmentation,
-    segment_id, image, mode, bypassMasking=True)`` (or ``vtkSlicerSegmentEditorLogic``'s).
-    """
-
-    def __init__(self, modify: Callable, remove_mode, add_mode, geometry: VolumeGeometry):
+    def __init__(self, modify: Callable, add_mode, segmentation_node, geometry: VolumeGeometry):
+        super().__init__(segmentation_node, geometry)
         self.modify = modify
-        self.remove_mode = remove_mode
         self.add_mode = add_mode
-        self.geometry = geometry
 
     def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
-        ones, _ = plane_image(self.geometry, axis, index, np.ones(self.geometry.plane_shape(axis), np.uint8))
-        mask, _ = plane_image(self.geometry, axis, index, plane)
-        self.modify(segment_id, ones, self.remove_mode)
-        self.modify(segment_id, mask, self.add_mode)
+        modifier = self.modifier(segment_id, axis, index, plane)
+        if modifier is not None:
+            self.modify(segment_id, modifier[0], self.add_mode)
 
 
 # ---------------------------------------------------------------------------------------------

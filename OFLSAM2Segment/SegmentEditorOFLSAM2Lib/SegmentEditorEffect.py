@@ -169,8 +169,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
                 effect.modifySegmentByLabelmap(segmentationNode, segment_id, image, mode, True)
 
             modes = slicer.qSlicerSegmentEditorAbstractEffect
-            writer = EditorSliceWriter(modify, modes.ModificationModeRemove, modes.ModificationModeAdd,
-                                       volume_geometry(volumeNode))
+            writer = EditorSliceWriter(modify, modes.ModificationModeAdd, segmentationNode, volume_geometry(volumeNode))
             self.progressBar.value = 0
             self.progressBar.show()
             # The editor applies its intensity range to every write, bypassMasking or not

@@ -45,7 +45,7 @@ def editor_writer(scene, segmentation, geometry):
         editor.ModifySegmentByLabelmap(segmentation, segment_id, image, mode, True, True)
 
     logic = slicer.vtkSlicerSegmentEditorLogic
-    writer = mrml_io.EditorSliceWriter(modify, logic.ModificationModeRemove, logic.ModificationModeAdd, geometry)
+    writer = mrml_io.EditorSliceWriter(modify, logic.ModificationModeAdd, segmentation, geometry)
     writer._editor = editor  # keep the logic alive as long as the writer
     return writer
 
@@ -166,8 +166,7 @@ def test_drawn_support_along_each_axis(axis):
 @pytest.mark.parametrize("kind", ["module", "editor"])
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_plane_write_changes_one_plane_of_one_segment(scene, axis, kind):
-    """The module writer adds the plane's voxels (a run never removes the user's strokes);
-    the editor writer replaces the plane."""
+    """Both writers add the plane's voxels (a run never removes the user's strokes)."""
     volume, segmentation, ids, masks = two_segments(scene)
     geometry = mrml_io.volume_geometry(volume)
     writer = mrml_io.SegmentSliceWriter(segmentation, geometry) if kind == "module" else editor_writer(scene, segmentation, geometry)
@@ -189,8 +188,7 @@ def test_plane_write_changes_one_plane_of_one_segment(scene, axis, kind):
     selector = [slice(None)] * 3
     selector[axis] = index
     expected_b[tuple(selector)] = plane > 0
-    if kind == "module":
-        expected_b |= masks["B"]
+    expected_b |= masks["B"]
     np.testing.assert_array_equal(after[ids[1]], expected_b)
     np.testing.assert_array_equal(after[ids[0]], masks["A"])
 

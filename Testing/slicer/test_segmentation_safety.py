@@ -178,14 +178,38 @@ def oblique_case(scene, grid):
     return volume, segmentation, ids, matrix, extent
 
 
+def editor_writing(scene, segmentation, volume, kind):
+    """``process`` keyword arguments for the module path ("module") or the Segment Editor
+    effect's path ("editor": writes through vtkSlicerSegmentEditorLogic, the editor's undo)."""
+    if kind == "module":
+        return {}
+    from OFLSAM2SegmentLib import mrml_io
+
+    if not scene.IsNodeClassRegistered("vtkMRMLSegmentEditorNode"):
+        scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(segmentation)
+
+    def modify(segment_id, image, mode):  # as the effect calls it: bypassMasking
+        editor.ModifySegmentByLabelmap(segmentation, segment_id, image, mode, True, True)
+
+    writer = mrml_io.EditorSliceWriter(modify, slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd, segmentation,
+                                       mrml_io.volume_geometry(volume))
+    return {"writer": writer, "saveUndoState": editor.SaveStateForUndo}
+
+
+@pytest.mark.parametrize("kind", ["module", "editor"])
 @pytest.mark.parametrize("grid", list(GRIDS))
-def test_a_run_on_another_grid_changes_only_the_target_on_its_own_grid(scene, grid):
+def test_a_run_on_another_grid_changes_only_the_target_on_its_own_grid(scene, grid, kind):
     volume, segmentation, ids, matrix, extent = oblique_case(scene, grid)
+    writing = editor_writing(scene, segmentation, volume, kind)
     before = stored_segments(segmentation, matrix, extent)
     logic, worker = make_logic(CopyEngine)
 
     with nodes_unchanged(scene):
-        summary = logic.process(volume, segmentation, ids[:1], method="sam2", axis="axial", **FAST)
+        summary = logic.process(volume, segmentation, ids[:1], method="sam2", axis="axial", **writing, **FAST)
     worker.shutdown()
 
     after = stored_segments(segmentation, matrix, extent)
@@ -197,16 +221,19 @@ def test_a_run_on_another_grid_changes_only_the_target_on_its_own_grid(scene, gr
         np.testing.assert_allclose(layer, matrix, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["module", "editor"])
 @pytest.mark.parametrize("grid", list(GRIDS))
-def test_cancel_on_another_grid_restores_every_segment_exactly(scene, grid):
+def test_cancel_on_another_grid_restores_every_segment_exactly(scene, grid, kind):
     volume, segmentation, ids, matrix, extent = oblique_case(scene, grid)
+    writing = editor_writing(scene, segmentation, volume, kind)
     before = stored_segments(segmentation, matrix, extent)
     gate = threading.Event()
     pump = ManualPump()
     logic, worker = make_logic(lambda s: CopyEngine(s, block=gate, block_after=3), pump)
 
     with nodes_unchanged(scene):
-        run = logic.process(volume, segmentation, ids[:1], method="sam2", axis="axial", waitForCompletion=False, **FAST)
+        run = logic.process(volume, segmentation, ids[:1], method="sam2", axis="axial", waitForCompletion=False,
+                            **writing, **FAST)
         wait_for_writes(run, pump, 3)
         assert stored_segments(segmentation, matrix, extent)[ids[0]].sum() > before[ids[0]].sum()
         run.cancel()

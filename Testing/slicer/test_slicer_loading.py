@@ -168,7 +168,7 @@ def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
     editor_node.SetSourceVolumeIntensityMaskRange(1e6, 2e6)
     E = slicer.vtkSlicerSegmentEditorLogic
     writer = mrml_io.EditorSliceWriter(lambda s, image, mode: editor.ModifySegmentByLabelmap(segmentation, s, image, mode, True, True),
-                                       E.ModificationModeRemove, E.ModificationModeAdd, mrml_io.volume_geometry(volume))
+                                       E.ModificationModeAdd, segmentation, mrml_io.volume_geometry(volume))
     plane = np.ones((48, 48), bool)
 
     writer.write(ids[0], 0, 0, plane)
