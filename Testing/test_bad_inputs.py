@@ -270,6 +270,22 @@ def evil_checkpoint(ws):
         pickle.dump({"model": _Evil()}, stream)
 
 
+def experiment_file(ws):
+    """A small valid experiment over copies of the crop (cases 1 and 2)."""
+    import yaml
+
+    for case in (1, 2):
+        shutil.copy(ws["image.nii.gz"], ws.path(f"img_{case}.nii.gz"))
+        shutil.copy(ws["labels.nii.gz"], ws.path(f"lab_{case}.nii.gz"))
+    config = {
+        "name": "small", "data_root": ".", "labels": {1: "liver"}, "axis": 0, "preset": "mr",
+        "cases": {"ids": [1, 2], "image": "img_{id}.nii.gz", "label": "lab_{id}.nii.gz"},
+        "support": {"mode": "slices", "volumes": [1], "slices_per_label": 1, "groups": 1, "seed": 0},
+        "queries": [2], "methods": [{"method": "forward"}], "model": {"model": "sam2.1-tiny", "image_size": 256},
+    }
+    ws.path("exp.yaml").write_text(yaml.safe_dump(config))
+
+
 def eval_folders(ws):
     for name in ("pred", "ref"):
         ws.path(name).mkdir()
@@ -348,6 +364,10 @@ CASES = [
          2, r"would overwrite the input", eval_folders),
     Case("train-out-is-image", "6", ["train", "--image", "{image.nii.gz}", "--support", "{support.nii.gz}", "--out",
                                      "{image.nii.gz}", "--random-weights"], 2, r"is a file; give a folder"),
+    Case("experiment-out-is-a-case", "6", ["experiment", "{exp.yaml}", "--out", "{img_2.nii.gz}", "--random-weights"],
+         2, r"--out .*img_2.nii.gz is a file", experiment_file),
+    Case("experiment-out-is-the-config", "6", ["experiment", "{exp.yaml}", "--out", "{exp.yaml}", "--random-weights"],
+         2, r"--out .*exp.yaml is a file", experiment_file),
     # --- 7: train --out that cannot be a folder
     Case("train-out-under-a-file", "7", ["train", "--image", "{image.nii.gz}", "--support", "{support.nii.gz}",
                                          "--out", "{notes.txt/adapter}", "--random-weights"],

@@ -94,6 +94,7 @@ from .evaluation import (
     write_csv,
 )
 from .metrics import BOTH_EMPTY_CHOICES, METRIC_LIBRARIES, METRIC_NAMES, case_metrics
+from .pipeline import refuse_inputs_as_output
 
 SUPPORT_MODES = ("slices", "volumes")
 # The engine gets volumes already normalised to [0, 1]; this preset passes them unchanged.
@@ -940,6 +941,9 @@ def run_experiment_command(args) -> int:
     if args.no_montage:
         config.montage = False
     out = Path(args.out) if args.out else Path("results") / config.name
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; the experiment writes a folder. Give a folder name.")
+    refuse_inputs_as_output(out, [config.path, *(p for case in config.cases.values() for p in case.files.values())])
     with make_executor(args.executor, config.model, max_cached_volumes=cached_volumes(config), address=args.address, workers=args.workers) as executor:
         outcome = run_experiment(config, out, progress=not args.quiet, executor=executor)
     print(results_markdown(config, outcome.results))
