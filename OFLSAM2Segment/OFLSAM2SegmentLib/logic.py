@@ -684,8 +684,9 @@ class _Support:
 
 
 def _read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str) -> _Support:
-    """Each segment on the volume grid, the slice axis (``auto``: the one the annotations lie
-    along) and the annotated planes along it."""
+    """Each segment on the volume grid, the slice axis (``auto``: the axis the strokes were drawn
+    on, :func:`mrml_io.drawing_axis`, else the one the annotations lie along) and the annotated
+    planes along it."""
     from oflsam2.volume import axis_name, check_plane_size, resolve_axis
 
     if not ids:
@@ -699,7 +700,9 @@ def _read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str
     union = np.zeros(geometry.shape, dtype=np.uint16)
     for label, segment_id in enumerate(ids, start=1):
         union[masks[segment_id]] = label
-    axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz, support=union)
+    axis = mrml_io.drawing_axis(masks.values()) if axis_choice == "auto" else None
+    if axis is None:  # a named axis, or strokes that do not tell
+        axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz, support=union)
     check_plane_size(geometry.shape, axis)
     drawn = {s: mrml_io.drawn_support(masks[s], axis) for s in ids}
     ignored = {s: [axis_name(a, geometry.direction_lps) for a in drawn[s].ignored_axes] for s in ids}

@@ -358,6 +358,32 @@ def area_planes(mask: np.ndarray, axis: int) -> np.ndarray:
     return blocks.reshape(blocks.shape[0], -1).any(axis=1)
 
 
+def drawing_axis(masks: Iterable[np.ndarray]) -> int | None:
+    """The array axis the user drew the strokes on, for ``axis="auto"``; None when undecided.
+
+    A voxel was drawn on an axis when it lies on a plane of that axis where its segment covers an
+    area, and on no such plane of the other two axes (voxels of 3-D pieces and of annotations on
+    adjacent slices count for no axis). Each axis gets one vote per plane holding such voxels,
+    summed over the segments; a single sagittal stroke across a few axial annotations gives
+    sagittal one vote and axial several. A tie (or no vote) is None.
+    """
+    votes = np.zeros(3, dtype=int)
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            continue
+        on_area = []
+        for axis in range(3):
+            selector = [np.newaxis] * 3
+            selector[axis] = slice(None)
+            on_area.append(mask & area_planes(mask, axis)[tuple(selector)])
+        for axis in range(3):
+            only_here = on_area[axis] & ~on_area[(axis + 1) % 3] & ~on_area[(axis + 2) % 3]
+            votes[axis] += int(np.moveaxis(only_here, axis, 0).reshape(mask.shape[axis], -1).any(axis=1).sum())
+    best = np.flatnonzero(votes == votes.max())
+    return int(best[0]) if votes.max() > 0 and len(best) == 1 else None
+
+
 def drawn_support(mask: np.ndarray, axis: int) -> DrawnSupport:
     """The planes of ``axis`` that the user drew on, and the strokes drawn on other axes.
 

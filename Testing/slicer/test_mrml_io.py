@@ -390,3 +390,20 @@ def test_plane_mapping_on_an_oblique_grid_is_the_nearest_volume_voxel(scene, rot
                 hit[where], value[where] = box_hit, box_value
             np.testing.assert_array_equal(hit, expected_hit, err_msg=f"axis {axis}, plane {index}")
             np.testing.assert_array_equal(value, expected_value, err_msg=f"axis {axis}, plane {index}")
+
+
+def test_drawing_axis_counts_planes_drawn_on_each_axis_only():
+    shape = (8, 10, 12)
+    axial = np.zeros(shape, bool)
+    axial[[1, 4, 6], 2:6, 2:6] = True  # three separate axial annotations
+    sagittal = np.zeros(shape, bool)
+    sagittal[:, 1:9, 10] = True  # one large sagittal stroke
+    assert mrml_io.drawing_axis([axial | sagittal]) == 0
+    assert mrml_io.drawing_axis([sagittal]) == 2
+    blob = np.zeros(shape, bool)
+    blob[2:6, 2:8, 2:8] = True  # 3-D: drawn on no axis in particular
+    assert mrml_io.drawing_axis([blob]) is None and mrml_io.drawing_axis([]) is None
+    adjacent = np.zeros(shape, bool)
+    adjacent[[3, 4], 2:6, 2:6] = True  # two adjacent slices form a 3-D piece
+    assert mrml_io.drawing_axis([adjacent]) is None
+    assert mrml_io.drawing_axis([adjacent, sagittal]) == 2

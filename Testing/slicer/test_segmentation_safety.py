@@ -430,6 +430,18 @@ def test_a_stroke_on_another_axis_annotates_no_plane_and_is_reported(scene):
     assert after[stroke].all(), "the sagittal stroke was erased"
 
 
+def test_the_automatic_axis_is_the_one_the_annotations_were_drawn_on(scene):
+    """The sagittal stroke holds more voxels than the two axial annotations, and the old rule
+    (planes with gaps between them) picked sagittal; the strokes' own planes decide."""
+    volume, segmentation, ids, liver, stroke = sagittal_stroke_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene):
+        axis_name, (target,) = logic.describeSupport(volume, segmentation, ids[:1])  # axis "auto"
+    worker.shutdown()
+    assert stroke.sum() > liver.sum()
+    assert axis_name == "axial" and target.slices == [2, 5] and target.ignored_axes == ["sagittal"]
+
+
 def test_an_axis_without_strokes_is_refused_with_the_reason(scene):
     volume, segmentation, ids = annotated_case(scene)
     logic, worker = make_logic(CopyEngine)
