@@ -5,8 +5,10 @@ scenes are passed in explicitly (no ``slicer.mrmlScene``, no ``qt``), which lets
 run it with the real MRML classes of the ``slicer-core`` wheel.
 
 Arrays are numpy ``(z, y, x)`` = Slicer's KJI order; array axis 0 is the volume's k index,
-1 is j, 2 is i. Per-slice writes follow the recipe verified in ``slicer.md`` section 2.2: they
-touch one plane of one segment and nothing else.
+1 is j, 2 is i. Per-slice writes add one plane of the engine's result to one segment, on the
+grid that segment is stored on (``MODE_MERGE_MASK``, ``slicer.md`` section 2.2), and touch
+nothing else: no other segment, no layer resampled, no voxel removed. Reads add no node to the
+scene.
 """
 
 from __future__ import annotations
