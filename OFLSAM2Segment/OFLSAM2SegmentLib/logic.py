@@ -188,7 +188,7 @@ class Run:
             return
         try:
             with self._own_changes():
-                self._snapshot.record_plane(segment_id, axis, index)  # before writing: a half-done write is restored too
+                self._snapshot.record_plane(segment_id, axis, index, plane)  # before writing: a half-done write is undone too
                 self._writer.write(segment_id, axis, index, plane)
         except Exception as exc:  # a failed write ends the run; the snapshot puts things back
             self.error, self.traceback_text = exc, ""
@@ -403,8 +403,8 @@ class OFLSAM2Logic:
           another axis are left out and reported (``summary["warnings"]``), never counted as
           annotations (see :func:`mrml_io.drawn_support`).
         - The run only adds voxels to the target segments, on the segmentation's own grid; other
-          segments are never changed. Cancel or failure puts back every plane the run wrote and
-          keeps the user's edits elsewhere.
+          segments are never changed. Cancel or failure removes what the run added and keeps
+          the user's edits made meanwhile.
         - ``method``: ``ofl`` (OFL-SAM2), ``revsam2``, ``sam2`` (plain SAM2 propagation) or ``forward``.
         - ``progressCallback(stage, done, total, text)``: stages ``installing``, ``downloading``,
           ``loading``, ``encoding``, ``training``, ``propagating``... and finally one of

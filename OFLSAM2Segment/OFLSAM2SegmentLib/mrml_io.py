@@ -493,11 +493,12 @@ class SegmentSnapshot:
 
     This is what "cancel leaves the segmentation as it was" rests on. With ``geometry`` (the
     volume grid the run writes planes of), the run reports each plane with :meth:`record_plane`
-    before writing it, and :meth:`restore` gives the voxels of those planes (mapped onto each
-    segment's own grid, as the writer maps them) their old values back and keeps every other
-    voxel as it is now, so edits the user made elsewhere during the run survive. Without
-    ``geometry``, :meth:`restore` puts the whole segments back. Only the target segments are
-    ever written (see :class:`SegmentSliceWriter`), so they are all a restore has to cover.
+    before adding it, and :meth:`restore` removes the voxels the run added (mapped onto each
+    segment's own grid as the writers map them, and not set before the run) and keeps every other
+    voxel as it is now: edits the user made during the run survive, except on voxels the run
+    itself added. Without ``geometry``, :meth:`restore` puts the whole segments back. Runs only
+    add voxels to the target segments (see :class:`SegmentSliceWriter`), so this is exact, and
+    the targets are all a restore has to cover.
     """
 
     def __init__(self, segmentation_node, segment_ids: Sequence[str], geometry: VolumeGeometry | None = None):
@@ -505,7 +506,7 @@ class SegmentSnapshot:
         self.geometry = geometry
         self._labelmaps = {}
         self._statuses = {}
-        self._planes: dict[str, set] = {s: set() for s in segment_ids}
+        self._planes: dict[str, dict] = {s: {} for s in segment_ids}  # (axis, index) -> bool plane written
         self._grids: dict[str, SegmentGrid] = {}
         segmentation = segmentation_node.GetSegmentation()
         logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -522,13 +523,13 @@ class SegmentSnapshot:
     def segment_ids(self) -> list[str]:
         return list(self._labelmaps)
 
-    def record_plane(self, segment_id: str, axis: int, index: int) -> None:
-        """The run is about to write plane ``index`` along ``axis`` of ``segment_id``."""
-        self._planes[segment_id].add((axis, index))
-
-    def changed_segments(self) -> list[str]:
-        """Segments the run wrote at least one plane of."""
-        return [s for s, planes in self._planes.items() if planes]
+    def record_plane(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+        """The run is about to add ``plane`` (2-D, on the volume grid) as plane ``index`` along
+        ``axis`` of ``segment_id``."""
+        written = self._planes[segment_id]
+        key = (axis, index)
+        plane = np.asarray(plane) > 0
+        written[key] = written[key] | plane if key in written else plane
 
     def mark_in_progress(self) -> None:
         self._set_statuses({s: slicer.vtkSlicerSegmentationsModuleLogic.InProgress for s in self._labelmaps})
@@ -557,14 +558,14 @@ class SegmentSnapshot:
         current = grid.read(current_image)
         restored = current.copy()
         k0, j0, i0 = grid.extent[4], grid.extent[2], grid.extent[0]
-        for axis, index in self._planes[segment_id]:
-            found = grid.plane_voxels(self.geometry, axis, index, np.ones(self.geometry.plane_shape(axis), bool))
+        for (axis, index), plane in self._planes[segment_id].items():
+            found = grid.plane_voxels(self.geometry, axis, index, plane)
             if found is None:
                 continue
-            extent, hit, _ = found
+            extent, _, value = found
             box = (slice(extent[4] - k0, extent[5] - k0 + 1), slice(extent[2] - j0, extent[3] - j0 + 1),
                    slice(extent[0] - i0, extent[1] - i0 + 1))
-            restored[box][hit] = before[box][hit]
+            restored[box][value & ~before[box]] = False  # what the run added; the rest is the user's
         if np.array_equal(restored, current):
             return
         logic = slicer.vtkSlicerSegmentationsModuleLogic

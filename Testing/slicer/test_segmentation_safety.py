@@ -464,9 +464,12 @@ def test_paint_during_a_run_survives_cancel(scene):
     with nodes_unchanged(scene):
         run = logic.process(volume, segmentation, ids[:1], method="sam2", waitForCompletion=False, **FAST)
         wait_for_writes(run, pump, 2)
-        # The user paints the target on plane 7 (not written yet) and the other segment on plane 3.
+        # The user paints the target on plane 7 (not written yet) and on plane 0 (written by the run
+        # already, outside what it added), and the other segment on plane 3.
+        assert read_segments(segmentation, volume, ids[:1])[ids[0]][0].any()  # plane 0 was written
         paint = np.zeros((8, 12, 12), bool)
         paint[7, 9:11, 1:3] = True
+        paint[0, 9:11, 9:11] = True
         other_paint = np.zeros((8, 12, 12), bool)
         other_paint[3, 10:12, 10:12] = True
         paint_segment(segmentation, volume, ids[0], paint)
