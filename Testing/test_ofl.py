@@ -81,7 +81,7 @@ def test_confidence_gate():
     assert ofl.confidence(logits) == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("gamma, expect", [(1.0, "none"), (-1.0, "every non-empty")])
+@pytest.mark.parametrize("gamma, expect", [(1.0, "none"), (0.0, "every")])
 def test_gate_controls_memory_and_learner_updates(engine, chaos1, gamma, expect):
     image, labels = chaos1
     result = engine.segment(image, [liver_support(labels)], method="ofl", preset="mr", options=quick(epochs=0, gamma=gamma))
@@ -89,8 +89,9 @@ def test_gate_controls_memory_and_learner_updates(engine, chaos1, gamma, expect)
     scores = np.array(stats["confidence"])
     if expect == "none":
         assert stats["accepted"] == 0
-    else:
-        assert stats["accepted"] == int((scores > gamma).sum()) == len(scores)
+    else:  # gamma 0: every non-empty prediction as the object, every empty one as "absent"
+        assert stats["accepted"] == len(scores)
+        assert stats["accepted"] - stats["accepted_absent"] == int((scores > gamma).sum())
 
 
 def test_online_update_off_accepts_nothing(engine, chaos1):

@@ -21,6 +21,9 @@ from .events import Events, RunEvents
 from .volume import MAX_LABEL
 
 METHODS = ("ofl", "revsam2", "forward", "sam2")
+# Each method's model when the user names none: its paper's backbone (OFL-SAM2 used SAM2 base,
+# RevSAM2 SAM2 tiny); plain propagation follows RevSAM2.
+DEFAULT_MODELS = {"ofl": "sam2.1-base-plus", "revsam2": "sam2.1-tiny", "forward": "sam2.1-tiny", "sam2": "sam2.1-tiny"}
 DEVICES = ("auto", "cuda", "mps", "cpu")
 FEATURE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 256, 2048  # SAM2 input sizes that fit its design and a GPU's memory
@@ -146,6 +149,7 @@ class MethodOptions:
     overfit_guard: str = "holdout"  # below holdout_below_episodes, keep the weights best on held-out episodes | none
     holdout_below_episodes: int = 16
     accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
+    learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -288,6 +292,7 @@ class Engine:
             "slices_encoded": target.encoded,
             "device": str(model.device),
             "random_weights": model.random_weights,
+            "model": model.name,
             "labels": ctx.info,
             **review_info(ctx, run_slices, previous),
         }
@@ -325,6 +330,11 @@ def deterministic_mode(enabled: bool):
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
+
+
+def default_model(method: str) -> str:
+    """The model a run of ``method`` uses when the user names none (see DEFAULT_MODELS)."""
+    return DEFAULT_MODELS.get(method, DEFAULT_MODELS["sam2"])
 
 
 def annotated_in_run(supports: Sequence[LabelSupport]) -> list[int]:

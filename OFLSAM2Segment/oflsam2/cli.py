@@ -160,7 +160,10 @@ def _add_model_options(parser) -> None:
     from .checkpoints import load_manifest
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="sam2.1-tiny", choices=list(load_manifest()), help="SAM2 model (default sam2.1-tiny)")
+    group.add_argument(
+        "--model", choices=list(load_manifest()),
+        help="SAM2 model (default: the method's paper backbone, sam2.1-base-plus for ofl and train, sam2.1-tiny otherwise)",
+    )
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="local checkpoint file (default: the verified cached download)")
     weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
@@ -272,16 +275,17 @@ def _run_pipeline(args, method: str, out_path: Path, seg_nrrd, options) -> dict:
 def model_settings(args):
     """:class:`~oflsam2.api.ModelSettings` from the model options; resolves the checkpoint
     now (raising :class:`CheckpointError` with what to do) unless random weights are asked for."""
-    from .api import ModelSettings
+    from .api import ModelSettings, default_model
     from .checkpoints import model_entry, resolve_checkpoint
 
-    entry = model_entry(args.model)
+    name = args.model or default_model(getattr(args, "method", "ofl"))
+    entry = model_entry(name)
     if args.random_weights:
         print(random_weights_banner(), file=sys.stderr)
     else:
-        resolve_checkpoint(args.model, args.checkpoint)
+        resolve_checkpoint(name, args.checkpoint)
     return ModelSettings(
-        model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+        model=name, checkpoint=args.checkpoint, random_weights=args.random_weights,
         device=args.device, image_size=args.image_size or entry["image_size"],
         deterministic=getattr(args, "deterministic", False),
     )
@@ -306,6 +310,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         print(f"  label {label} ({name}): {summary['voxels'][label]} voxels; annotated slices {slices}")
     for path in summary["outputs"]:
         print(f"wrote {path}")
+    if "model" in summary.get("engine", {}):
+        print(f"model {summary['engine']['model']}")
     print(f"took {summary['timings']['total']:.1f} s")
     if "warning" in summary:
         print(summary["warning"])

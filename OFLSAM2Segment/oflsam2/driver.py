@@ -95,17 +95,23 @@ class Sam2Driver:
     ) -> torch.Tensor:
         """Memory attention: E1 = image features conditioned on a bank -> (B, 256, h, w).
 
-        spatial: (t_pos, memory) pairs; t_pos 0 marks a conditioning memory, 1..num_maskmem-1 a
-        recent one (num_maskmem-1 = the previous slice). pointers: (signed distance, obj_ptr (B or
-        1, 256)). ``num_frames`` sets the pointer-distance normalisation as in SAM2.
+        spatial: (distance, memory) pairs; distance 0 marks a conditioning memory, d >= 1 the
+        slice d steps back. As in SAM2, a recent memory's temporal encoding is indexed by its
+        distance (``maskmem_tpos_enc[d - 1]``) and a conditioning memory's by the table's last
+        entry, so a bank with fewer recent slots than the model's (``num_maskmem`` option) keeps
+        each memory's true distance. pointers: (signed distance, obj_ptr (B or 1, 256)).
+        ``num_frames`` sets the pointer-distance normalisation as in SAM2.
         """
         net, B = self.net, backbone.batch_size
         C, h, w = backbone.vision.shape[1:]
         memories, memory_pos = [], []
-        for t_pos, mem in spatial:
+        for distance, mem in spatial:
+            if not 0 <= distance < net.num_maskmem:
+                raise ValueError(f"A recent memory must lie 1..{net.num_maskmem - 1} slices back; got {distance}.")
             memories.append(mem.features.expand(B, -1, -1, -1).flatten(2).permute(2, 0, 1))
             pos = self._maskmem_pos.flatten(2).permute(2, 0, 1)
-            memory_pos.append((pos + net.maskmem_tpos_enc[net.num_maskmem - t_pos - 1]).expand(-1, B, -1))
+            slot = net.num_maskmem - 1 if distance == 0 else distance - 1
+            memory_pos.append((pos + net.maskmem_tpos_enc[slot]).expand(-1, B, -1))
         num_ptr_tokens = 0
         if pointers and net.use_obj_ptrs_in_encoder:
             distances, ptrs = zip(*pointers)
@@ -231,11 +237,11 @@ class TrackedVolume:
         net, step = self.net, -1 if reverse else 1
         selected, unselected = select_closest_cond_frames(index, self.cond, net.max_cond_frames_in_attn)
         spatial = [(0, mem) for mem in selected.values()] + [(0, mem) for mem in self.extra]
-        for t_pos in range(1, self.num_maskmem):
-            previous = index - step * (self.num_maskmem - t_pos)
+        for distance in range(self.num_maskmem - 1, 0, -1):  # oldest first, as SAM2 orders them
+            previous = index - step * distance
             mem = self.tracked.get(previous, unselected.get(previous))
             if mem is not None:
-                spatial.append((t_pos, mem))
+                spatial.append((distance, mem))
         past_cond = selected
         if net.only_obj_ptrs_in_the_past_for_eval:
             past_cond = {t: m for t, m in selected.items() if (t >= index if reverse else t <= index)}

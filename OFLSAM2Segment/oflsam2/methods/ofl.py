@@ -5,24 +5,32 @@ pointers) is built from the annotated slices; the fusion head (lift, AFM, the le
 trained on episodes drawn from the bank; then the volume is propagated slice by slice with
 E_tar = AFM(E1, lift(T_τ(F))) fed to SAM2's heads, and confident slices (S_cf > γ) join both the
 memory bank and the learner's fit set.
+
+Training and inference put E1 and τ together the same way: the learner's fit set is built by
+:func:`~.ofl_bank.fit_set` (the target's annotated slices, then object slices, then a share of
+empty ones, by similarity) and fitted with ``learner_iters_train`` iterations; E1 attends to the
+retrieved support memories, recent memories and object pointers in both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..driver import Memory, Prediction
+from ..driver import Memory
 from ..errors import InputError
 from ..events import check_cancel
-from ..features import Backbone
 from ..ofl.fusion import AdaptiveFusion, ChannelLift, sum_fusion
 from ..ofl.learner import FewShotLearner
 from .base import RunContext, SupportSet
+from .ofl_adapters import load_for_run, save_after_run
+from .ofl_bank import Bank, fit_set, retrieval_key, retrieve
 
 MAX_ONLINE_SAMPLES = 32  # learner samples added while propagating (oldest dropped first)
 
@@ -38,53 +46,19 @@ class FusionHead(nn.Module):
         self.use_learner = use_learner
         self.use_afm = use_afm
 
-    def fuse(self, e1: torch.Tensor, tau: torch.Tensor | None, vision: torch.Tensor) -> torch.Tensor:
-        """E1 (B, 256, h, w) from memory attention + T_τ(F) -> E_tar (B, 256, h, w)."""
+    def fuse(self, e1: torch.Tensor, tau: torch.Tensor | None, vision: torch.Tensor, gate_means: list | None = None) -> torch.Tensor:
+        """E1 (B, 256, h, w) from memory attention + T_τ(F) -> E_tar (B, 256, h, w).
+
+        ``gate_means``: if given, the mean AFM weight W on E1 of this call is appended to it.
+        """
         if not self.use_learner or tau is None:
             return e1
         e2 = self.lift(self.learner.apply(tau, vision))
-        return self.afm(e1, e2) if self.use_afm else sum_fusion(e1, e2)
-
-
-@dataclass
-class Bank:
-    """Support slices of one label, on the model device.
-
-    vision: (P, 256, h, w) image features F; targets: (P, 64, h, w) fp32 memory features of the
-    given masks (learner targets and conditioning memories); obj_ptr: (P, 256); object_score:
-    (P, 1); keys: (P, D) unit retrieval vectors; source: (P,) volume id (0 = the target volume);
-    index: (P,) slice index in that volume.
-    """
-
-    vision: torch.Tensor
-    targets: torch.Tensor
-    obj_ptr: torch.Tensor
-    object_score: torch.Tensor
-    keys: torch.Tensor
-    source: np.ndarray
-    index: np.ndarray
-    backbones: list[Backbone] = field(default_factory=list, repr=False)  # for training episodes
-    masks: list[np.ndarray] = field(default_factory=list, repr=False)  # (H, W) bool per slice
-
-    def __len__(self) -> int:
-        return self.vision.shape[0]
-
-    def memory(self, i: int) -> Memory:
-        return Memory(self.targets[i : i + 1], self.obj_ptr[i : i + 1], self.object_score[i : i + 1])
-
-
-def retrieval_key(vision: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, 256, h, w) -> (B, D) unit vectors: flattened F (default) or its channel means."""
-    key = vision.flatten(1) if mode == "flat" else vision.mean(dim=(2, 3))
-    return F.normalize(key.float(), dim=1)
-
-
-def retrieve(query_keys: torch.Tensor, keys: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (B, k) of the k most cosine-similar bank slices, most similar first."""
-    similarity = query_keys @ keys.T
-    if allowed is not None:
-        similarity = similarity.masked_fill(~allowed, float("-inf"))
-    return similarity.topk(min(k, keys.shape[0]), dim=1).indices
+        if not self.use_afm:
+            return sum_fusion(e1, e2)
+        if gate_means is not None and not self.afm.force_memory_only:
+            gate_means.append(float(self.afm.weight_map(e1, e2).mean()))
+        return self.afm(e1, e2)
 
 
 def build_bank(ctx: RunContext, support: SupportSet) -> Bank:
@@ -113,27 +87,36 @@ def build_bank(ctx: RunContext, support: SupportSet) -> Bank:
 def episode_pools(bank: Bank, exclude_radius: int) -> dict[int, np.ndarray]:
     """For each bank slice used as a training query, the bank slices it may learn from.
 
-    Several support volumes: leave-one-volume-out. One volume: leave-one-slice-out, also
-    excluding annotated slices within ``exclude_radius`` (near neighbours leak the answer).
-    Queries without a usable pool are skipped.
+    Several support volumes: leave-one-volume-out, except that the target's own annotated
+    slices stay in every pool (a query of the target volume loses only those within
+    ``exclude_radius`` of itself). One volume: leave-one-slice-out, also excluding annotated
+    slices within ``exclude_radius`` (near neighbours leak the answer). Queries without a
+    usable pool are skipped.
     """
     several_volumes = len(set(bank.source.tolist())) > 1
+    near = np.abs(bank.index[None, :] - bank.index[:, None]) <= exclude_radius  # (P, P)
     pools = {}
     for q in range(len(bank)):
+        same_volume = bank.source == bank.source[q]
         if several_volumes:
-            pool = np.flatnonzero(bank.source != bank.source[q])
+            keep = ~same_volume | (bank.in_target & same_volume & ~near[q])
         else:
-            pool = np.flatnonzero(np.abs(bank.index - bank.index[q]) > exclude_radius)
+            keep = ~near[q]
+        pool = np.flatnonzero(keep)
         if pool.size:
             pools[q] = pool
     return pools
 
 
-def segmentation_loss(candidates: torch.Tensor, object_score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE + Dice on pre-gating logits (best of the 3 candidates) + BCE on the object score.
+def segmentation_loss(
+    candidates: torch.Tensor, ious: torch.Tensor, object_score: torch.Tensor, target: torch.Tensor, candidate: str = "predicted"
+) -> torch.Tensor:
+    """CE + Dice on pre-gating logits + BCE on the object score.
 
-    candidates: (1, 3, s, s) logits; object_score: (1, 1); target: (1, 1, s, s) in {0, 1}.
-    The mask terms apply only when the object is present, as in SAM2's training.
+    candidates: (1, 3, s, s) logits; ious: (1, 3) predicted IoUs; object_score: (1, 1); target:
+    (1, 1, s, s) in {0, 1}. The mask terms apply only when the object is present, as in SAM2's
+    training, to the candidate chosen by ``candidate``: ``predicted`` the one inference outputs
+    (highest predicted IoU), ``min`` the best of the three (SAM2's training), ``all`` their mean.
     """
     present = target.flatten(1).amax(dim=1, keepdim=True)  # (1, 1)
     loss = F.binary_cross_entropy_with_logits(object_score, present)
@@ -142,72 +125,180 @@ def segmentation_loss(candidates: torch.Tensor, object_score: torch.Tensor, targ
         ce = F.binary_cross_entropy_with_logits(candidates, target3, reduction="none").mean(dim=(2, 3))
         prob = candidates.sigmoid()
         dice = 1 - (2 * (prob * target3).sum(dim=(2, 3)) + 1) / (prob.sum(dim=(2, 3)) + target3.sum(dim=(2, 3)) + 1)
-        loss = loss + (ce + dice).min(dim=1).values.mean()
+        per_candidate = ce + dice  # (1, 3)
+        if candidate == "predicted":
+            mask_loss = per_candidate.gather(1, ious.argmax(dim=1, keepdim=True))
+        elif candidate == "min":
+            mask_loss = per_candidate.min(dim=1).values
+        else:
+            mask_loss = per_candidate.mean(dim=1)
+        loss = loss + mask_loss.mean()
     return loss
 
 
-def fit_subset(bank: Bank, pool: np.ndarray, query_key: torch.Tensor, cap: int) -> np.ndarray:
-    """At most ``cap`` pool slices for the learner, the most similar to the query first."""
-    if pool.size <= cap:
-        return pool
-    similarity = (bank.keys[torch.from_numpy(pool)] @ query_key).cpu().numpy()
-    return pool[np.argsort(-similarity, kind="stable")[:cap]]
+def recent_memories(bank: Bank, q: int, num_recent: int, max_pointers: int):
+    """Ground-truth stand-ins for what inference has when it reaches bank slice ``q`` going
+    forward: the memories of the annotated slices 1..num_recent before it in its volume (by
+    distance) and their object pointers up to ``max_pointers`` - 1 back.
+    Returns (spatial, pointers) as :meth:`Sam2Driver.attend` takes them."""
+    same = np.flatnonzero(bank.source == bank.source[q])
+    by_index = {int(bank.index[i]): int(i) for i in same}
+    spatial, pointers = [], []
+    for distance in range(num_recent, 0, -1):  # oldest first, as SAM2 orders them
+        i = by_index.get(int(bank.index[q]) - distance)
+        if i is not None:
+            spatial.append((distance, bank.memory(i)))
+    for distance in range(1, max_pointers):
+        i = by_index.get(int(bank.index[q]) - distance)
+        if i is not None:
+            pointers.append((distance, bank.obj_ptr[i : i + 1]))
+    return spatial, pointers
 
 
-def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str, seed: int = 0) -> list[float]:
-    """Fit the head on episodes drawn from the bank (their order from ``seed``); returns the mean
-    loss of each epoch."""
+@dataclass
+class Episode:
+    """One training query: its E1 (1, 256, h, w), low-res target (1, 1, s, s) and fit set (F,)."""
+
+    query: int
+    e1: torch.Tensor
+    target: torch.Tensor
+    fit: torch.Tensor
+    has_object: bool
+
+
+def build_episodes(ctx: RunContext, bank: Bank) -> list[Episode]:
+    """Every usable training query with the inputs it meets at inference (see the module doc)."""
     opts, driver = ctx.options, ctx.driver
     pools = episode_pools(bank, opts.exclude_radius)
-    if not pools or epochs <= 0 or not head.use_learner:  # without the learner nothing is trained
-        return []
     low_res = ctx.model.image_size // 4
+    num_recent = (opts.num_maskmem or ctx.model.net.num_maskmem) - 1
+    max_pointers = min(ctx.num_slices, ctx.model.net.max_obj_ptrs_in_encoder)
+    has_object = bank.has_object if opts.retrieval_object_guarantee else None
     episodes = []
+    for q, pool in pools.items():
+        allowed = torch.zeros(1, len(bank), dtype=torch.bool, device=bank.keys.device)
+        allowed[0, torch.from_numpy(pool)] = True
+        retrieved = retrieve(bank.keys[q : q + 1], bank.keys, opts.num_retrieved, allowed, has_object)[0].tolist()
+        spatial = [(0, bank.memory(i)) for i in retrieved]
+        pointers = [(1, bank.obj_ptr[i : i + 1]) for i in retrieved]
+        if opts.episode_recent_memories:
+            recent, recent_pointers = recent_memories(bank, q, num_recent, max_pointers)
+            spatial, pointers = spatial + recent, pointers + recent_pointers
+        e1 = driver.attend(bank.backbones[q], spatial, pointers, ctx.num_slices)
+        target = torch.from_numpy(bank.masks[q].astype(np.float32))[None, None].to(e1.device)
+        target = (F.interpolate(target, size=(low_res, low_res), mode="bilinear", antialias=True) >= 0.5).float()
+        fit = fit_set(bank, pool, bank.keys[q], opts.max_fit_slices, opts.fit_empty_fraction)
+        episodes.append(Episode(q, e1, target, torch.from_numpy(fit).to(bank.vision.device), bool(bank.has_object[q])))
+    return episodes
+
+
+def empty_episodes_per_epoch(has_object: np.ndarray, empty_per_object: float | None) -> int:
+    """How many empty-slice episodes an epoch draws: at most ``empty_per_object`` per episode
+    holding the object (None, or no such episode: every empty one)."""
+    objects, empties = int(has_object.sum()), int((~has_object).sum())
+    if empty_per_object is None or objects == 0:
+        return empties
+    return min(empties, math.ceil(empty_per_object * objects))
+
+
+def epoch_order(has_object: np.ndarray, empty_per_object: float | None, rng: np.random.Generator) -> np.ndarray:
+    """The episodes of one epoch in random order: every one holding the object plus
+    :func:`empty_episodes_per_epoch` empty ones, drawn afresh each epoch."""
+    objects, empties = np.flatnonzero(has_object), np.flatnonzero(~has_object)
+    count = empty_episodes_per_epoch(has_object, empty_per_object)
+    empties = rng.choice(empties, size=count, replace=False) if count < empties.size else empties
+    return rng.permutation(np.concatenate([objects, empties]))
+
+
+def episode_loss(ctx: RunContext, head: FusionHead, bank: Bank, episode: Episode, create_graph: bool) -> torch.Tensor:
+    opts = ctx.options
+    tau = head.learner.fit(
+        bank.vision[episode.fit], bank.targets[episode.fit], num_iters=opts.learner_iters_train,
+        create_graph=create_graph, backprop_iters=opts.learner_backprop_iters,
+    )
+    e_tar = head.fuse(episode.e1, tau, bank.vision[episode.query : episode.query + 1])
+    candidates, ious, object_score = ctx.driver.decode_candidates(e_tar, bank.backbones[episode.query])
+    return segmentation_loss(candidates, ious, object_score, episode.target, opts.candidate_loss)
+
+
+def held_out_split(episodes: list[Episode], opts, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the episodes held out to watch for overfitting (none when the guard is off or
+    there are enough episodes): a third, at least one, preferably holding the object."""
+    if opts.overfit_guard != "holdout" or len(episodes) >= opts.holdout_below_episodes or len(episodes) < 2:
+        return np.zeros(0, dtype=int)
+    has_object = np.array([e.has_object for e in episodes])
+    candidates = np.flatnonzero(has_object) if has_object.any() else np.arange(len(episodes))
+    count = min(max(1, len(episodes) // 3), candidates.size)
+    return np.sort(rng.choice(candidates, size=count, replace=False))
+
+
+def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str, seed: int = 0) -> dict:
+    """Fit the head on episodes drawn from the bank (their order and draws from ``seed``).
+
+    Returns the training report: ``loss_history`` (mean training loss per epoch),
+    ``heldout_loss`` (held-out loss before training and after each epoch, when the overfit guard
+    holds episodes out), ``best_epoch`` (the epoch whose weights are kept: 0 = untrained) and
+    the episode counts.
+    """
+    opts = ctx.options
+    report = {"loss_history": [], "heldout_loss": [], "best_epoch": None, "episodes": {}}
+    if epochs <= 0 or not head.use_learner:  # without the learner nothing is trained
+        return report
     with torch.no_grad():  # E1 and the targets do not depend on trained weights: compute once
-        for q, pool in pools.items():
-            allowed = torch.zeros(1, len(bank), dtype=torch.bool, device=bank.keys.device)
-            allowed[0, torch.from_numpy(pool)] = True
-            retrieved = retrieve(bank.keys[q : q + 1], bank.keys, opts.num_retrieved, allowed)[0].tolist()
-            e1 = driver.attend(
-                bank.backbones[q],
-                [(0, bank.memory(i)) for i in retrieved],
-                [(1, bank.obj_ptr[i : i + 1]) for i in retrieved],
-                ctx.num_slices,
-            )
-            target = torch.from_numpy(bank.masks[q].astype(np.float32))[None, None].to(e1.device)
-            target = (F.interpolate(target, size=(low_res, low_res), mode="bilinear", antialias=True) >= 0.5).float()
-            fit = fit_subset(bank, pool, bank.keys[q], opts.max_fit_slices)
-            episodes.append((q, e1, target, torch.from_numpy(fit).to(bank.vision.device)))
+        episodes = build_episodes(ctx, bank)
+    if not episodes:
+        return report
+    rng = np.random.default_rng(seed)
+    held_out = held_out_split(episodes, opts, rng)
+    training = [e for i, e in enumerate(episodes) if i not in held_out]
+    has_object = np.array([e.has_object for e in training], dtype=bool)
+    report["episodes"] = {
+        "object": int(has_object.sum()),
+        "empty": int((~has_object).sum()),
+        "empty_per_epoch": empty_episodes_per_epoch(has_object, opts.empty_episodes_per_object),
+        "held_out": int(held_out.size),
+    }
+    if not training:
+        return report
     decay, no_decay = [], []
     for name, p in head.named_parameters():
         (no_decay if name.startswith("learner.") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(opts.lr_milestones), gamma=0.1)
-    generator = np.random.default_rng(seed)
-    history = []
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([episode_loss(ctx, head, bank, episodes[i], create_graph=False).item() for i in held_out]))
+
+    best_state = None
+    if held_out.size:
+        report["heldout_loss"].append(held_out_loss())
+        report["best_epoch"], best_state = 0, copy.deepcopy(head.state_dict())
     head.train()
     for epoch in range(epochs):
-        losses = []
-        for e in generator.permutation(len(episodes)):
+        losses, stepped = [], False
+        for e in epoch_order(has_object, opts.empty_episodes_per_object, rng):
             check_cancel(ctx.events)
-            q, e1, target, fit = episodes[e]
             with torch.enable_grad():
-                tau = head.learner.fit(bank.vision[fit], bank.targets[fit], num_iters=opts.learner_iters_train, create_graph=True)
-                e_tar = head.fuse(e1, tau, bank.vision[q : q + 1])
-                candidates, _, object_score = driver.decode_candidates(e_tar, bank.backbones[q])
-                loss = segmentation_loss(candidates, object_score, target)
-                trainable = loss.requires_grad  # False only when the AFM is forced to W = 1
-                if trainable:
+                loss = episode_loss(ctx, head, bank, training[e], create_graph=True)
+                if loss.requires_grad:  # False only when the AFM is forced to W = 1
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+                    stepped = True
             losses.append(loss.item())
-        if trainable:
+        if stepped:
             schedule.step()
-        history.append(float(np.mean(losses)))
-        ctx.events.progress("training", epoch + 1, epochs, f"{label_name}: epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}")
+        report["loss_history"].append(float(np.mean(losses)))
+        if held_out.size:
+            report["heldout_loss"].append(held_out_loss())
+            if report["heldout_loss"][-1] < report["heldout_loss"][report["best_epoch"]]:
+                report["best_epoch"], best_state = epoch + 1, copy.deepcopy(head.state_dict())
+        ctx.events.progress("training", epoch + 1, epochs, f"{label_name}: epoch {epoch + 1}/{epochs}, loss {report['loss_history'][-1]:.4f}")
+    if best_state is not None:  # keep the weights that did best on the held-out episodes
+        head.load_state_dict(best_state)
     head.eval()
-    return history
+    return report
 
 
 def confidence(high_res_logits: torch.Tensor) -> float:
@@ -219,76 +310,123 @@ def confidence(high_res_logits: torch.Tensor) -> float:
 
 
 class OnlineLearner:
-    """τ and the samples it is fitted on: the bank (capped) plus accepted slices (capped)."""
+    """τ and the samples it is fitted on: the initial fit set plus accepted slices (capped).
 
-    def __init__(self, head: FusionHead, bank: Bank, opts):
+    ``initial_fit="episode"`` builds the first fit set as a training episode does (every
+    annotated slice of the target, object slices first, by similarity to ``first_key``) and
+    fits it with ``learner_iters_train`` iterations; ``"even"`` takes evenly spaced bank slices
+    and ``learner_iters_online`` iterations (the behaviour before issue 10).
+    """
+
+    def __init__(self, head: FusionHead, bank: Bank, opts, first_key: torch.Tensor):
         self.head, self.opts = head, opts
-        keep = np.linspace(0, len(bank) - 1, num=min(len(bank), opts.max_fit_slices)).round().astype(int)
-        keep = torch.from_numpy(np.unique(keep)).to(bank.vision.device)
+        if opts.initial_fit == "episode":
+            keep = fit_set(bank, np.arange(len(bank)), first_key, opts.max_fit_slices, opts.fit_empty_fraction)
+            iterations = opts.learner_iters_train
+        else:
+            keep = np.unique(np.linspace(0, len(bank) - 1, num=min(len(bank), opts.max_fit_slices)).round().astype(int))
+            iterations = opts.learner_iters_online
+        self.initial_fit = {
+            "target_slices": sorted(int(i) for i in bank.index[keep][bank.in_target[keep]]),
+            "slices": int(keep.size),
+            "iterations": iterations if head.use_learner else 0,
+        }
+        keep = torch.from_numpy(keep).to(bank.vision.device)
         self.base = (bank.vision[keep], bank.targets[keep])
         self.online: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.tau = self._fit(None) if head.use_learner else None
+        self.tau = self._fit(None, iterations) if head.use_learner else None
 
-    def _fit(self, tau_init):
+    def _fit(self, tau_init, iterations: int):
         vision = torch.cat([self.base[0]] + [v for v, _ in self.online])
         targets = torch.cat([self.base[1]] + [t for _, t in self.online])
-        return self.head.learner.fit(vision, targets, tau_init=tau_init, num_iters=self.opts.learner_iters_online).detach()
+        return self.head.learner.fit(vision, targets, tau_init=tau_init, num_iters=iterations).detach()
 
     def add(self, vision: torch.Tensor, target: torch.Tensor) -> None:
         self.online = (self.online + [(vision, target.float())])[-MAX_ONLINE_SAMPLES:]
         if self.head.use_learner:
-            self.tau = self._fit(self.tau)
+            self.tau = self._fit(self.tau, self.opts.learner_iters_online)
+
+
+def absent_confidence(object_score: torch.Tensor) -> float:
+    """How sure SAM2 is that the object is absent: σ(−object score logit)."""
+    return float(torch.sigmoid(-object_score.float()).min())
+
+
+def slice_quality(score: float, object_score: torch.Tensor, predicted_empty: bool) -> dict:
+    """A propagated slice's quality: S_cf when the object was predicted, else how sure SAM2 is
+    that it is absent, σ(−object score) (S_cf of an empty prediction is 0 by definition)."""
+    if predicted_empty:
+        absent = absent_confidence(object_score)
+        return {"quality": absent, "source": "absent", "s_cf": score, "presence": 1.0 - absent}
+    return {"quality": score, "source": "s_cf", "s_cf": score}
 
 
 def propagate(ctx: RunContext, head: FusionHead, bank: Bank, label: int, given: dict[int, np.ndarray]) -> tuple[np.ndarray, dict]:
     """Segment the target volume slice by slice -> ((N, H, W) bool, statistics).
 
     With annotated slices in the volume it travels outward from the first one (forward to the
-    end, then backward to the start); otherwise it sweeps 0 -> N-1.
+    end, then backward to the start); otherwise it sweeps 0 -> N-1; an update after a correction
+    travels outward from the edited slices only (:class:`~.sweep.Sweep`). A slice enters the memory
+    bank and the learner's set when its prediction is confident (S_cf > γ); with
+    ``accept_absent`` a confident "object absent" (σ(−object score) > γ) enters the memory bank
+    only, so that past the end of an organ the recent memories say so.
     """
     opts, driver, cache = ctx.options, ctx.driver, ctx.target
     n, shape = ctx.num_slices, ctx.slice_shape
     out = np.zeros((n,) + shape, dtype=bool)
-    learner = OnlineLearner(head, bank, opts)
+    sweep = ctx.sweep(label, given)  # outward from the first annotated slice, or from the edits of an update
+    if sweep.first() is None:
+        return out, {"accepted": 0, "rejected": 0, "confidence": []}
+    ctx.events.progress("propagating", 0, sweep.bound, "fitting the learner")
+    first_key = retrieval_key(cache.backbone([sweep.first()]).vision, opts.retrieval)[0]
+    learner = OnlineLearner(head, bank, opts, first_key)
     accepted: dict[int, Memory] = {}
-    if given:
-        start = min(given)
-        order = [(i, 1) for i in range(start, n)] + [(i, -1) for i in range(start - 1, -1, -1)]
-    else:
-        order = [(i, 1) for i in range(n)]
-    order = [(i, step) for i, step in order if i not in given]
     num_recent = (opts.num_maskmem or ctx.model.net.num_maskmem) - 1
     max_pointers = min(n, ctx.model.net.max_obj_ptrs_in_encoder)
-    stats = {"accepted": 0, "rejected": 0, "confidence": []}
-    for done, (index, step) in enumerate(order):
-        ctx.events.progress("propagating", done, len(order), f"slice {done + 1}/{len(order)}")
+    support_has_object = bank.has_object
+    guarantee = support_has_object if opts.retrieval_object_guarantee else None
+    stats = {"accepted": 0, "accepted_absent": 0, "rejected": 0, "confidence": [], "initial_fit": learner.initial_fit}
+    with_object, gate_means, visited = 0, [], 0
+    for done, (index, step) in enumerate(sweep):
+        ctx.events.progress("propagating", min(done, sweep.bound), sweep.bound, f"slice {done + 1}/{sweep.bound}")
         check_cancel(ctx.events)  # after reporting: a cancel asked for now stops here
         backbone = cache.backbone([index])
-        retrieved = retrieve(retrieval_key(backbone.vision, opts.retrieval), bank.keys, opts.num_retrieved)[0].tolist()
+        retrieved = retrieve(retrieval_key(backbone.vision, opts.retrieval), bank.keys, opts.num_retrieved, has_object=guarantee)[0].tolist()
+        with_object += bool(support_has_object[retrieved].any())
         spatial = [(0, bank.memory(i)) for i in retrieved]
         pointers = [(1, bank.obj_ptr[i : i + 1]) for i in retrieved]
-        for t_rel in range(num_recent, 0, -1):  # oldest first, as SAM2 orders its recent memories
-            previous = accepted.get(index - step * t_rel)
+        for distance in range(num_recent, 0, -1):  # oldest first, as SAM2 orders its recent memories
+            previous = accepted.get(index - step * distance)
             if previous is not None:
-                spatial.append((num_recent + 1 - t_rel, previous))
-        for t_diff in range(1, max_pointers):
-            previous = accepted.get(index - step * t_diff)
+                spatial.append((distance, previous))
+        for distance in range(1, max_pointers):
+            previous = accepted.get(index - step * distance)
             if previous is not None:
-                pointers.append((t_diff, previous.obj_ptr))
+                pointers.append((distance, previous.obj_ptr))
         e1 = driver.attend(backbone, spatial, pointers, n)
-        prediction = driver.decode(head.fuse(e1, learner.tau, backbone.vision), backbone)
+        prediction = driver.decode(head.fuse(e1, learner.tau, backbone.vision, gate_means), backbone)
         out[index] = driver.to_slice_masks(prediction.low_res, shape)[0]
+        sweep.done(index, out[index])
+        visited += 1
         ctx.emit(label, index, out[index])
         score = confidence(prediction.high_res)
         stats["confidence"].append(score)
-        if opts.online_update and score > opts.gamma:
+        predicted_empty = not bool((prediction.high_res > 0).any())
+        ctx.record_quality(label, index, slice_quality(score, prediction.object_score, predicted_empty))
+        if opts.online_update and score > opts.gamma and not (predicted_empty and opts.accept_absent):
             memory = driver.encode_memory(backbone, prediction, binarize=False, dtype=torch.float32)
             accepted[index] = memory
             learner.add(backbone.vision, memory.features)
             stats["accepted"] += 1
+        elif opts.online_update and opts.accept_absent and predicted_empty and absent_confidence(prediction.object_score) > opts.gamma:
+            accepted[index] = driver.encode_memory(backbone, prediction, binarize=False, dtype=torch.float32)
+            stats["accepted"] += 1
+            stats["accepted_absent"] += 1
         else:
             stats["rejected"] += 1
-    ctx.events.progress("propagating", len(order), len(order), "done")
+    ctx.events.progress("propagating", sweep.bound, sweep.bound, "done")
+    stats["retrieval_with_object"] = with_object / visited if support_has_object.any() else None
+    stats["gate_mean_w"] = float(np.mean(gate_means)) if gate_means else None
     return out, stats
 
 
@@ -309,14 +447,12 @@ def build_head(opts, seed: int, device) -> FusionHead:
 
 def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
     """Train (or load) the fusion head for one label, then propagate it through the volume."""
-    from .ofl_adapters import load_for_run, save_after_run
-
     opts = ctx.options
     seed = label_seed(opts.seed, support.label)
     head = build_head(opts, seed, ctx.model.device)
     loaded = load_for_run(ctx, support, head)
     if loaded is not None and not (support.in_volume or support.external):
-        bank, history = loaded, []  # adapter only: its stored bank is the support
+        bank, report = loaded, train(ctx, head, loaded, 0, support.name)  # adapter only: its stored bank is the support
     else:
         if not (support.in_volume or support.external):
             raise InputError(
@@ -325,11 +461,10 @@ def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
             )
         bank = build_bank(ctx, support)
         epochs = opts.warm_start_epochs if loaded is not None else opts.epochs
-        history = train(ctx, head, bank, epochs, support.name, seed)
+        report = train(ctx, head, bank, epochs, support.name, seed)
     with torch.no_grad():
         masks, stats = propagate(ctx, head, bank, support.label, support.in_volume)
-    stats["loss_history"] = history
-    stats["seed"] = seed
+    stats.update(report, seed=seed)
     ctx.info[support.label] = stats
     save_after_run(ctx, support, head, bank, stats)
     return masks

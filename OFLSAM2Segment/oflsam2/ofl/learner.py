@@ -62,6 +62,7 @@ class FewShotLearner(nn.Module):
         tau_init: torch.Tensor | None = None,
         num_iters: int = 10,
         create_graph: bool | None = None,
+        backprop_iters: int | None = None,
     ) -> torch.Tensor:
         """Run ``num_iters`` steepest-descent steps from τ0 = 0 (or ``tau_init``) and return τ.
 
@@ -73,6 +74,9 @@ class FewShotLearner(nn.Module):
         ``create_graph`` (default: whether grad mode is on at the call) keeps the unrolled
         graph so that an outer loss reaches λ and ``tau_init``; otherwise the fit runs with
         grad enabled internally (it works under ``torch.no_grad()``) and τ comes back detached.
+        ``backprop_iters`` (with ``create_graph``): keep the graph of the last this many steps
+        only (truncated unrolling: the earlier steps are run detached, which saves most of the
+        backward pass; ``tau_init``'s graph is then cut). None keeps every step.
         """
         if num_iters < 0:
             raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
@@ -90,11 +94,14 @@ class FewShotLearner(nn.Module):
             if not (create_graph and tau.requires_grad):  # else keep tau_init's graph
                 tau = tau.detach().requires_grad_(True)
             beta = self.ridge_weight().to(dtype)
-            for _ in range(num_iters):
-                gradient = self._gradient(tau, features, targets, weights, beta, create_graph)
-                step = self._step_length(gradient, features, weights, beta)
+            detached_steps = 0 if backprop_iters is None or not create_graph else max(num_iters - backprop_iters, 0)
+            for iteration in range(num_iters):
+                graph = create_graph and iteration >= detached_steps
+                step_beta = beta if graph else beta.detach()
+                gradient = self._gradient(tau, features, targets, weights, step_beta, graph)
+                step = self._step_length(gradient, features, weights, step_beta)
                 tau = tau - step.view(-1, 1, 1, 1, 1) * gradient
-                if not create_graph:
+                if not graph:
                     tau = tau.detach().requires_grad_(True)
         if not create_graph:
             tau = tau.detach()
