@@ -267,7 +267,7 @@ def first_cli_run(shared_data, tmp_path_factory):
     }
     status = cli.main(
         ["segment", "--image", paths["image"], "--support", paths["support"], "--out", paths["prev"], "--method", "sam2",
-         "--random-weights", "--image-size", "256", "--device", "cpu", "--save-state", paths["first_state"],
+         "--model", "sam2.1-tiny", "--random-weights", "--image-size", "256", "--device", "cpu", "--save-state", paths["first_state"],
          "--suggest", "2", "--quality-out", str(folder / "q.csv")]
     )
     assert status == 0
@@ -295,8 +295,8 @@ def corrected_copy(paths, truth, image, name="corrected.nii.gz", change=None):
 def update_args(paths, support, out, *extra, previous=None, image_size="256", state=True):
     return [
         "segment", "--image", paths["image"], "--support", support, "--previous", previous or paths["prev"],
-        "--out", str(paths["out"] / out), "--method", "sam2", "--random-weights", "--image-size", image_size,
-        "--device", "cpu", *(["--save-state", paths["state"]] if state else []), *extra,
+        "--out", str(paths["out"] / out), "--method", "sam2", "--model", "sam2.1-tiny", "--random-weights",
+        "--image-size", image_size, "--device", "cpu", *(["--save-state", paths["state"]] if state else []), *extra,
     ]
 
 
