@@ -278,7 +278,8 @@ def model_settings(args):
     from .api import ModelSettings, default_model
     from .checkpoints import model_entry, resolve_checkpoint
 
-    name = args.model or default_model(getattr(args, "method", "ofl"))
+    trained = adapter_settings(getattr(args, "adapter", None))
+    name = args.model or trained.get("model") or default_model(getattr(args, "method", "ofl"))
     entry = model_entry(name)
     if args.random_weights:
         print(random_weights_banner(), file=sys.stderr)
@@ -286,9 +287,29 @@ def model_settings(args):
         resolve_checkpoint(name, args.checkpoint)
     return ModelSettings(
         model=name, checkpoint=args.checkpoint, random_weights=args.random_weights,
-        device=args.device, image_size=args.image_size or entry["image_size"],
+        device=args.device, image_size=args.image_size or trained.get("image_size") or entry["image_size"],
         deterministic=getattr(args, "deterministic", False),
     )
+
+
+def adapter_settings(folder) -> dict:
+    """The model and image size every adapter in ``folder`` was trained with (the defaults of a
+    run that uses them); empty when there is no readable adapter there or they disagree."""
+    from .errors import AdapterError
+    from .ofl.adapter import list_adapters
+
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    try:
+        adapters = list_adapters(folder)
+    except AdapterError:
+        return {}
+    agreed = {}
+    for key in ("model", "image_size"):
+        values = {a.get(key) for a in adapters}
+        if len(values) == 1 and None not in values:
+            agreed[key] = values.pop()
+    return agreed
 
 
 def random_weights_banner() -> str:
