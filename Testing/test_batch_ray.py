@@ -25,8 +25,9 @@ ray = pytest.importorskip("ray")
 
 
 def processes_mentioning(text: str) -> list[int]:
+    """Process ids whose command line contains ``text`` (Linux /proc; none elsewhere)."""
     found = []
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if entry.name.isdigit():
             try:
                 if text.encode() in (entry / "cmdline").read_bytes():
