@@ -141,6 +141,7 @@ class Run:
         self._on_end = on_end
         self._segment_of_label = {t.label: t.segment_id for t in plan.targets}
         self._written = {t.segment_id: 0 for t in plan.targets}
+        self._outside = {t.segment_id: 0 for t in plan.targets}  # planes outside the segment's grid, not written
         self._accepting = True  # False once the target nodes are gone: queued slices are dropped
         self._segmentation_alive = True
         self._started = time.perf_counter()
@@ -189,13 +190,16 @@ class Run:
         try:
             with self._own_changes():
                 self._snapshot.record_plane(segment_id, axis, index, plane)  # before writing: a half-done write is undone too
-                self._writer.write(segment_id, axis, index, plane)
+                wrote = self._writer.write(segment_id, axis, index, plane)
         except Exception as exc:  # a failed write ends the run; the snapshot puts things back
             self.error, self.traceback_text = exc, ""
             self.job.cancel()
             self._accepting = False
             return
-        self._written[segment_id] += 1
+        if wrote is False:  # the plane lies outside the segmentation's grid
+            self._outside[segment_id] += 1
+        else:
+            self._written[segment_id] += 1
 
     def _step_done(self, summary: dict) -> None:
         if self.error is not None:  # a slice write failed after the engine finished
@@ -218,7 +222,7 @@ class Run:
                                "ignoredStrokeAxes": list(t.ignored_axes)}
                 for t in plan.targets
             },
-            "warnings": plan.warnings + ignored_stroke_warnings(plan.targets),
+            "warnings": plan.warnings + ignored_stroke_warnings(plan.targets) + self._outside_warnings(),
             "engine": summary.get("info", {}),
         }
         self._end("completed", restore=False)
@@ -250,6 +254,12 @@ class Run:
             "failed": f"Failed: {self.error}{restored}",
         }[state]
         self._report(state, 1, 1, text)
+
+    def _outside_warnings(self) -> list[str]:
+        return [f"{count} planes of segment {self.plan.targets[n].name!r} have no voxel in the segmentation's geometry "
+                "(it does not cover them, or its slices are thicker than the volume's) and were not written. To keep "
+                "every plane, set the segmentation's geometry from the volume (Segment Editor: Specify geometry) and "
+                "run again." for n, count in enumerate(self._outside.values()) if count]
 
     @property
     def changed_segmentation(self) -> bool:
@@ -421,6 +431,8 @@ class OFLSAM2Logic:
         """
         if self.isRunning():
             raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
+        if progressCallback is not None and not callable(progressCallback):
+            raise InputError(f"progressCallback must be a function (stage, done, total, text); got {progressCallback!r}.")
         if self.adapterPath and "adapter" not in options and method == "ofl":  # only OFL-SAM2 uses adapters
             options["adapter"] = self.adapterPath
         config = parse_options(method, options)
@@ -556,6 +568,8 @@ class OFLSAM2Logic:
                     **options) -> dict:
         """Train OFL-SAM2 on the annotated slices, segment the volume, and save the trained
         adapter to ``adapterPath`` (written only if the whole run succeeds). Blocking."""
+        if "method" in options:
+            raise InputError("saveAdapter always trains OFL-SAM2 (method 'ofl'); leave out the method option.")
         return self.process(volumeNode, segmentationNode, segmentIds, "ofl", True, progressCallback,
                             saveAdapter=str(adapterPath), **options)
 
@@ -571,13 +585,16 @@ class OFLSAM2Logic:
         adapters = read_adapters(adapterPath)
         if isinstance(segmentNames, str):
             segmentNames = [segmentNames]
-        names = list(segmentNames) if segmentNames else [a.get("label_name") or str(a["label"]) for a in adapters]
+        names = list(segmentNames) if segmentNames is not None else [a.get("label_name") or str(a["label"]) for a in adapters]
+        if not names or not all(isinstance(n, str) and n for n in names) or len({n.casefold() for n in names}) != len(names):
+            raise InputError(f"segmentNames must be distinct, non-empty names of the adapter's labels (or None for all "
+                             f"of them); got {segmentNames!r}.")
         trained = adapters[0]
         options = {snake_case(k): v for k, v in options.items()}
         for key in ("model", "image_size", "preset"):
             options.setdefault(key, trained[key])
         options["adapter"] = str(adapterPath)
-        volumeNodes = list(volumeNodes)
+        volumeNodes = [volumeNodes] if _is_node(volumeNodes, "vtkMRMLNode") else list(volumeNodes or ())
         for volumeNode in volumeNodes:  # every volume and option checked before any node is made
             _check_input_nodes(volumeNode, None, need_segmentation=False)
         config = parse_options("ofl", {**options, "axis": options.get("axis") or "auto"})
@@ -640,6 +657,7 @@ class OFLSAM2Logic:
             if not ids:
                 raise InputError(f"Segmentation {segmentationNode.GetName()!r} has no segment; add one and paint a few slices.")
             return ids
+        mrml_io.check_segments(segmentationNode, ids)  # the source representation, before reading
         masks = mrml_io.segment_masks(segmentationNode, ids, volumeNode)
         painted = [s for s in ids if masks[s].any()]
         if not painted:
@@ -714,7 +732,13 @@ def segment_id_list(segmentIds) -> list[str] | None:
     """``segmentIds`` as a list: None stays None (the default segments), one string is one ID."""
     if segmentIds is None:
         return None
-    ids = [segmentIds] if isinstance(segmentIds, str) else list(segmentIds)
+    if isinstance(segmentIds, str):
+        ids = [segmentIds]
+    else:
+        try:
+            ids = list(segmentIds)
+        except TypeError:
+            raise InputError(f"segmentIds must be a list of segment IDs (e.g. ['Segment_1']); got {segmentIds!r}.") from None
     if not ids:
         raise InputError("No segment selected: give at least one segment ID, or None for the default segments.")
     bad = [s for s in ids if not isinstance(s, str) or not s]
@@ -751,14 +775,19 @@ def _remove_with_display_nodes(node) -> None:
     scene.RemoveNode(node)
 
 
+def _is_node(node, class_name: str) -> bool:
+    return callable(getattr(node, "IsA", None)) and bool(node.IsA(class_name))
+
+
 def _check_input_nodes(volumeNode, segmentationNode, need_segmentation: bool = True) -> None:
-    if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise InputError("Select the CT or MR volume to segment (a scalar volume, not a labelmap).")
+    if not _is_node(volumeNode, "vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError("Select the CT or MR volume to segment (a scalar volume node, not a labelmap or a name).")
+    if volumeNode.GetScene() is None:
+        raise InputError(f"Volume {volumeNode.GetName()!r} is not in a scene.")
+    mrml_io.check_scalar_volume(volumeNode)  # image data, spacing, one component: before reading any segment
     if not need_segmentation:
-        if volumeNode.GetScene() is None:
-            raise InputError(f"Volume {volumeNode.GetName()!r} is not in a scene.")
         return
-    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+    if not _is_node(segmentationNode, "vtkMRMLSegmentationNode"):
         raise InputError("Select the segmentation that holds the annotated slices.")
     if volumeNode.GetScene() is None or volumeNode.GetScene() is not segmentationNode.GetScene():
         raise InputError("The volume and the segmentation must be in the same scene.")

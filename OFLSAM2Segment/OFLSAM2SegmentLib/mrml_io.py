@@ -101,14 +101,20 @@ def _numpy_matrix(image) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def volume_array(volume_node) -> tuple[np.ndarray, VolumeGeometry]:
-    """A float32 copy (z, y, x) of a scalar volume and its geometry; never a view of the node."""
+def check_scalar_volume(volume_node) -> VolumeGeometry:
+    """The geometry of a volume that holds one value per voxel, or a clear error."""
     geometry = volume_geometry(volume_node)
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(
             f"Volume {volume_node.GetName()!r} has several components per voxel (a colour or vector "
             "image); select a scalar CT/MR volume, or extract one component with the Vector to Scalar Volume module."
         )
+    return geometry
+
+
+def volume_array(volume_node) -> tuple[np.ndarray, VolumeGeometry]:
+    """A float32 copy (z, y, x) of a scalar volume and its geometry; never a view of the node."""
+    geometry = check_scalar_volume(volume_node)
     return np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True), geometry
 
 
@@ -432,14 +438,19 @@ class _SegmentGridWriter:
         return self._grids[segment_id]
 
     def modifier(self, segment_id: str, axis: int, index: int, plane: np.ndarray):
-        """``(image, extent)``: the plane's voxels to add, on the segment's grid (None: nothing to add)."""
+        """``(image, extent)``: the plane's voxels to add, on the segment's grid. None: nothing to
+        add; False: the plane has voxels to add but lies outside the segment's grid."""
         plane = np.asarray(plane)
         self.geometry.plane_extent(axis, index)  # checks axis and index
         if plane.shape != self.geometry.plane_shape(axis):
             raise ValueError(f"A plane along axis {axis} must have shape {self.geometry.plane_shape(axis)}; got {plane.shape}.")
+        if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise InputError(f"Segment {segment_id!r} was removed from {self.segmentation_node.GetName()!r} during the run.")
         grid = self.grid(segment_id)
         found = grid.plane_voxels(self.geometry, axis, index, plane > 0)
-        if found is None or not found[2].any():
+        if found is None:
+            return False if plane.any() else None
+        if not found[2].any():
             return None
         layer = _layer_matrix(self.segmentation_node, segment_id)
         if layer is not None and not grid.same_lattice(layer):
@@ -457,14 +468,16 @@ class SegmentSliceWriter(_SegmentGridWriter):
     another one. ``MODE_REPLACE`` would erase the rest of the segment and ``MODE_MERGE_MAX``
     would paint the raw 1s into whichever segment owns label value 1."""
 
-    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> bool:
+        """False when the plane lies outside the segment's grid (nothing could be written)."""
         modifier = self.modifier(segment_id, axis, index, plane)
-        if modifier is None:
-            return
+        if not modifier:
+            return modifier is None
         image, extent = modifier
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.SetBinaryLabelmapToSegment(image, self.segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
             raise RuntimeError(f"Could not write plane {index} (axis {axis}) of segment {segment_id!r}.")
+        return True
 
 
 class EditorSliceWriter(_SegmentGridWriter):
@@ -478,10 +491,12 @@ class EditorSliceWriter(_SegmentGridWriter):
         self.modify = modify
         self.add_mode = add_mode
 
-    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> None:
+    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> bool:
+        """False when the plane lies outside the segment's grid (nothing could be written)."""
         modifier = self.modifier(segment_id, axis, index, plane)
-        if modifier is not None:
+        if modifier:
             self.modify(segment_id, modifier[0], self.add_mode)
+        return modifier is not False
 
 
 # ---------------------------------------------------------------------------------------------

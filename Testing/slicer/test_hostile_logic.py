@@ -1,0 +1,353 @@
+"""The batch API as a careless or hostile script author would call it, against real MRML.
+
+Real MRML classes (slicer-core), the fake engine through the worker seam (the model is not the
+point here). Each case checks that the user gets an :class:`InputError` that says what to do,
+that every segment is unchanged unless the run legitimately wrote it, and that no node is left
+behind (``nodes_unchanged`` counts them around each public call).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fakes import CopyEngine, ManualPump
+from mrml_helpers import add_segmentation, add_volume, read_segments, require_slicer
+
+slicer = require_slicer()
+pytestmark = pytest.mark.slicer
+
+from test_segmentation_safety import (grid_image, grid_matrix, make_logic, nodes_unchanged, rotation,  # noqa: E402
+                                      saved_adapter, stored_segments)
+
+from oflsam2.errors import InputError  # noqa: E402
+from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
+from OFLSAM2SegmentLib.worker import Worker  # noqa: E402
+
+FAST = {"randomWeights": True, "device": "cpu"}
+SHAPE = (8, 10, 12)  # z, y, x; 3 mm slices
+
+
+def painted_case(scene):
+    """A volume and a segmentation with Liver painted on axial planes 2 and 5, and Other (a row
+    through every plane) that no run may touch."""
+    volume = add_volume(scene, np.random.default_rng(1).random(SHAPE).astype(np.float32), (1.0, 1.0, 3.0))
+    liver = np.zeros(SHAPE, bool)
+    liver[[2, 5], 2:5, 2:6] = True
+    other = np.zeros(SHAPE, bool)
+    other[:, 0, :] = True
+    segmentation, ids = add_segmentation(scene, volume, {"Liver": liver, "Other": other})
+    return volume, segmentation, ids
+
+
+def assert_refused(scene, volume, segmentation, call, match):
+    """``call()`` raises an InputError matching ``match``, adds or removes no node, changes no voxel."""
+    before = read_segments(segmentation, volume)
+    with nodes_unchanged(scene), pytest.raises(InputError, match=match):
+        call()
+    after = read_segments(segmentation, volume)
+    for segment_id, mask in before.items():
+        np.testing.assert_array_equal(after[segment_id], mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments of the wrong kind
+
+
+@pytest.mark.parametrize("segment_ids", [5, 3.5, object()], ids=["int", "float", "object"])
+def test_segment_ids_that_are_not_a_list_are_refused_clearly(scene, segment_ids):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation, lambda: logic.process(volume, segmentation, segment_ids, "sam2", **FAST),
+                   "segmentIds must be a list of segment IDs")
+    with pytest.raises(InputError, match="segmentIds must be a list"):
+        logic.describeSupport(volume, segmentation, segment_ids)
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("make_ids", [tuple, lambda ids: (s for s in ids), lambda ids: ids[0]],
+                         ids=["tuple", "generator", "string"])
+def test_a_tuple_a_generator_and_one_string_select_the_same_segment(scene, make_ids):
+    volume, segmentation, ids = painted_case(scene)
+    before = read_segments(segmentation, volume)
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene):
+        summary = logic.process(volume, segmentation, make_ids(ids[:1]), "sam2", **FAST)
+    worker.shutdown()
+    after = read_segments(segmentation, volume)
+    assert list(summary["segments"]) == [ids[0]] and summary["segments"][ids[0]]["written"] == 6
+    np.testing.assert_array_equal(after[ids[1]], before[ids[1]])
+    assert after[ids[0]].sum() == 8 * 12
+
+
+@pytest.mark.parametrize("which", ["volume", "segmentation"])
+@pytest.mark.parametrize("value", ["Volume", 42], ids=["name", "number"])
+def test_a_name_or_number_instead_of_a_node_is_refused_clearly(scene, which, value):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    nodes = {"volume": volume, "segmentation": segmentation, which: value}
+    match = "Select the CT or MR volume" if which == "volume" else "Select the segmentation"
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(nodes["volume"], nodes["segmentation"], ids[:1], "sam2", **FAST), match)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.describeSupport(nodes["volume"], nodes["segmentation"], ids[:1]), match)
+    worker.shutdown()
+
+
+def test_a_progress_callback_that_is_not_a_function_is_refused(scene):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ids[:1], "sam2", True, "print", **FAST),
+                   "progressCallback must be a function")
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("imageSize", "abc", "image_size' must be of type int"),
+    ("imageSize", 255.5, "image_size' must be of type int"),
+    ("imageSize", -32, "Image size -32 is not supported"),
+    ("imageSize", 10**9, "is not supported"),
+    ("device", "gpu", "Unknown device"),
+    ("epochs", "ten", "epochs' must be of type int"),
+    ("lr", "nan", "lr must be"),
+    ("lr", float("inf"), "lr must be"),
+    ("gamma", -5, "gamma must be"),
+    ("topK", -3, "top_k must be"),
+    ("axis", None, "Unknown slice axis"),
+    ("axis", 2, "Unknown slice axis"),
+    ("preset", "bogus", "Unknown intensity preset"),
+    ("model", "sam9", "Unknown model"),
+    ("randomWeights", "maybe", "random_weights' must be of type bool"),
+    ("bogusOption", 1, "Unknown option 'bogusOption'"),
+])
+def test_options_out_of_range_or_of_the_wrong_type_are_refused(scene, option, value, match):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ids[:1], "ofl", **{**FAST, option: value}), match)
+    worker.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes and segmentations of odd kinds
+
+
+def test_a_colour_or_empty_volume_is_named_before_the_segments_are_read(scene, tmp_path):
+    """With the default segments (None) and a colour volume, the message was "has no segment"."""
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "RGB")
+    slicer.util.updateVolumeFromArray(colour, np.zeros(SHAPE + (3,), np.uint8))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene):
+        with pytest.raises(InputError, match="several components per voxel"):
+            logic.process(colour, segmentation, None, "sam2", **FAST)
+        with pytest.raises(InputError, match="holds image data"):
+            logic.process(empty, segmentation, None, "sam2", **FAST)
+        with pytest.raises(InputError, match="several components per voxel"):
+            logic.segmentVolumesWithAdapter([colour], str(saved_adapter(tmp_path)), **FAST)
+    worker.shutdown()
+
+
+def test_default_segments_of_a_closed_surface_segmentation_say_how_to_convert(scene):
+    """``segmentIds=None`` read the masks before checking the source representation: "Could not
+    read segment" instead of how to fix it."""
+    volume, segmentation, ids = painted_case(scene)
+    segmentation.CreateClosedSurfaceRepresentation()
+    segmentation.GetSegmentation().SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene), pytest.raises(InputError, match="Open it once in the Segment Editor"):
+        logic.process(volume, segmentation, None, "sam2", **FAST)
+    worker.shutdown()
+
+
+def grid_case(scene, directions, spacing, origin, extent):
+    """A volume (8 x 20 x 20, 2 mm slices) and a segmentation stored on its own grid: Liver on
+    the grid voxels nearest to volume planes 2 and 5 (a box), Border on those nearest to rows 0-2."""
+    volume = add_volume(scene, np.random.default_rng(3).random((8, 20, 20)).astype(np.float32), (1.0, 1.0, 2.0))
+    matrix = grid_matrix(directions, spacing, origin)
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    k, j, i = np.meshgrid(*(np.arange(extent[2 * a], extent[2 * a + 1] + 1) for a in (2, 1, 0)), indexing="ij")
+    ras = matrix @ np.stack([i, j, k, np.ones_like(i)]).reshape(4, -1)
+    volume_ijk = np.floor(np.diag([1.0, 1.0, 0.5, 1.0]) @ ras + 0.5).astype(int)[:3].reshape((3,) + shape)
+    inside = np.all((volume_ijk >= 0) & (volume_ijk < np.array([20, 20, 8])[:, None, None, None]), axis=0)
+    vi, vj, vk = volume_ijk
+    liver = inside & np.isin(vk, [2, 5]) & (vj >= 5) & (vj < 11) & (vi >= 5) & (vi < 11)
+    border = inside & (vj < 3)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Grid")
+    segmentation.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(grid_image(matrix, extent, np.zeros(shape))))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ids = []
+    for name, voxels in (("Liver", liver), ("Border", border)):
+        segment_id = segmentation.GetSegmentation().AddEmptySegment(name, name)
+        ids.append(segment_id)
+        assert logic.SetBinaryLabelmapToSegment(grid_image(matrix, extent, voxels), segmentation, segment_id, logic.MODE_MERGE_MASK)
+    return volume, segmentation, ids, matrix, extent
+
+
+ODD_GRIDS = {
+    # name: (directions (columns i, j, k), spacing, origin, extent)
+    "flipped": (np.diag([-1.0, 1.0, -1.0]), (1.0, 1.0, 2.0), (19.0, 0.0, 14.0), (0, 19, 0, 19, 0, 7)),
+    "anisotropic": (np.eye(3), (0.5, 1.5, 4.0), (0.0, 0.0, 0.0), (0, 39, 0, 13, 0, 3)),
+    "larger": (np.eye(3), (1.0, 1.0, 2.0), (-10.0, -10.0, -10.0), (0, 39, 0, 39, 0, 15)),
+    "oblique-fine": (rotation(1, 30), (0.6, 0.6, 0.6), (0.0, 0.0, 0.0), (0, 35, 0, 35, -5, 25)),
+}
+
+
+@pytest.mark.parametrize("grid", list(ODD_GRIDS))
+def test_runs_and_cancels_on_odd_segmentation_grids(scene, grid):
+    volume, segmentation, ids, matrix, extent = grid_case(scene, *ODD_GRIDS[grid])
+    before = stored_segments(segmentation, matrix, extent)
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene, added=0):
+        summary = logic.process(volume, segmentation, ids[:1], "sam2", axis="axial", **FAST)
+    worker.shutdown()
+    after = stored_segments(segmentation, matrix, extent)
+    np.testing.assert_array_equal(after[ids[1]], before[ids[1]])
+    assert not (before[ids[0]] & ~after[ids[0]]).any() and after[ids[0]].sum() > before[ids[0]].sum()
+    written = summary["segments"][ids[0]]["written"]
+    if grid == "anisotropic":  # 4 mm slices on 2 mm ones: odd volume planes have no voxel of their own
+        assert written == 3 and "3 planes of segment 'Liver' have no voxel" in summary["warnings"][0]
+    else:
+        assert written == 6 and summary["warnings"] == []
+    assert logic.canUndo()
+
+    logic.undoLastRun()
+    gate = threading.Event()
+    pump = ManualPump()
+    logic, worker = make_logic(lambda settings: CopyEngine(settings, block=gate, block_after=4), pump)
+    with nodes_unchanged(scene):
+        run = logic.process(volume, segmentation, ids[:1], "sam2", False, axis="axial", **FAST)
+        deadline = time.monotonic() + 20
+        while sum(run._written.values()) < 2:
+            assert not pump.step() and time.monotonic() < deadline
+            time.sleep(0.01)
+        run.cancel()
+        gate.set()
+        pump.run_until_done()
+    worker.shutdown()
+    assert run.state == "cancelled" and run.restored
+    restored = stored_segments(segmentation, matrix, extent)
+    for segment_id in ids:
+        np.testing.assert_array_equal(restored[segment_id], before[segment_id])
+
+
+@pytest.mark.parametrize("oblique", [False, True], ids=["aligned", "rotated"])
+def test_planes_outside_a_one_slice_segmentation_grid_are_reported_not_counted(scene, oblique):
+    """A segmentation one slice thick (plane 2 only): the run could write none of the other
+    planes, yet it said "7 slices written" and offered to undo a run that changed nothing."""
+    directions = rotation(2, 20) if oblique else np.eye(3)
+    extent = (-2, 23, -2, 23, 0, 0) if oblique else (0, 19, 0, 19, 0, 0)
+    origin = (4.0, -4.0, 4.0) if oblique else (0.0, 0.0, 4.0)
+    volume, segmentation, ids, matrix, extent = grid_case(scene, directions, (1.0, 1.0, 2.0), origin, extent)
+    before = stored_segments(segmentation, matrix, extent)
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene):
+        summary = logic.process(volume, segmentation, ids[:1], "sam2", axis="axial", **FAST)
+    worker.shutdown()
+    after = stored_segments(segmentation, matrix, extent)
+    for segment_id in ids:
+        np.testing.assert_array_equal(after[segment_id], before[segment_id])
+    assert summary["segments"][ids[0]]["annotated"] == [2] and summary["segments"][ids[0]]["written"] == 0
+    assert any("7 planes of segment 'Liver' have no voxel in the segmentation's geometry" in w for w in summary["warnings"])
+    assert not logic.canUndo() and "changed nothing" in logic.undoUnavailableReason()
+
+
+def test_a_segmentation_grid_outside_the_volume_is_refused(scene):
+    volume, segmentation, ids, matrix, extent = grid_case(scene, np.eye(3), (1.0, 1.0, 2.0), (100.0, 100.0, 0.0),
+                                                          (0, 9, 0, 9, 0, 7))
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene), pytest.raises(InputError, match="has no annotated slice"):
+        logic.process(volume, segmentation, ids[:1], "sam2", **FAST)
+    worker.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Changes to the scene during a run
+
+
+def test_removing_the_target_segment_during_a_run_fails_with_the_reason(scene):
+    """It failed with "Could not write plane 3 (axis 0) of segment 'Liver'"."""
+    volume, segmentation, ids = painted_case(scene)
+    before = read_segments(segmentation, volume)
+    gate = threading.Event()
+    pump = ManualPump()
+    logic, worker = make_logic(lambda settings: CopyEngine(settings, block=gate, block_after=2), pump)
+    with nodes_unchanged(scene):
+        run = logic.process(volume, segmentation, ids[:1], "sam2", False, **FAST)
+        deadline = time.monotonic() + 20
+        while sum(run._written.values()) < 2:
+            assert not pump.step() and time.monotonic() < deadline
+            time.sleep(0.01)
+        segmentation.GetSegmentation().RemoveSegment(ids[0])
+        gate.set()
+        pump.run_until_done()
+    worker.shutdown()
+    assert run.state == "failed" and "was removed from 'Segmentation' during the run" in str(run.error)
+    np.testing.assert_array_equal(read_segments(segmentation, volume, ids[1:])[ids[1]], before[ids[1]])
+    assert not logic.canUndo()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+def test_cohort_arguments_of_the_wrong_kind(scene, tmp_path):
+    adapter = str(saved_adapter(tmp_path))
+    volume = add_volume(scene, np.random.default_rng(0).random(SHAPE).astype(np.float32), (1.0, 1.0, 3.0), name="case")
+    logic, worker = make_logic(lambda settings: CopyEngine(settings))
+    with nodes_unchanged(scene):
+        for names in ([], ["Liver", "liver"], [1], [""]):
+            with pytest.raises(InputError, match="segmentNames must be distinct, non-empty names"):
+                logic.segmentVolumesWithAdapter([volume], adapter, segmentNames=names, **FAST)
+        with pytest.raises(InputError, match="Select the CT or MR volume"):
+            logic.segmentVolumesWithAdapter([volume, "case"], adapter, **FAST)
+    with nodes_unchanged(scene, added=2):  # one volume node, not in a list: its new segmentation and display
+        (created,) = logic.segmentVolumesWithAdapter(volume, adapter, **FAST)
+    worker.shutdown()
+    assert created.GetName() == "case OFL-SAM2"
+
+
+def test_save_adapter_with_a_method_is_refused(scene, tmp_path):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.saveAdapter(volume, segmentation, str(tmp_path / "out"), ids[:1], method="sam2", **FAST),
+                   "saveAdapter always trains OFL-SAM2")
+    worker.shutdown()
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's console example
+
+
+def test_the_readme_console_example(scene):
+    """``logic.process(volumeNode, segmentationNode, segmentIds=["liver"], method="ofl",
+    waitForCompletion=True)``, with a segment whose ID is "liver" (plus random weights: no
+    checkpoint here), then a second run back to back and undo of the second."""
+    volume = add_volume(scene, np.random.default_rng(1).random(SHAPE).astype(np.float32), (1.0, 1.0, 3.0))
+    liver = np.zeros(SHAPE, bool)
+    liver[[2, 5], 2:5, 2:6] = True
+    segmentation, _ = add_segmentation(scene, volume, {"liver": liver})
+    logic = OFLSAM2Logic(worker=Worker(CopyEngine), pump=ManualPump())
+    volumeNode, segmentationNode = volume, segmentation
+    with nodes_unchanged(scene):
+        summary = logic.process(volumeNode, segmentationNode, segmentIds=["liver"], method="ofl",
+                                waitForCompletion=True, **FAST)
+    assert summary["segments"]["liver"]["written"] == 6
+    after_first = read_segments(segmentation, volume)["liver"]
+    with nodes_unchanged(scene):
+        second = logic.process(volumeNode, segmentationNode, segmentIds=["liver"], method="ofl",
+                               waitForCompletion=True, axis="axial", **FAST)
+    assert second["segments"]["liver"]["annotated"] == list(range(8)) and second["segments"]["liver"]["written"] == 0
+    assert not logic.canUndo()  # the second run changed nothing: nothing to undo
+    logic.worker.shutdown()
+    np.testing.assert_array_equal(read_segments(segmentation, volume)["liver"], after_first)
+
