@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import json
 import threading
 import time
 from pathlib import Path
@@ -158,3 +161,25 @@ def test_an_unreachable_address_is_refused_at_once(cohort, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"Cannot reach a Ray cluster at 127.0.0.1:{port}" in err and "ray start --head" in err
     assert not any((tmp_path / "out").glob("*_seg*"))
+
+
+def test_cli_batch_on_its_own_ray_instance(cohort, local_outputs, tmp_path):
+    """``--executor ray`` without ``--address``: the command starts a local Ray instance, runs
+    the cases on it, shuts it down, and leaves no Ray process behind."""
+    ray_root = tempfile.mkdtemp(prefix="oflcli", dir="/tmp")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image\n{cohort.images / 'image_2.nii.gz'}\n")
+    command = [
+        sys.executable, "-m", "oflsam2.cli", "batch", str(manifest), "--out", str(tmp_path / "out"), "--method", "ofl",
+        "--adapter", str(cohort.adapter), "--labels", "1", "--random-weights", "--image-size", "256", "--device", "cpu",
+        "--deterministic", "--executor", "ray", "--workers", "1", "--json",
+    ]
+    try:
+        done = subprocess.run(command, env={**os.environ, "RAY_TMPDIR": ray_root}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["cases"][0]["status"] == "done"
+        name = "image_2_seg.nii.gz"
+        assert np.array_equal(read_array(tmp_path / "out" / name), read_array(local_outputs / name))
+        assert not processes_mentioning(ray_root), "the command left Ray processes running"
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
