@@ -53,7 +53,7 @@ def support_slices(labels: np.ndarray, label: int, count: int) -> list[int]:
 # Options that restore OFL-SAM2 as it was before issue 10 (paper-fidelity fixes off).
 LEGACY = dict(
     initial_fit="even", retrieval_object_guarantee=False, empty_episodes_per_object=None, episode_recent_memories=False,
-    candidate_loss="min", overfit_guard="none", accept_absent=False,
+    candidate_loss="min", overfit_guard="none", accept_absent=False, online_solver="samples",
 )
 
 

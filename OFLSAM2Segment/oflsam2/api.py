@@ -150,6 +150,7 @@ class MethodOptions:
     holdout_below_episodes: int = 16
     accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
     learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
+    online_solver: str = "gram"  # online tau updates on Gram statistics (fixed cost) | samples (same steps)
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random

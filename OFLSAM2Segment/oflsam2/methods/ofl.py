@@ -27,7 +27,7 @@ from ..driver import Memory
 from ..errors import InputError
 from ..events import check_cancel
 from ..ofl.fusion import AdaptiveFusion, ChannelLift, sum_fusion
-from ..ofl.learner import FewShotLearner
+from ..ofl.learner import FewShotLearner, GramFit
 from .base import RunContext, SupportSet
 from .ofl_adapters import load_for_run, save_after_run
 from .ofl_bank import Bank, fit_set, retrieval_key, retrieve
@@ -315,7 +315,10 @@ class OnlineLearner:
     ``initial_fit="episode"`` builds the first fit set as a training episode does (every
     annotated slice of the target, object slices first, by similarity to ``first_key``) and
     fits it with ``learner_iters_train`` iterations; ``"even"`` takes evenly spaced bank slices
-    and ``learner_iters_online`` iterations (the behaviour before issue 10).
+    and ``learner_iters_online`` iterations (the behaviour before issue 10). Online updates
+    (``learner_iters_online`` steps warm-started from the current τ) run on the samples' Gram
+    statistics (``online_solver="gram"``, :class:`GramFit`: a fixed cost per update) or on the
+    samples themselves (``"samples"``: a cost growing with the fit set); both take the same steps.
     """
 
     def __init__(self, head: FusionHead, bank: Bank, opts, first_key: torch.Tensor):
@@ -334,6 +337,7 @@ class OnlineLearner:
         keep = torch.from_numpy(keep).to(bank.vision.device)
         self.base = (bank.vision[keep], bank.targets[keep])
         self.online: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gram: GramFit | None = None  # built at the first online update
         self.tau = self._fit(None, iterations) if head.use_learner else None
 
     def _fit(self, tau_init, iterations: int):
@@ -342,9 +346,24 @@ class OnlineLearner:
         return self.head.learner.fit(vision, targets, tau_init=tau_init, num_iters=iterations).detach()
 
     def add(self, vision: torch.Tensor, target: torch.Tensor) -> None:
-        self.online = (self.online + [(vision, target.float())])[-MAX_ONLINE_SAMPLES:]
-        if self.head.use_learner:
+        sample = (vision, target.float())
+        dropped = self.online[: max(len(self.online) + 1 - MAX_ONLINE_SAMPLES, 0)]
+        self.online = (self.online + [sample])[-MAX_ONLINE_SAMPLES:]
+        if not self.head.use_learner:
+            return
+        if self.opts.online_solver == "samples":
             self.tau = self._fit(self.tau, self.opts.learner_iters_online)
+            return
+        if self.gram is None:
+            self.gram = GramFit(self.head.learner, vision.device)
+            self.gram.update(*self.base)
+            for online in self.online:
+                self.gram.update(*online)
+        else:
+            for old in dropped:
+                self.gram.update(*old, sign=-1.0)
+            self.gram.update(*sample)
+        self.tau = self.gram.fit(self.tau, self.opts.learner_iters_online)
 
 
 def absent_confidence(object_score: torch.Tensor) -> float:

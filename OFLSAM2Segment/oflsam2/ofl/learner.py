@@ -211,3 +211,51 @@ def _grouped_conv(features: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     stacked = features.transpose(0, 1).reshape(samples, episodes * channels, height, width)
     out = F.conv2d(stacked, tau.reshape(episodes * out_channels, channels, k, k), padding=k // 2, groups=episodes)
     return out.view(samples, episodes, out_channels, height, width).transpose(0, 1)
+
+
+class GramFit:
+    """The learner's ridge problem kept as sufficient statistics, for fast online updates.
+
+    With X_i = im2col(F_i) (P, C·k²), t = τ as a (C·k², D) matrix and equal weights 1/N, the
+    inner loss ½ Σ_i (1/N) ‖X_i t − M_i‖² + ½ β ‖t‖² depends on the samples only through
+    G = Σ X_iᵀ X_i (C·k², C·k²), H = Σ X_iᵀ M_i (C·k², D) and N. Steepest descent with the exact
+    line search on (G, H, N) takes the same steps as :meth:`FewShotLearner.fit` on the samples
+    (up to rounding), but an iteration costs two (C·k²)² × D products whatever N is, and adding
+    or dropping a sample one P × (C·k²)² update: the online update becomes fixed-size.
+    """
+
+    def __init__(self, learner: FewShotLearner, device, dtype=torch.float32):
+        size = learner.feature_channels * learner.kernel_size**2
+        self.learner = learner
+        self.gram = torch.zeros(size, size, device=device, dtype=dtype)
+        self.cross = torch.zeros(size, learner.target_channels, device=device, dtype=dtype)
+        self.count = 0
+
+    def _columns(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C·k², H·W) patches, in the order of τ's (D, C, k, k) weights."""
+        k = self.learner.kernel_size
+        return F.unfold(features.to(self.gram.dtype), kernel_size=k, padding=k // 2)
+
+    def update(self, features: torch.Tensor, targets: torch.Tensor, sign: float = 1.0) -> None:
+        """Add (sign +1) or remove (sign −1) samples: features (N, C, H, W), targets (N, D, H, W)."""
+        for start in range(0, features.shape[0], self.learner.chunk_size):
+            columns = self._columns(features[start : start + self.learner.chunk_size])  # (n, Ck², P)
+            values = targets[start : start + self.learner.chunk_size].to(self.gram.dtype).flatten(2)  # (n, D, P)
+            self.gram += sign * torch.einsum("nap,nbp->ab", columns, columns)
+            self.cross += sign * torch.einsum("nap,ndp->ad", columns, values)
+            self.count += int(sign) * columns.shape[0]
+
+    def fit(self, tau_init: torch.Tensor, num_iters: int) -> torch.Tensor:
+        """``num_iters`` steepest-descent steps from ``tau_init`` (D, C, k, k); returns τ (detached)."""
+        if self.count <= 0:
+            raise ValueError("The learner needs at least one support sample to fit.")
+        shape = tau_init.shape
+        with torch.no_grad():
+            beta = self.learner.ridge_weight().detach().to(self.gram.dtype)
+            t = tau_init.detach().to(self.gram.dtype).reshape(shape[0], -1).T.contiguous()  # (Ck², D)
+            for _ in range(num_iters):
+                gradient = (self.gram @ t - self.cross) / self.count + beta * t
+                squared_norm = gradient.pow(2).sum()
+                curvature = (gradient * (self.gram @ gradient)).sum() / self.count + beta * squared_norm
+                t = t - squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR) * gradient
+        return t.T.reshape(shape).to(tau_init.dtype)
