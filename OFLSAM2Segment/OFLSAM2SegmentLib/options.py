@@ -103,10 +103,17 @@ def check_outputs(config: RunConfig, target_names: list[str]) -> None:
     """What a run would only find out late, checked before any model work, with the engine's
     (and so the CLI's) checks where it has them: an adapter is used by OFL-SAM2 only, fits the
     run's model and image size, and holds a label for every target (one is loaded per target
-    name); the folder to save a trained adapter into can be created and written."""
+    name); the folder to save a trained adapter into can be created and written; a local
+    checkpoint (unless random weights are asked for) is a file."""
     from oflsam2.batch import check_adapter_fits
     from oflsam2.pipeline import check_folder_writable
 
+    settings = config.settings
+    if settings.checkpoint and not settings.random_weights and not os.path.isfile(settings.checkpoint):
+        raise InputError(  # the engine's words (checkpoints.resolve_checkpoint), before the worker starts
+            f"The checkpoint file {settings.checkpoint} does not exist or is not a file. Fix the path, or leave the "
+            f"checkpoint empty to use the cached download of {settings.model!r}."
+        )
     options = config.options
     for name, value in (("An adapter", options.adapter), ("Saving an adapter", options.save_adapter)):
         if value and config.method != "ofl":
@@ -192,10 +199,15 @@ def _identify_local(checkpoint: str | None) -> str:
 def _coerce(name: str, value, field: dataclasses.Field):
     """Convert GUI/console values ("40", 40.0, Path) to the field's type; '' or None -> default."""
     default = field.default if field.default is not dataclasses.MISSING else None
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and value == ""):
         return default
-    kind = type(default) if default is not None else str
+    if default is not None:
+        kind = type(default)
+    else:  # an optional field ("int | None"): its declared type, not str
+        kind = int if str(field.type).startswith("int") else str
     try:
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # True is not a number of epochs
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

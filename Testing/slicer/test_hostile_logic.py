@@ -351,3 +351,43 @@ def test_the_readme_console_example(scene):
     logic.worker.shutdown()
     np.testing.assert_array_equal(read_segments(segmentation, volume)["liver"], after_first)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Options that the engine takes as optional numbers, booleans for numbers, missing files
+
+
+def test_optional_whole_number_options_reach_the_engine_as_numbers(scene):
+    """``numMaskmem`` (and ``learnerBackpropIters``), whose default is None, were turned into
+    strings ('7') and then refused: "num_maskmem must be a whole number ...; got '7'"."""
+    volume, segmentation, ids = painted_case(scene)
+    engine = CopyEngine()
+    logic, worker = make_logic(lambda settings: engine)
+    with nodes_unchanged(scene):
+        logic.process(volume, segmentation, ids[:1], "ofl", numMaskmem="7", learnerBackpropIters=2, **FAST)
+    worker.shutdown()
+    options = engine.calls[0]["options"]
+    assert (options.num_maskmem, options.learner_backprop_iters) == (7, 2)
+
+
+def test_a_boolean_is_not_a_number_of_epochs(scene):
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ids[:1], "ofl", epochs=True, **FAST),
+                   "'epochs' must be of type int; got True")
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("where", ["missing", "folder"])
+def test_a_checkpoint_path_that_is_no_file_is_refused_before_the_worker_starts(scene, tmp_path, where):
+    """It was accepted and failed only once the worker loaded the model."""
+    volume, segmentation, ids = painted_case(scene)
+    checkpoint = tmp_path / "missing.pt" if where == "missing" else tmp_path
+    built = []
+    logic, worker = make_logic(lambda settings: built.append(settings) or CopyEngine(settings))
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ids[:1], "sam2", checkpoint=str(checkpoint), device="cpu"),
+                   "does not exist or is not a file")
+    worker.shutdown()
+    assert built == []
