@@ -29,7 +29,7 @@ import numpy as np
 import slicer
 import vtk
 
-from oflsam2.api import LabelSupport, Reference
+from oflsam2.api import LabelSupport, Reference, validate_run
 from oflsam2.errors import Cancelled, CheckpointError, InputError
 
 from . import mrml_io
@@ -497,6 +497,9 @@ class OFLSAM2Logic:
                 )
             targets.append(SegmentTarget(segment_id, name, label, slices, support.ignored[segment_id]))
             supports.append(LabelSupport(label, name, support.masks[segment_id], slices))
+        # The engine's own checks (NaN voxels, supports...) here, before the worker starts any model work.
+        image = validate_run(image, supports, method=config.method, axis=support.axis, preset=config.preset,
+                             options=config.options, references=reference_pairs, settings=config.settings)
         request = SegmentRequest(config.settings, image, supports, config.method, support.axis, config.preset,
                                  config.options, reference_pairs)
         return RunPlan(volumeNode, segmentationNode, geometry, support.axis, support.axis_name, targets, request, config,

@@ -391,3 +391,77 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_before_the_worker_starts(s
                    "does not exist or is not a file")
     worker.shutdown()
     assert built == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared layers, label values other than 1, overlaps, runs back to back and undo
+
+
+def imported_case(scene):
+    """Four segments imported from a label map into one shared layer, label values 1, 2, 7, 9:
+    Liver (1) on planes 2 and 5, Kidney (2) on planes 2 and 6, Wall (7) a row through every
+    plane, Cyst (9) on plane 3 where a run on Kidney will write over it."""
+    volume = add_volume(scene, np.random.default_rng(1).random(SHAPE).astype(np.float32), (1.0, 1.0, 3.0))
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[[2, 5], 2:5, 2:6] = 1
+    labels[[2, 6], 6:9, 7:10] = 2
+    labels[:, 0, :] = 7
+    labels[3, 5:8, 8:11] = 9
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(labelmap, labels)
+    labelmap.SetSpacing(1.0, 1.0, 3.0)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Imported")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    data = segmentation.GetSegmentation()
+    ids = list(data.GetSegmentIDs())
+    assert [data.GetSegment(s).GetLabelValue() for s in ids] == [1, 2, 7, 9] and data.GetNumberOfLayers() == 1
+    return volume, segmentation, ids, labels
+
+
+def test_label_values_shared_layers_overlaps_and_undo_after_another_run(scene):
+    volume, segmentation, ids, labels = imported_case(scene)
+    liver, kidney, wall, cyst = ids
+    before = read_segments(segmentation, volume)
+    logic, worker = make_logic(CopyEngine)
+
+    with nodes_unchanged(scene):
+        first = logic.process(volume, segmentation, [kidney], "sam2", axis="axial", **FAST)
+    after_kidney = read_segments(segmentation, volume)
+    assert first["segments"][kidney] == {"name": "Label_2", "annotated": [2, 6], "written": 6, "ignoredStrokeAxes": []}
+    expected = np.zeros(SHAPE, bool)
+    expected[:, 6:9, 7:10] = True
+    np.testing.assert_array_equal(after_kidney[kidney], expected)
+    for other in (liver, wall, cyst):  # Cyst overlaps the new Kidney voxels on plane 3 and keeps them
+        np.testing.assert_array_equal(after_kidney[other], before[other], err_msg=other)
+    data = segmentation.GetSegmentation()
+    assert [data.GetSegment(s).GetLabelValue() for s in (liver, wall, cyst)] == [1, 7, 9]
+
+    with nodes_unchanged(scene):
+        logic.process(volume, segmentation, [liver], "sam2", axis="axial", **FAST)
+        logic.undoLastRun()  # undoes the Liver run only
+    worker.shutdown()
+    undone = read_segments(segmentation, volume)
+    for segment_id in ids:
+        np.testing.assert_array_equal(undone[segment_id], after_kidney[segment_id], err_msg=segment_id)
+    with pytest.raises(InputError, match="no OFLSAM2 run to undo"):
+        logic.undoLastRun()  # one undo per run: the Kidney run is not undone by a second call
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_infinite_voxels_are_refused_before_the_worker_builds_a_model(scene, bad):
+    """The engine's validation (``validate_run``) ran only inside the worker, after the model
+    was built; a run through the fake engine even completed."""
+    image = np.random.default_rng(1).random(SHAPE).astype(np.float32)
+    image[3, 4, 5] = bad
+    volume = add_volume(scene, image, (1.0, 1.0, 3.0))
+    liver = np.zeros(SHAPE, bool)
+    liver[[2, 5], 2:5, 2:6] = True
+    segmentation, ids = add_segmentation(scene, volume, {"Liver": liver})
+    built = []
+    logic, worker = make_logic(lambda settings: built.append(settings) or CopyEngine(settings))
+    assert_refused(scene, volume, segmentation, lambda: logic.process(volume, segmentation, ids, "sam2", **FAST),
+                   "NaN or infinite voxels")
+    worker.shutdown()
+    assert built == []
