@@ -19,7 +19,7 @@ from cohort_data import CASES, read_array, read_table
 from oflsam2 import batch, cli, executors, pipeline
 from oflsam2.api import Engine, MethodOptions
 
-COMMON = ["--random-weights", "--image-size", "256", "--device", "cpu", "--deterministic"]
+COMMON = ["--model", "sam2.1-tiny", "--random-weights", "--image-size", "256", "--device", "cpu", "--deterministic"]
 
 
 def adapter_args(cohort) -> list[str]:
