@@ -385,3 +385,18 @@ def test_gram_online_update_takes_the_same_steps_as_the_samples(engine, target):
     assert gram.count == len(slices)
     assert (got - expected).norm() / expected.norm() < 1e-3
     assert (got - start).norm() / (expected - start).norm() > 0.99  # the steps moved τ as far
+
+
+def test_adapters_do_not_import_the_method():
+    """ofl.py uses ofl_adapters.py, which needs only the bank leaf: no import cycle."""
+    import ast
+    import inspect
+
+    from oflsam2.methods import ofl_adapters, ofl_bank
+
+    for module in (ofl_adapters, ofl_bank):
+        imported = {
+            node.module for node in ast.walk(ast.parse(inspect.getsource(module)))
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "ofl" not in imported and "oflsam2.methods.ofl" not in imported, (module.__name__, imported)

@@ -132,14 +132,14 @@ def main() -> None:
         engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=size))
         print(f"image size {size}: training")
         for count in args.support_counts:
-            for variant, overrides in (("current", {}), ("legacy", LEGACY)):
+            for variant, overrides in (("current", {}), ("truncated", {"learner_backprop_iters": 3}), ("legacy", LEGACY)):
                 if size <= args.full_epochs_max_size:
                     seconds = time_training(engine, image, labels, count, args.epochs, **overrides)
                     note = f"{args.epochs} epochs measured"
                 else:
                     seconds = time_training(engine, image, labels, count, args.probe_epochs, **overrides) * args.epochs / args.probe_epochs
                     note = f"{args.probe_epochs} epochs measured, x{args.epochs / args.probe_epochs:g} extrapolated"
-                print(f"  {variant:7s} training on {count:2d} support slices: {seconds:7.1f} s for {args.epochs} epochs ({note})")
+                print(f"  {variant:9s} training on {count:2d} support slices: {seconds:7.1f} s for {args.epochs} epochs ({note})")
                 if size == 256 and count == 10 and variant == "current":
                     summary["train_s_10_slices"] = seconds
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
