@@ -600,6 +600,9 @@ class OFLSAM2Logic:
         volumeNodes = [volumeNodes] if _is_node(volumeNodes, "vtkMRMLNode") else list(volumeNodes or ())
         for volumeNode in volumeNodes:  # every volume and option checked before any node is made
             _check_input_nodes(volumeNode, None, need_segmentation=False)
+            if not np.isfinite(slicer.util.arrayFromVolume(volumeNode)).all():  # else found only when its turn comes
+                raise InputError(f"Volume {volumeNode.GetName()!r} contains NaN or infinite voxels; fix or mask them "
+                                 "before segmenting. No volume was segmented.")
         config = parse_options("ofl", {**options, "axis": options.get("axis") or "auto"})
         check_outputs(config, names)
         created = []

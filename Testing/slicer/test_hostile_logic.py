@@ -465,3 +465,17 @@ def test_nan_or_infinite_voxels_are_refused_before_the_worker_builds_a_model(sce
                    "NaN or infinite voxels")
     worker.shutdown()
     assert built == []
+
+
+def test_a_cohort_with_a_nan_volume_is_refused_before_any_volume_is_segmented(scene, tmp_path):
+    """The NaN volume was found only when its turn came, after the volumes before it had run."""
+    adapter = str(saved_adapter(tmp_path))
+    images = [np.random.default_rng(i).random(SHAPE).astype(np.float32) for i in range(2)]
+    images[1][0, 0, 0] = np.nan
+    volumes = [add_volume(scene, image, (1.0, 1.0, 3.0), name=f"case{i}") for i, image in enumerate(images)]
+    built = []
+    logic, worker = make_logic(lambda settings: built.append(settings) or CopyEngine(settings))
+    with nodes_unchanged(scene), pytest.raises(InputError, match="'case1' contains NaN or infinite voxels"):
+        logic.segmentVolumesWithAdapter(volumes, adapter, **FAST)
+    worker.shutdown()
+    assert built == []
