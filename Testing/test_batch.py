@@ -140,6 +140,28 @@ def test_a_file_the_batch_did_not_write_is_never_replaced(cohort, tmp_path):
     assert table["image_2"]["status"] == "done" and (out / "two.nii.gz").is_file() and (out / "two.run.json").is_file()
 
 
+def test_a_dicom_series_folder_is_one_case(shared_data, tmp_path):
+    """The folder holds the CT series and a DICOM-SEG beside it; its support is NAME.nrrd."""
+    source = shared_data / "dcmqi_ct3slice"
+    images, supports, out = tmp_path / "images", tmp_path / "supports", tmp_path / "out"
+    (images / "ct").mkdir(parents=True)
+    supports.mkdir()
+    for name in ("ct-3slice_01.dcm", "ct-3slice_02.dcm", "ct-3slice_03.dcm", "liver.dcm"):
+        shutil.copy(source / name, images / "ct" / name)
+    liver = sitk.ReadImage(str(source / "liver_seg.nrrd"))
+    annotated = sitk.GetArrayFromImage(liver)
+    annotated[1:] = 0  # plane 0 annotated; planes 1 and 2 are propagated
+    support = sitk.GetImageFromArray(annotated)
+    support.CopyInformation(liver)
+    sitk.WriteImage(support, str(supports / "ct.nrrd"))
+    code, _, _ = run_cli(["batch", str(images), "--out", str(out), "--support-dir", str(supports), "--method", "sam2", "--axis", "axial", *COMMON])
+    assert code == 0
+    assert read_table(out / "cases.csv")["ct"]["status"] == "done"
+    result = sitk.ReadImage(str(out / "ct_seg.nii.gz"))
+    assert result.GetSize() == (512, 512, 3)
+    assert np.array_equal(sitk.GetArrayFromImage(result)[0], annotated[0])
+
+
 @pytest.mark.parametrize(
     "setup, extra, complaint",
     [

@@ -44,7 +44,9 @@ CASE_COLUMNS = ("case", "status", "seconds", "slices", "quality", "attempts", "e
 # Model settings that change speed or memory but not results: a resumed batch may differ in them.
 _RUNTIME_SETTINGS = ("device", "cache_megabytes", "encode_batch_size")
 # Errors that every case would repeat: the batch stops at the first instead of failing each case.
-_BATCH_WIDE_ERRORS = (AdapterError, CheckpointError)
+# (An adapter's model and input size are checked before the batch; its preset and axis may fit
+# some cases and not others, so an AdapterError fails only its case.)
+_BATCH_WIDE_ERRORS = (CheckpointError,)
 
 
 @dataclass
@@ -383,8 +385,8 @@ def run_batch(
     """Run every case not already done on ``executor``; keep going when one fails.
 
     ``cases.csv`` is rewritten (atomically) after every case, so a killed batch still lists
-    what it finished. An adapter or checkpoint that does not fit stops the batch (every case
-    would fail the same way) with that error.
+    what it finished. A checkpoint that cannot be used stops the batch (every case would fail
+    the same way) with that error.
     """
     import functools
 
@@ -428,9 +430,7 @@ def run_batch(
         if on_case_done:
             on_case_done(rows[case.name])
         if outcome.error_kind in {e.__name__ for e in _BATCH_WIDE_ERRORS}:
-            raise (AdapterError if outcome.error_kind == "AdapterError" else CheckpointError)(
-                f"Case {case.name}: {outcome.error} The batch stopped: every case would fail the same way."
-            )
+            raise CheckpointError(f"Case {case.name}: {outcome.error} The batch stopped: every case would fail the same way.")
 
     if tasks:
         executor.run(tasks, finished, (lambda index: events_for(todo[index])) if events_for else None)
