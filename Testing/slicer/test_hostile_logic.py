@@ -479,3 +479,50 @@ def test_a_cohort_with_a_nan_volume_is_refused_before_any_volume_is_segmented(sc
         logic.segmentVolumesWithAdapter(volumes, adapter, **FAST)
     worker.shutdown()
     assert built == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The real engine on an odd volume and an odd segmentation grid
+
+
+def test_real_engine_on_a_flipped_int16_volume_and_a_rotated_segmentation_grid(scene, tiny_model):
+    """Random-weight SAM2.1-tiny at 256 px: an int16 volume with flipped i and k axes and a
+    segmentation stored on a grid rotated 20 degrees; the run adds to Liver only, on its grid."""
+    from oflsam2.api import Engine
+
+    shape = (4, 40, 40)
+    image = (np.random.default_rng(5).random(shape) * 400 - 200).astype(np.int16)
+    image[:, 12:28, 12:28] += 600  # a bright block for the model to follow
+    volume = add_volume(scene, image, (1.0, 1.0, 2.0), origin=(39.0, 0.0, 6.0), directions_ras=np.diag([-1.0, 1.0, -1.0]),
+                        name="flipped")
+    matrix = grid_matrix(rotation(2, 20), (1.0, 1.0, 2.0), (5.0, -5.0, 0.0))
+    extent = (0, 49, 0, 49, 0, 3)
+    grid_shape = (4, 50, 50)
+    liver = np.zeros(grid_shape, bool)
+    liver[1, 18:30, 18:30] = True
+    border = np.zeros(grid_shape, bool)
+    border[:, 0:4, :] = True
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Rotated")
+    segmentation.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(grid_image(matrix, extent, np.zeros(grid_shape))))
+    mrml_logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ids = []
+    for name, voxels in (("Liver", liver), ("Border", border)):
+        ids.append(segmentation.GetSegmentation().AddEmptySegment(name, name))
+        assert mrml_logic.SetBinaryLabelmapToSegment(grid_image(matrix, extent, voxels), segmentation, ids[-1],
+                                                     mrml_logic.MODE_MERGE_MASK)
+    assert read_segments(segmentation, volume, ids[:1])[ids[0]].any(), "the annotation must reach the volume"
+    before = stored_segments(segmentation, matrix, extent)
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: Engine(settings, model=tiny_model)), pump=ManualPump())
+
+    with nodes_unchanged(scene):
+        summary = logic.process(volume, segmentation, ids[:1], "sam2", axis="axial", model="sam2.1-tiny", imageSize=256,
+                                **FAST)
+    logic.worker.shutdown()
+
+    after = stored_segments(segmentation, matrix, extent)
+    np.testing.assert_array_equal(after[ids[1]], before[ids[1]])
+    assert not (before[ids[0]] & ~after[ids[0]]).any()
+    assert summary["segments"][ids[0]]["written"] + len(summary["segments"][ids[0]]["annotated"]) == 4
+    assert summary["engine"]["random_weights"] is True
