@@ -54,8 +54,12 @@ def parse_options(method: str, options: dict) -> RunConfig:
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
     model_values, method_values, run_values = {}, {}, {"axis": "auto", "preset": "auto"}
+    given: dict[str, str] = {}
     for key, value in options.items():
         name = snake_case(key)
+        if name in given:
+            raise InputError(f"Option {key!r} was given twice (also as {given[name]!r}); give it once.")
+        given[name] = key
         if name in _MODEL_FIELDS:
             model_values[name] = value
         elif name in _METHOD_FIELDS:

@@ -526,3 +526,13 @@ def test_real_engine_on_a_flipped_int16_volume_and_a_rotated_segmentation_grid(s
     assert not (before[ids[0]] & ~after[ids[0]]).any()
     assert summary["segments"][ids[0]]["written"] + len(summary["segments"][ids[0]]["annotated"]) == 4
     assert summary["engine"]["random_weights"] is True
+
+
+def test_an_option_given_twice_in_both_spellings_is_refused(scene):
+    """``imageSize=512, image_size=256``: the last one silently won."""
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ids[:1], "sam2", imageSize=512, image_size=256, **FAST),
+                   "'image_size' was given twice \\(also as 'imageSize'\\)")
+    worker.shutdown()
