@@ -67,6 +67,20 @@ def test_batch_writes_named_outputs_and_the_cases_table(local_run, cohort):
     assert "cases:" not in local_run["stderr"] and "encoding" not in local_run["stderr"]
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_the_overall_bar(local_run, cohort, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(local_run["out"], out)  # every case is done: the bar runs through the skips
+    terminal = Terminal()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(terminal):
+        assert cli.main(["batch", str(cohort.images), "--out", str(out), "--seg-nrrd", *adapter_args(cohort)]) == 0
+    assert "cases: 100%" in terminal.getvalue() and "3/3" in terminal.getvalue()
+
+
 def test_a_batch_case_equals_the_same_segment_run(local_run, cohort, tiny_model, tmp_path):
     single = tmp_path / "single.nii.gz"
     pipeline.segment_files(
