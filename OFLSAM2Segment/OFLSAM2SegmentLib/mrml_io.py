@@ -136,7 +136,14 @@ def check_segments(segmentation_node, segment_ids: Sequence[str]) -> None:
     segmentation = segmentation_node.GetSegmentation()
     missing = [s for s in segment_ids if segmentation.GetSegment(s) is None]
     if missing:
-        raise InputError(f"Segmentation {segmentation_node.GetName()!r} has no segment(s) {missing}; select existing segments.")
+        names = segment_names(segmentation_node)
+        by_name = {n: s for s, n in names.items()}
+        hints = [f"{m!r} is the name of segment {by_name[m]!r}" for m in missing if m in by_name]
+        held = ", ".join(f"{s!r} ({n!r})" for s, n in names.items()) or "none"
+        raise InputError(
+            f"Segmentation {segmentation_node.GetName()!r} has no segment with ID {', '.join(map(repr, missing))}"
+            + (f" ({'; '.join(hints)})" if hints else "") + f". Give segment IDs; its segments are (ID (name)): {held}."
+        )
     binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     if segment_ids and segmentation.GetSourceRepresentationName() != binary:
         raise InputError(

@@ -536,3 +536,16 @@ def test_an_option_given_twice_in_both_spellings_is_refused(scene):
                    lambda: logic.process(volume, segmentation, ids[:1], "sam2", imageSize=512, image_size=256, **FAST),
                    "'image_size' was given twice \\(also as 'imageSize'\\)")
     worker.shutdown()
+
+
+def test_a_segment_name_given_as_an_id_is_explained(scene):
+    """Segments made in the Segment Editor keep the ID "Segment_1" when renamed "liver"; the
+    README's ``segmentIds=["liver"]`` then said only "has no segment(s) ['liver']"."""
+    volume, segmentation, ids = painted_case(scene)
+    segmentation.GetSegmentation().GetSegment(ids[0]).SetName("liver")
+    logic, worker = make_logic(CopyEngine)
+    assert_refused(scene, volume, segmentation,
+                   lambda: logic.process(volume, segmentation, ["liver", "Nope"], "sam2", **FAST),
+                   r"no segment with ID 'liver', 'Nope' \('liver' is the name of segment 'Liver'\)\. Give segment IDs; "
+                   r"its segments are \(ID \(name\)\): 'Liver' \('liver'\), 'Other' \('Other'\)\.")
+    worker.shutdown()
