@@ -14,6 +14,7 @@ Also here: support from other volumes alone runs for every method that can use i
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import time
@@ -58,16 +59,10 @@ def why_skipped(command: str) -> str | None:
         return "a pattern with placeholders, not a command"
     if words[1:3] == ["checkpoints", "download"]:
         return "downloads from the network (arguments checked)"
-    if "ray" in words:
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            return "needs Ray, which is not installed (arguments checked)"
-    if words[1] == "demo":
-        try:
-            import nilearn  # noqa: F401
-        except ImportError:
-            return "needs nilearn, which is not installed (arguments checked)"
+    if "ray" in words and importlib.util.find_spec("ray") is None:
+        return "needs Ray, which is not installed (arguments checked)"
+    if words[1] == "demo" and importlib.util.find_spec("nilearn") is None:
+        return "needs nilearn, which is not installed (arguments checked)"
     return None
 
 

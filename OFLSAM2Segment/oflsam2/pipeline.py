@@ -7,7 +7,6 @@ user's annotated slices reach the output unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
