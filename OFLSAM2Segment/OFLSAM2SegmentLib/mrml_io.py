@@ -83,6 +83,11 @@ def volume_geometry(volume_node) -> VolumeGeometry:
             f"({', '.join(f'{s:g}' for s in spacing)} mm along i, j, k). Set the real spacing in the "
             "Volumes module (Volume Information > Image Spacing) and run again."
         )
+    if abs(np.linalg.det(ijk_to_ras[:3, :3] / spacing)) < 1e-6:  # two index axes along one line: no 3-D grid
+        raise InputError(
+            f"Volume {volume_node.GetName()!r} has an invalid orientation: two of its IJK directions are parallel. "
+            "Fix the IJK to RAS directions (Volumes module > Volume Information, or reload the file) and run again."
+        )
     return VolumeGeometry((z, y, x), ijk_to_ras)
 
 

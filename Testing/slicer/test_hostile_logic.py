@@ -549,3 +549,13 @@ def test_a_segment_name_given_as_an_id_is_explained(scene):
                    r"no segment with ID 'liver', 'Nope' \('liver' is the name of segment 'Liver'\)\. Give segment IDs; "
                    r"its segments are \(ID \(name\)\): 'Liver' \('liver'\), 'Other' \('Other'\)\.")
     worker.shutdown()
+
+
+def test_a_volume_with_parallel_index_directions_is_refused_clearly(scene):
+    """It failed with numpy's "LinAlgError: Singular matrix" from the first plane written."""
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    volume.SetIJKToRASDirections([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # i and j both along x
+    with nodes_unchanged(scene), pytest.raises(InputError, match="two of its IJK directions are parallel"):
+        logic.process(volume, segmentation, ids[:1], "sam2", **FAST)
+    worker.shutdown()
