@@ -431,6 +431,9 @@ class OFLSAM2Logic:
         """
         if self.isRunning():
             raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
+        if not waitForCompletion and self._pump is None and not hasattr(slicer, "app"):  # the Qt timer needs Slicer
+            raise InputError("waitForCompletion=False needs the Slicer application's event loop to write the slices; "
+                             "outside Slicer, use waitForCompletion=True or give OFLSAM2Logic a pump.")
         if progressCallback is not None and not callable(progressCallback):
             raise InputError(f"progressCallback must be a function (stage, done, total, text); got {progressCallback!r}.")
         if self.adapterPath and "adapter" not in options and method == "ofl":  # only OFL-SAM2 uses adapters

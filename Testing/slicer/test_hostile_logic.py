@@ -559,3 +559,16 @@ def test_a_volume_with_parallel_index_directions_is_refused_clearly(scene):
     with nodes_unchanged(scene), pytest.raises(InputError, match="two of its IJK directions are parallel"):
         logic.process(volume, segmentation, ids[:1], "sam2", **FAST)
     worker.shutdown()
+
+
+def test_a_non_blocking_run_outside_slicer_without_a_pump_is_refused_before_it_starts(scene):
+    """It raised "No module named 'qt'" after the run had started, which then stayed "running"
+    for good: every later process() said a run was already in progress."""
+    volume, segmentation, ids = painted_case(scene)
+    logic = OFLSAM2Logic(worker=Worker(CopyEngine))  # no pump, no slicer.app
+    assert_refused(scene, volume, segmentation, lambda: logic.process(volume, segmentation, ids[:1], "sam2", False, **FAST),
+                   "waitForCompletion=False needs the Slicer application's event loop")
+    assert not logic.isRunning()
+    with nodes_unchanged(scene):
+        assert logic.process(volume, segmentation, ids[:1], "sam2", True, **FAST)["segments"][ids[0]]["written"] == 6
+    logic.worker.shutdown()
