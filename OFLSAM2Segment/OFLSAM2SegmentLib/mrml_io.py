@@ -76,6 +76,8 @@ def volume_geometry(volume_node) -> VolumeGeometry:
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     x, y, z = image.GetDimensions()
+    if min(x, y, z) < 1 or image.GetPointData().GetScalars() is None:
+        raise InputError(f"Select a volume that holds image data (volume {volume_node.GetName()!r} has no voxels).")
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     if not np.all(np.isfinite(ijk_to_ras)) or np.any(spacing <= 1e-9):
         raise InputError(
@@ -120,7 +122,15 @@ def check_scalar_volume(volume_node) -> VolumeGeometry:
 def volume_array(volume_node) -> tuple[np.ndarray, VolumeGeometry]:
     """A float32 copy (z, y, x) of a scalar volume and its geometry; never a view of the node."""
     geometry = check_scalar_volume(volume_node)
-    return np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True), geometry
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    with np.errstate(over="ignore"):  # an overflow is refused just below, with what to do
+        image = np.array(voxels, dtype=np.float32, copy=True)
+    if voxels.dtype.itemsize > 4 and np.isfinite(voxels).all() and not np.isfinite(image).all():
+        raise InputError(
+            f"Volume {volume_node.GetName()!r} holds values beyond the float32 range (about 3.4e38), which the model "
+            "reads; rescale the volume (e.g. Simple Filters > RescaleIntensity) and run again."
+        )
+    return image, geometry
 
 
 # ---------------------------------------------------------------------------------------------

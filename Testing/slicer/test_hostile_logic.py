@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slicer
 from test_segmentation_safety import (grid_image, grid_matrix, make_logic, nodes_unchanged, rotation,  # noqa: E402
                                       saved_adapter, stored_segments)
 
+import vtk  # noqa: E402
 from oflsam2.errors import InputError  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.worker import Worker  # noqa: E402
@@ -572,3 +573,23 @@ def test_a_non_blocking_run_outside_slicer_without_a_pump_is_refused_before_it_s
     with nodes_unchanged(scene):
         assert logic.process(volume, segmentation, ids[:1], "sam2", True, **FAST)["segments"][ids[0]]["written"] == 6
     logic.worker.shutdown()
+
+
+def test_a_volume_without_voxels_and_one_beyond_float32_get_their_own_messages(scene):
+    """An image data with no voxels was told to "choose another slice axis" (0x0 slices); a float64
+    volume of finite values beyond float32 was said to hold "NaN or infinite voxels"."""
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
+    empty.SetAndObserveImageData(vtk.vtkImageData())
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("A", "A")
+    huge = add_volume(scene, np.full(SHAPE, 1e300), (1.0, 1.0, 3.0), name="huge")
+    liver = np.zeros(SHAPE, bool)
+    liver[[2, 5], 2:5, 2:6] = True
+    painted, ids = add_segmentation(scene, huge, {"Liver": liver})
+    logic, worker = make_logic(CopyEngine)
+    with nodes_unchanged(scene):
+        with pytest.raises(InputError, match="'Empty' has no voxels"):
+            logic.process(empty, segmentation, [segment_id], "sam2", **FAST)
+        with pytest.raises(InputError, match="'huge' holds values beyond the float32 range"):
+            logic.process(huge, painted, ids, "sam2", **FAST)
+    worker.shutdown()
