@@ -593,3 +593,25 @@ def test_a_volume_without_voxels_and_one_beyond_float32_get_their_own_messages(s
         with pytest.raises(InputError, match="'huge' holds values beyond the float32 range"):
             logic.process(huge, painted, ids, "sam2", **FAST)
     worker.shutdown()
+
+
+def test_the_readme_console_example_verbatim_without_a_checkpoint(scene, tmp_path, monkeypatch):
+    """Exactly as the README writes it, on a computer without the checkpoint and outside the
+    Slicer GUI: an error that says how to get the checkpoint, and nothing changed."""
+    from oflsam2.checkpoints import ENV_CACHE_DIR, ENV_CHECKPOINT
+    from oflsam2.errors import CheckpointError
+
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(ENV_CHECKPOINT, raising=False)
+    volumeNode = add_volume(scene, np.random.default_rng(1).random(SHAPE).astype(np.float32), (1.0, 1.0, 3.0))
+    liver = np.zeros(SHAPE, bool)
+    liver[[2, 5], 2:5, 2:6] = True
+    segmentationNode, _ = add_segmentation(scene, volumeNode, {"liver": liver})
+    before = read_segments(segmentationNode, volumeNode)
+    built = []
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: built.append(settings) or CopyEngine(settings)), pump=ManualPump())
+    with nodes_unchanged(scene), pytest.raises(CheckpointError, match="oflsam2 checkpoints download"):
+        logic.process(volumeNode, segmentationNode, segmentIds=["liver"], method="ofl", waitForCompletion=True)
+    logic.worker.shutdown()
+    assert built == [] and not logic.isRunning()
+    np.testing.assert_array_equal(read_segments(segmentationNode, volumeNode)["liver"], before["liver"])
