@@ -184,6 +184,7 @@ class Transport:
         self._send_lock = threading.Lock()
         self._input = None  # text stream to the worker
         self._reader = None
+        self.connection_ended = False  # the worker's events stream closed: it cannot serve any more
 
     def send(self, message: dict) -> None:
         line = json.dumps(message) + "\n"
@@ -219,6 +220,7 @@ class Transport:
         except (OSError, ValueError):
             pass
         finally:
+            self.connection_ended = True
             self._on_event(self, None)
 
     # To be provided by each transport
@@ -274,7 +276,7 @@ class ProcessTransport(Transport):
 
     @property
     def alive(self) -> bool:
-        return self._process.poll() is None
+        return self._process.poll() is None and not self.connection_ended
 
     def kill(self) -> None:
         if self._process.poll() is None:
@@ -344,7 +346,7 @@ class ThreadTransport(Transport):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self.connection_ended
 
     def kill(self) -> None:
         self.close_input()
