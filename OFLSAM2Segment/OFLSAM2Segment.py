@@ -11,6 +11,7 @@ import enum
 import logging
 import os
 import sys
+import time
 from typing import Annotated
 
 import qt
@@ -585,9 +586,11 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         widget.ui.applyButton.click()
         self.assertEqual(widget.ui.applyButton.text, "Cancel")
         widget.ui.applyButton.click()  # cancel at once
-        while widget.logic.isRunning():
+        deadline = time.monotonic() + 120
+        while widget.logic.isRunning():  # the Qt timer drains the run between these event rounds
+            self.assertLess(time.monotonic(), deadline, "the cancelled run did not end within 2 minutes")
             slicer.app.processEvents()
-            qt.QThread.msleep(30)
+            time.sleep(0.03)
         self.assertEqual(widget.ui.applyButton.text, "Apply")
         after = segment_arrays(segmentation, volume)
         for segment_id in before:

@@ -466,7 +466,12 @@ class OFLSAM2Logic:
         self.lastRun = run
         self._watch = _SceneWatch(run, segmentation.GetScene())
         if not waitForCompletion:
-            (self._pump or self._default_pump()).start(lambda: drain(run))
+            try:
+                (self._pump or self._default_pump()).start(lambda: drain(run))
+            except BaseException:  # nothing would ever drain the run: stop it and put the segments back now
+                run.cancel("The run could not be started: its progress timer failed to start.")
+                run.handle((MessageKind.CANCELLED,))
+                raise
             return run
         return self._wait(run)
 
