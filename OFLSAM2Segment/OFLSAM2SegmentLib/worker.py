@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_GRACE_SECONDS = 5.0  # after a cancel message, the worker is killed if the job has not ended
 SHUTDOWN_SECONDS = 5.0
+START_TIMEOUT_SECONDS = 120.0  # from the start to the worker's hello (it imports only numpy by then)
 STDERR_LINES_KEPT = 30  # the worker's last stderr lines, quoted when it dies
 
 
@@ -92,6 +93,15 @@ class WorkerDied(RuntimeError):
 
 class WorkerError(Exception):
     """An error raised in the worker whose type does not exist on this side."""
+
+
+class WorkerStartError(OFLSAM2Error):
+    """The worker could not be started, or a request's arrays could not be handed to it."""
+
+
+WORKER_FIX = ("It must run with Slicer's own Python (PythonSlicer, which Slicer sets as sys.executable) and "
+              "find the extension's packages (numpy, torch, sam2): restart Slicer so that the module installs "
+              "them, or reinstall the extension.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +195,10 @@ class Transport:
         self._input = None  # text stream to the worker
         self._reader = None
         self.connection_ended = False  # the worker's events stream closed: it cannot serve any more
+        self.said_hello = False  # the worker started and sent its hello
+        self.start_timed_out = False  # killed for not saying hello in time
+        self.start_timer: threading.Timer | None = None
+        self.command: list | None = None  # how the worker was started, quoted when it cannot start
 
     def send(self, message: dict) -> None:
         line = json.dumps(message) + "\n"
@@ -214,9 +228,14 @@ class Transport:
                 try:
                     event = json.loads(line)
                 except ValueError:
-                    log.warning("OFLSAM2 worker: ignoring a malformed line: %r", line[:200])
+                    event = None
+                if not isinstance(event, dict):  # a library printing to stdout before the worker took it over
+                    log.warning("OFLSAM2 worker: ignoring a line that is not an event: %r", line[:200])
                     continue
-                self._on_event(self, event)
+                try:
+                    self._on_event(self, event)
+                except Exception:  # one bad event must not end the connection to a live worker
+                    log.exception("OFLSAM2 worker: ignoring an event that could not be handled: %r", line[:200])
         except (OSError, ValueError):
             pass
         finally:
@@ -263,10 +282,14 @@ class ProcessTransport(Transport):
         if os.name == "nt":  # no console window (as slicer.util.launchConsoleProcess does)
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
         self.command = [python or default_python(), "-m", "oflsam2.worker"]
-        self._process = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            cwd=engine_folder(), **kwargs,
-        )
+        try:
+            self._process = subprocess.Popen(
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                cwd=engine_folder(), **kwargs,
+            )
+        except OSError as exc:
+            raise WorkerStartError(f"The OFLSAM2 worker could not start with the interpreter {self.command[0]!r}: "
+                                   f"{exc.strerror or exc}. {WORKER_FIX}") from exc
         self.pid = self._process.pid
         self._input = io.TextIOWrapper(self._process.stdin, encoding="utf-8", newline="\n", write_through=True)
         self.stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
@@ -439,7 +462,7 @@ class Worker:
     """
 
     def __init__(self, engine_factory=None, *, python: str | None = None, transport_factory: TransportFactory | None = None,
-                 grace_seconds: float = CANCEL_GRACE_SECONDS):
+                 grace_seconds: float = CANCEL_GRACE_SECONDS, start_timeout: float = START_TIMEOUT_SECONDS):
         if transport_factory is None:
             if engine_factory is not None:
                 transport_factory = lambda on_event: ThreadTransport(on_event, engine_factory)  # noqa: E731
@@ -447,6 +470,7 @@ class Worker:
                 transport_factory = lambda on_event: ProcessTransport(on_event, python)  # noqa: E731
         self._transport_factory = transport_factory
         self.grace_seconds = grace_seconds
+        self.start_timeout = start_timeout
         self.active_run = None
         self.transport: Transport | None = None
         self.started_at: float | None = None
@@ -475,12 +499,21 @@ class Worker:
     def submit(self, request) -> Job:
         with self._lock:
             self._ensure_started()
+            self._ensure_root()
             job_id = next(self._ids)
             folder = self._root / f"job-{job_id}"
             folder.mkdir(mode=0o700)
             transport = self.transport
             job = Job(self, job_id, request, folder, transport)
-            message = request.to_message(folder)
+            try:
+                message = request.to_message(folder)
+            except OSError as exc:  # e.g. the temp disk is full: no partial arrays stay behind
+                shutil.rmtree(folder, ignore_errors=True)
+                free = shutil.disk_usage(self._root).free >> 20
+                raise WorkerStartError(
+                    f"Could not write the run's arrays into the temp folder {str(self._root)!r} ({free} MiB free): "
+                    f"{exc}. Free space there, or set TMPDIR to a folder on a disk with room and restart Slicer."
+                ) from exc
             message["job"] = job_id
             self._jobs[job_id] = job
         try:
@@ -496,6 +529,8 @@ class Worker:
             transport, self.transport = self.transport, None
             root, self._root = self._root, None
         if transport is not None:
+            if transport.start_timer is not None:
+                transport.start_timer.cancel()
             try:
                 transport.send({"type": "shutdown"})
             except OSError:
@@ -518,11 +553,24 @@ class Worker:
     def _ensure_started(self) -> None:
         if self.transport is not None and self.transport.alive:
             return
-        if self._root is None or not self._root.is_dir():
-            self._root = Path(tempfile.mkdtemp(prefix="oflsam2-worker-"))  # mode 0700: this user only
         self.protocol = self.startup_seconds = None
         self.started_at = time.perf_counter()
         self.transport = self._transport_factory(self._on_event)
+        timer = threading.Timer(self.start_timeout, self._kill_if_silent, args=(self.transport,))
+        timer.daemon = True
+        self.transport.start_timer = timer
+        timer.start()
+
+    def _ensure_root(self) -> None:
+        """The private temp folder, made again if something removed it while the worker lived."""
+        if self._root is None or not self._root.is_dir():
+            self._root = Path(tempfile.mkdtemp(prefix="oflsam2-worker-"))  # mode 0700: this user only
+
+    def _kill_if_silent(self, transport: Transport) -> None:
+        if not transport.said_hello and not transport.connection_ended:
+            log.warning("OFLSAM2: the worker did not start within %.0f s; killing it", self.start_timeout)
+            transport.start_timed_out = True
+            transport.kill()
 
     def _send_cancel(self, job: Job) -> None:
         transport = job.transport
@@ -547,6 +595,9 @@ class Worker:
             return
         kind = event.get("event")
         if kind == "hello":
+            transport.said_hello = True
+            if transport.start_timer is not None:
+                transport.start_timer.cancel()
             self.protocol = event.get("protocol")
             if self.started_at is not None:
                 self.startup_seconds = time.perf_counter() - self.started_at
@@ -587,6 +638,11 @@ class Worker:
         if self.protocol is not None and self.protocol != PROTOCOL_VERSION:
             reason = (f"The OFLSAM2 worker speaks protocol {self.protocol}, this module {PROTOCOL_VERSION}: "
                       "the module files are from different versions. Reinstall the extension and restart Slicer.")
+        elif not transport.said_hello:
+            command = " ".join(transport.command) if transport.command else "the worker"
+            how = (f"it did not start within {self.start_timeout:.0f} s" if transport.start_timed_out
+                   else transport.exit_description())
+            reason = f"The OFLSAM2 worker could not start ({command}): {how}.\n{WORKER_FIX}"
         else:
             how = transport.exit_description()
             reason = ("The OFLSAM2 worker process stopped without finishing the run"
@@ -623,6 +679,7 @@ def rebuild_error(event: dict) -> BaseException:
 
 __all__ = [
     "CANCEL_GRACE_SECONDS", "DownloadRequest", "GpuOutOfMemory", "Job", "MessageKind", "ProcessTransport",
-    "SegmentRequest", "ThreadTransport", "Transport", "Worker", "WorkerDied", "WorkerError", "default_python",
+    "SegmentRequest", "ThreadTransport", "Transport", "Worker", "WorkerDied", "WorkerError", "WorkerStartError",
+    "default_python",
     "is_out_of_memory", "rebuild_error",
 ]

@@ -1,0 +1,293 @@
+"""The engine worker under a hostile environment: a missing or wrong interpreter, a worker that
+never starts, junk on its stdout, a foreign protocol, a client that dies, a temp folder that is
+full, removed, or named with spaces and non-ASCII letters. Each case must end with a clear error
+(or a working run), no process left behind and no temp files left over.
+
+Real processes run a tiny shell script in place of the interpreter where the interpreter's
+behaviour is the point; the fake-engine thread transport where the model is not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fakes import CopyEngine
+from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
+from OFLSAM2SegmentLib.worker import (
+    DownloadRequest, MessageKind, SegmentRequest, Worker, WorkerDied, WorkerStartError,
+)
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell scripts as fake interpreters")
+
+SETTINGS = ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(pid: int, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def fake_python(folder: Path, body: str) -> str:
+    """An executable that stands in for the interpreter (called as ``<it> -m oflsam2.worker``)."""
+    path = folder / "fake python"
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """tempfile's folder for the test, so leftover worker folders can be counted."""
+    folder = tmp_path / "temp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def leftovers(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def small_request(shape=(4, 8, 8)):
+    mask = np.zeros(shape, bool)
+    mask[1, 2:6, 2:6] = True
+    return SegmentRequest(SETTINGS, np.zeros(shape, np.float32), [LabelSupport(1, "organ", mask, [1])], "sam2", 0,
+                          "auto", MethodOptions())
+
+
+def finish(job, timeout=60.0):
+    assert job.finished.wait(timeout), "the job never ended"
+    return list(job.messages())
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter
+
+
+def test_a_missing_interpreter_names_it_and_leaves_no_temp_folder(tmp_path, private_tmp):
+    missing = str(tmp_path / "Program Files" / "Slicer 5.8" / "bin" / "PythonSlicer")
+    worker = Worker(python=missing)
+    with pytest.raises(WorkerStartError, match="PythonSlicer") as raised:
+        worker.submit(small_request())
+    assert missing in str(raised.value) and "reinstall the extension" in str(raised.value)
+    assert not worker.alive and leftovers(private_tmp) == []
+    worker.shutdown()
+
+
+def test_process_with_a_missing_interpreter_raises_it_and_leaves_the_segmentation_as_it_was(tmp_path, scene):
+    from mrml_helpers import read_segments, require_slicer
+
+    slicer = require_slicer()
+
+    from fakes import ManualPump
+    from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+    from OFLSAM2SegmentLib.testing import make_annotated_volume
+
+    volume, segmentation, ids = make_annotated_volume(scene, shape=(4, 16, 16))
+    before = read_segments(segmentation, volume)
+    logic = OFLSAM2Logic(worker=Worker(python=str(tmp_path / "no python")), pump=ManualPump())
+    with pytest.raises(WorkerStartError, match="no python"):
+        logic.process(volume, segmentation, ids[:1], method="sam2", randomWeights=True, device="cpu",
+                      model="sam2.1-tiny", imageSize=256)
+    assert not logic.isRunning()
+    after = read_segments(segmentation, volume)
+    for segment_id in before:
+        np.testing.assert_array_equal(after[segment_id], before[segment_id])
+    in_progress = slicer.vtkSlicerSegmentationsModuleLogic.InProgress
+    segments = segmentation.GetSegmentation()
+    assert all(slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(segments.GetSegment(i)) != in_progress
+               for i in ids)
+
+
+@pytest.mark.parametrize("interpreter", ["not python", "python without numpy"])
+def test_an_interpreter_that_cannot_run_the_worker_names_it_and_the_fix(tmp_path, private_tmp, interpreter):
+    if interpreter == "not python":
+        python = fake_python(tmp_path, "echo 'this is not Python' >&2\nexit 3\n")
+    else:
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        if python is None or subprocess.run([python, "-c", "import numpy"], capture_output=True).returncode == 0:
+            pytest.skip("needs a system python3 without numpy")
+    worker = Worker(python=python)
+    job = worker.submit(small_request())
+    messages = finish(job, 30)
+    pid = job.transport.pid
+
+    assert messages[-1][0] == MessageKind.ERROR and isinstance(messages[-1][1], WorkerDied)
+    text = str(messages[-1][1])
+    assert "could not start" in text and python in text and "Slicer's own Python" in text
+    assert ("this is not Python" if interpreter == "not python" else "No module named 'numpy'") in text
+    assert wait_gone(pid)
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_a_worker_that_never_says_hello_is_killed_and_the_run_fails(tmp_path, private_tmp):
+    python = fake_python(tmp_path, "exec sleep 600\n")
+    worker = Worker(python=python, start_timeout=1.0)
+    started = time.monotonic()
+    job = worker.submit(small_request())
+    messages = finish(job, 30)  # before: waited for ever
+
+    assert time.monotonic() - started < 20
+    assert messages[-1][0] == MessageKind.ERROR and isinstance(messages[-1][1], WorkerDied)
+    assert "did not start within 1 s" in str(messages[-1][1]) and python in str(messages[-1][1])
+    assert wait_gone(job.transport.pid)
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_a_worker_of_another_protocol_version_fails_the_run_with_what_to_do(tmp_path, private_tmp):
+    python = fake_python(tmp_path, """\
+        echo '{"event": "hello", "protocol": 99, "pid": 1, "python": "3"}'
+        exec sleep 600
+    """)
+    worker = Worker(python=python)
+    job = worker.submit(small_request())
+    messages = finish(job, 30)
+    assert messages[-1][0] == MessageKind.ERROR
+    assert "protocol 99" in str(messages[-1][1]) and "Reinstall the extension" in str(messages[-1][1])
+    assert wait_gone(job.transport.pid)
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's output
+
+
+def test_junk_and_non_object_lines_on_the_workers_stdout_are_skipped(tmp_path, private_tmp):
+    """A library or a site hook that prints to stdout before the worker takes it over: text, a
+    JSON list, an event without its fields. The worker must still serve (before: the reader
+    thread died on the list, the run failed as 'worker died' and the live process was orphaned)."""
+    python = fake_python(tmp_path, f"""\
+        echo 'Loading plugins...'
+        echo '[1, 2]'
+        echo '"a string"'
+        echo '{{"event": "progress", "job": 1}}'
+        echo '{{"event": "slice", "job": 1, "file": 3}}'
+        exec "{sys.executable}" "$@"
+    """)
+    worker = Worker(python=python)
+    job = worker.submit(DownloadRequest("no-such-model"))  # answered at once with an error event
+    messages = finish(job, 60)
+    pid = worker.pid
+
+    assert messages[-1][0] == MessageKind.ERROR and not isinstance(messages[-1][1], WorkerDied)
+    assert "no-such-model" in str(messages[-1][1])
+    assert worker.alive and worker.pid == pid == job.transport.pid  # the same process serves on
+    worker.shutdown()
+    assert wait_gone(pid) and leftovers(private_tmp) == []
+
+
+def test_the_worker_exits_when_its_client_dies_without_shutdown(tmp_path):
+    """Slicer crashes or is killed: the worker sees the end of its stdin and exits (no orphan)."""
+    client = textwrap.dedent("""\
+        import os, sys, time
+        from OFLSAM2SegmentLib.worker import Worker
+        worker = Worker()
+        worker.start()
+        deadline = time.monotonic() + 60
+        while worker.protocol is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(worker.pid, worker.protocol, flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=120)
+    pid_text, protocol = done.stdout.split()
+    assert done.returncode == -signal.SIGKILL and protocol != "None"
+    assert wait_gone(int(pid_text), 20), "the worker outlived its killed client"
+
+
+# ---------------------------------------------------------------------------------------------
+# The temp folder
+
+
+def test_a_full_temp_folder_gives_a_clear_error_and_leaves_no_partial_files(tmp_path, monkeypatch):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small tmp"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(small))
+        worker = Worker(lambda settings: CopyEngine(settings))
+        with pytest.raises(WorkerStartError, match="Could not write") as raised:
+            worker.submit(small_request(shape=(8, 128, 128)))  # 512 KiB of image alone
+        assert "TMPDIR" in str(raised.value)
+        assert not any(p.name.startswith("job-") for p in small.rglob("*")), "partial arrays left behind"
+        # The next run, small enough, works.
+        messages = finish(worker.submit(small_request()), 30)
+        assert messages[-1][0] == MessageKind.DONE
+        worker.shutdown()
+        assert leftovers(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_temp_folder_removed_between_runs_is_made_again(private_tmp):
+    """A temp cleaner (or the user) deletes the worker's folder while the worker lives on."""
+    worker = Worker(lambda settings: CopyEngine(settings))
+    assert finish(worker.submit(small_request()))[-1][0] == MessageKind.DONE
+    shutil.rmtree(worker._root)
+    messages = finish(worker.submit(small_request()))  # before: FileNotFoundError from mkdir
+    assert messages[-1][0] == MessageKind.DONE and sum(m[0] == MessageKind.SLICE for m in messages) == 3
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_a_request_folder_removed_mid_run_fails_the_run_and_the_next_run_works(private_tmp):
+    gate = threading.Event()
+    worker = Worker(lambda settings: CopyEngine(settings, block=gate, block_after=0))
+    job = worker.submit(small_request())
+    shutil.rmtree(job.folder)
+    gate.set()
+    messages = finish(job)
+    assert messages[-1][0] == MessageKind.ERROR
+    assert finish(worker.submit(small_request()))[-1][0] == MessageKind.DONE
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_a_real_run_through_a_temp_folder_with_spaces_and_non_ascii_letters(tmp_path, monkeypatch):
+    """Windows-like names (``C:\\Users\\José Müller\\AppData\\Local\\Temp``): the arrays and
+    the planes travel through such a folder; nothing is left after the run or the shutdown."""
+    temp = tmp_path / "Users" / "José Müller 日本" / "Local Temp"
+    temp.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    worker = Worker()
+    messages = finish(worker.submit(small_request(shape=(3, 32, 32))), 300)
+    assert messages[-1][0] == MessageKind.DONE, messages[-1]
+    assert sorted(m[3] for m in messages if m[0] == MessageKind.SLICE) == [0, 2]
+    assert not any(p.name.startswith("job-") for p in temp.rglob("*"))
+    pid = worker.pid
+    worker.shutdown()
+    assert wait_gone(pid) and leftovers(temp) == []
