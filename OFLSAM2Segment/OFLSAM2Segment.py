@@ -181,6 +181,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeReferenceButton.connect("clicked(bool)", self.onRemoveReference)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSliceButton)
+        self.ui.updateButton.connect("clicked(bool)", self.onUpdateButton)
+        self.ui.qualityTableWidget.connect("cellClicked(int,int)", self.onQualityRowClicked)
 
         self.initializeParameterNode()
 
@@ -263,6 +266,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentSelectionChanged(self, selected=None, deselected=None) -> None:
         if self._parameterNode and not self._updatingGui:
             self._parameterNode.segmentIds = list(self.ui.segmentsTableView.selectedSegmentIDs())
+        self._fillQualityTable()
         self.scheduleSupportUpdate()
 
     def scheduleSupportUpdate(self, caller=None, event=None) -> None:
@@ -367,6 +371,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         undoBlocked = self.logic.undoUnavailableReason() if self.logic is not None else ""
         self.ui.undoButton.enabled = not running and undoBlocked is None
         self.ui.undoButton.toolTip = _("Put the segments back as they were before the last run.") if undoBlocked is None else undoBlocked
+        reviewable = not running and self._reviewedSegment() is not None
+        self.ui.nextSliceButton.enabled = reviewable
+        self.ui.updateButton.enabled = reviewable
 
     # -----------------------------------------------------------------------------------------
     # Run
@@ -411,6 +418,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warnings = (run.summary or {}).get("warnings", []) if run is not None else []
         self.ui.statusLabel.text = "\n".join([text, *warnings])
         self._updateButtons()
+        self._fillQualityTable()
         self.scheduleSupportUpdate()
         if stage != "failed":
             return
@@ -435,6 +443,61 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.device = "cpu"
         elif box.clickedButton() == smaller:
             self._parameterNode.imageSize = 512
+
+    # -----------------------------------------------------------------------------------------
+    # Review and correct (the logic does the work: lastRunQuality, nextSliceToCheck, update)
+
+    def _reviewedSegment(self):
+        """The first selected segment if the last completed run segmented it, else None."""
+        parameters = self._parameterNode
+        if self.logic is None or parameters is None or not parameters.segmentIds:
+            return None
+        segmentId = parameters.segmentIds[0]
+        return segmentId if segmentId in self.logic.reviewedSegmentIds() else None
+
+    def _fillQualityTable(self) -> None:
+        table = self.ui.qualityTableWidget
+        table.setRowCount(0)
+        segmentId = self._reviewedSegment()
+        if segmentId is None:
+            return
+        rows = self.logic.lastRunQuality(segmentId)
+        table.setRowCount(len(rows))
+        for row, (index, quality) in enumerate(rows):
+            table.setItem(row, 0, qt.QTableWidgetItem(str(index)))
+            table.setItem(row, 1, qt.QTableWidgetItem(f"{quality:.2f}"))
+
+    def onQualityRowClicked(self, row, column) -> None:
+        segmentId = self._reviewedSegment()
+        if segmentId is not None:
+            index = int(self.ui.qualityTableWidget.item(row, 0).text())
+            self._jumpTo(self.logic.reviewedPlaneCenterRas(index))
+
+    def onNextSliceButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("No slice to suggest."), waitCursor=True):
+            suggestion = self.logic.nextSliceToCheck(self._reviewedSegment())
+            if suggestion is None:
+                self.ui.statusLabel.text = _("No slice to suggest: every slice of the object is annotated or near one.")
+                return
+            index, ras = suggestion
+            self.ui.statusLabel.text = _("Check slice {index}.").format(index=index)
+            self._jumpTo(ras)
+
+    def _jumpTo(self, ras) -> None:
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            sliceNode.JumpSliceByCentering(*ras)
+
+    def onUpdateButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("OFLSAM2 could not update."), waitCursor=True):
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            try:
+                self.logic.update(waitForCompletion=False, progressCallback=self.onProgress)
+            except Exception:
+                self.ui.progressBar.hide()
+                raise
+        self._updateButtons()
 
     def onUndoButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):

@@ -145,6 +145,8 @@ class Run:
         self._accepting = True  # False once the target nodes are gone: queued slices are dropped
         self._segmentation_alive = True
         self._started = time.perf_counter()
+        self.result_job: int | None = None  # the worker job whose result an update can start from
+        self.result_masks: dict | None = None  # segment id -> bool (z, y, x): the targets right after the run
         self.job = worker.submit(self._steps.pop(0))
 
     @property
@@ -225,6 +227,16 @@ class Run:
             "warnings": plan.warnings + ignored_stroke_warnings(plan.targets) + self._outside_warnings(),
             "engine": summary.get("info", {}),
         }
+        recomputed = self.summary["engine"].get("recomputed")
+        if recomputed is not None:  # an update: JSON made the label keys strings
+            for t in plan.targets:
+                self.summary["segments"][t.segment_id]["recomputed"] = list(recomputed.get(str(t.label), recomputed.get(t.label, [])))
+        self.result_job = self.job.id
+        try:  # what the run left, so that the next Update can tell the user's corrections from it
+            self.result_masks = mrml_io.segment_masks(plan.segmentation_node, [t.segment_id for t in plan.targets],
+                                                      plan.volume_node)
+        except Exception:
+            log.exception("OFLSAM2: could not read the segments after the run; Update will not be offered")
         self._end("completed", restore=False)
 
     def _end(self, state: str, restore: bool) -> None:
@@ -380,6 +392,7 @@ class OFLSAM2Logic:
         self._undo_run: Run | None = None  # the run the undo recorder saved the state before
         self.adapterPath: str | None = None
         self.lastRun: Run | None = None  # the latest run started by this logic, kept after it ends
+        self._reviewed: Run | None = None  # the latest completed run: its quality, suggestions and Update
 
     @property
     def worker(self) -> Worker:
@@ -442,9 +455,32 @@ class OFLSAM2Logic:
         plan = self.prepare(volumeNode, segmentationNode, segmentIds, config, references)
         check_outputs(config, [t.name for t in plan.targets])  # before installing, downloading or any model work
         steps = self._steps_before(plan.config, progressCallback) + [plan.request]
+        return self._start(plan, steps, waitForCompletion, progressCallback, writer, saveUndoState)
 
+    def update(self, waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None):
+        """Re-propagate the last completed run after the user corrected some of its planes.
+
+        Every plane of the run's axis whose content differs from what that run left (in any of
+        its segments) is an edited plane; edited and annotated planes become the annotated
+        planes of this run and are never written. The worker re-propagates outward from the
+        edits only (its model, features and the previous result stay in the worker process) and
+        only the planes it recomputes are replaced (``summary["segments"][id]["recomputed"]``).
+        Same method and options as that run; one undo step. Returns as :meth:`process` does.
+        """
+        if self.isRunning():
+            raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
+        if not waitForCompletion and self._pump is None and not hasattr(slicer, "app"):
+            raise InputError("waitForCompletion=False needs the Slicer application's event loop; use waitForCompletion=True.")
+        plan = self._update_plan(self._reviewable_run())
+        writer = _ReplacingSliceWriter(plan.segmentation_node, plan.geometry)
+        return self._start(plan, [plan.request], waitForCompletion, progressCallback, writer, None, whole_snapshot=True)
+
+    def _start(self, plan: RunPlan, steps: list, waitForCompletion: bool, progressCallback, writer, saveUndoState,
+               whole_snapshot: bool = False):
         segmentation = plan.segmentation_node
-        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets], plan.geometry)
+        # An update replaces planes (not only adds voxels): a cancel puts the whole segments back.
+        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets],
+                                           None if whole_snapshot else plan.geometry)
         if saveUndoState is not None:
             saveUndoState()
         else:
@@ -526,6 +562,111 @@ class OFLSAM2Logic:
             SegmentTarget(s, support.names[s], label, support.slices[s], support.ignored[s])
             for label, s in enumerate(segmentIds, start=1)
         ]
+
+    # -----------------------------------------------------------------------------------------
+    # Review and correct
+
+    def lastRunQuality(self, segmentId: str) -> list[tuple[int, float]]:
+        """``(slice, quality)`` of every plane along the last completed run's axis that the run
+        scored for ``segmentId`` (annotated planes score 1), in slice order; quality in [0, 1]."""
+        run, target = self._reviewed_target(segmentId)
+        from oflsam2.review import _label_entries
+
+        entries = _label_entries(run.summary["engine"].get("quality", {}), target.label)
+        return [(index, float(entry["quality"])) for index, entry in sorted(entries.items())]
+
+    def suggestNextSlices(self, segmentId: str, n: int = 3) -> list[int]:
+        """The ``n`` planes of the last completed run's axis whose annotation would most likely
+        help ``segmentId``, best first (:func:`oflsam2.review.suggest`: inside the object, spread
+        out, away from annotated planes, lowest quality first)."""
+        from oflsam2.api import SegmentResult
+        from oflsam2.review import suggest
+
+        run, target = self._reviewed_target(segmentId)
+        engine = run.summary["engine"]
+        result = SegmentResult({target.label: run.result_masks[segmentId]}, run.plan.axis, run.plan.config.method,
+                               {"annotated": engine.get("annotated", target.slices), "quality": engine.get("quality", {})})
+        return suggest(result, n)[target.label]
+
+    def nextSliceToCheck(self, segmentId: str) -> tuple[int, tuple[float, float, float]] | None:
+        """The best suggested plane for ``segmentId`` and the RAS position of its centre (for
+        ``sliceNode.JumpSliceByCentering``), or None when there is nothing to suggest."""
+        suggested = self.suggestNextSlices(segmentId, 1)
+        if not suggested:
+            return None
+        return suggested[0], self.planeCenterRas(self._reviewed.plan.volume_node, self._reviewed.plan.axis, suggested[0])
+
+    @staticmethod
+    def planeCenterRas(volumeNode, axis: int, index: int) -> tuple[float, float, float]:
+        """RAS position of the centre of plane ``index`` along array ``axis`` (0: k, 1: j, 2: i)."""
+        dims = volumeNode.GetImageData().GetDimensions()  # (i, j, k)
+        ijk = [(d - 1) / 2.0 for d in dims]
+        ijk[2 - axis] = float(index)
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        ras = matrix.MultiplyPoint([*ijk, 1.0])
+        return float(ras[0]), float(ras[1]), float(ras[2])
+
+    def reviewedSegmentIds(self) -> list[str]:
+        """The segments of the last completed run (those quality, suggestions and Update apply to)."""
+        return [t.segment_id for t in self._reviewed.plan.targets] if self._reviewed is not None else []
+
+    def reviewedPlaneCenterRas(self, index: int) -> tuple[float, float, float]:
+        """RAS centre of plane ``index`` along the last completed run's axis."""
+        run = self._reviewable_run()
+        return self.planeCenterRas(run.plan.volume_node, run.plan.axis, index)
+
+    def _reviewable_run(self) -> Run:
+        run = self._reviewed
+        if run is None:
+            raise InputError("No completed OFLSAM2 run to review; run a segmentation first.")
+        return run
+
+    def _reviewed_target(self, segmentId: str) -> tuple[Run, SegmentTarget]:
+        run = self._reviewable_run()
+        for target in run.plan.targets:
+            if target.segment_id == segmentId:
+                return run, target
+        raise InputError(f"Segment {segmentId!r} was not part of the last run (it segmented "
+                         f"{', '.join(t.segment_id for t in run.plan.targets)}); run it first.")
+
+    def _update_plan(self, base: Run) -> RunPlan:
+        """The request of an update of ``base``: the annotated planes of ``base`` and the planes
+        edited since (any target differs there from what ``base`` left), read from the scene."""
+        volume, segmentation = base.plan.volume_node, base.plan.segmentation_node
+        if volume.GetScene() is None or segmentation.GetScene() is None:
+            raise InputError("The volume or segmentation of the last run left the scene; run a fresh segmentation.")
+        ids = [t.segment_id for t in base.plan.targets]
+        mrml_io.check_segments(segmentation, ids)
+        masks = mrml_io.segment_masks(segmentation, ids, volume)
+        axis = base.plan.axis
+        if any(masks[s].shape != base.result_masks[s].shape for s in ids):
+            raise InputError("The volume's grid changed since the last run; run a fresh segmentation.")
+        edited = set()
+        for segment_id in ids:
+            changed = np.moveaxis(masks[segment_id] != base.result_masks[segment_id], axis, 0).any(axis=(1, 2))
+            edited.update(int(i) for i in np.flatnonzero(changed))
+        if not edited:
+            raise InputError(f"No {base.plan.axis_name} slice was corrected since the last run; paint or erase on a "
+                             "slice first, then Update.")
+        for target in base.plan.targets:
+            erased = [i for i in target.slices if not np.take(masks[target.segment_id], i, axis=axis).any()]
+            if erased:
+                raise InputError(f"Annotated slice(s) {erased} of segment {target.name!r} were erased: an update cannot "
+                                 "remove an annotation. Undo the erase, or run a fresh segmentation. Nothing was changed.")
+        annotated = {int(i) for i in base.summary["engine"].get("annotated", [])} | {i for t in base.plan.targets for i in t.slices}
+        slices = sorted(annotated | edited)
+        image, geometry = mrml_io.volume_array(volume)
+        config = base.plan.config
+        options = dataclasses.replace(config.options, save_adapter=None)  # the update never rewrites an adapter
+        supports = [LabelSupport(t.label, t.name, masks[t.segment_id], slices) for t in base.plan.targets]
+        image = validate_run(image, supports, method=config.method, axis=axis, preset=config.preset, options=options,
+                             settings=config.settings)
+        request = SegmentRequest(config.settings, image, supports, config.method, axis, config.preset, options,
+                                 previous_job=base.result_job)
+        targets = [SegmentTarget(t.segment_id, t.name, t.label, slices) for t in base.plan.targets]
+        return RunPlan(volume, segmentation, geometry, axis, base.plan.axis_name, targets, request,
+                       dataclasses.replace(config, options=options))
 
     def undoLastRun(self) -> bool:
         """Put the segmentation of the last module run back as it was before that run.
@@ -651,6 +792,8 @@ class OFLSAM2Logic:
             self._watch = None
         if self.worker.active_run is run:
             self.worker.active_run = None
+        if run.state == "completed" and run.result_masks is not None:
+            self._reviewed = run
 
     def _steps_before(self, config: RunConfig, progress: ProgressCallback | None) -> list:
         """Install packages now (main thread, asks first); return a download step if needed."""
@@ -703,6 +846,36 @@ class OFLSAM2Logic:
     def _default_pump(self) -> Pump:
         self._pump = QtTimerPump()
         return self._pump
+
+
+class _ReplacingSliceWriter(mrml_io.SegmentSliceWriter):
+    """Update path: a recomputed plane replaces what the previous run left on it (within the
+    plane's extent only, on the segment's own grid)."""
+
+    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> bool:
+        plane = np.asarray(plane) > 0
+        if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise InputError(f"Segment {segment_id!r} was removed from {self.segmentation_node.GetName()!r} during the run.")
+        grid = self.grid(segment_id)
+        found = grid.plane_voxels(self.geometry, axis, index, plane)
+        if found is None:
+            return not plane.any()
+        extent, _, value = found
+        # MODE_REPLACE replaces the whole segment whatever the extent: set the plane's voxels in a
+        # copy of the segment on its own grid and write that back.
+        current_image = slicer.vtkOrientedImageData()
+        self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current_image)
+        voxels = grid.read(current_image)
+        k0, j0, i0 = grid.extent[4], grid.extent[2], grid.extent[0]
+        box = (slice(extent[4] - k0, extent[5] - k0 + 1), slice(extent[2] - j0, extent[3] - j0 + 1),
+               slice(extent[0] - i0, extent[1] - i0 + 1))
+        if np.array_equal(voxels[box], value):
+            return True
+        voxels[box] = value
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(grid.image(voxels), self.segmentation_node, segment_id, logic.MODE_REPLACE):
+            raise RuntimeError(f"Could not write plane {index} (axis {axis}) of segment {segment_id!r}.")
+        return True
 
 
 @dataclass

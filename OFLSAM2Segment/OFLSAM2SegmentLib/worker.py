@@ -132,6 +132,7 @@ class SegmentRequest:
     preset: str = "auto"
     options: object = None  # oflsam2.api.MethodOptions
     references: list = field(default_factory=list)  # [oflsam2.api.Reference]
+    previous_job: int | None = None  # update the result of this earlier job of the same worker process
 
     def __post_init__(self):
         self.image = _owned(self.image)
@@ -165,6 +166,7 @@ class SegmentRequest:
                  "labels": _save(folder, f"reference-{n}-labels.npy", r.labels)}
                 for n, r in enumerate(self.references)
             ],
+            **({"previous_job": int(self.previous_job)} if self.previous_job is not None else {}),
         }
 
 

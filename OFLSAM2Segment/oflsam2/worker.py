@@ -13,7 +13,10 @@ Requests (``type``):
 - ``segment``: ``job``, ``folder``, ``settings`` (:class:`ModelSettings` fields), ``options``
   (:class:`MethodOptions` fields), ``method``, ``axis``, ``preset``, ``image`` (file name),
   ``supports`` [{``label``, ``name``, ``slices``, ``mask`` (file name)}], ``references``
-  [{``name``, ``image``, ``labels``}]
+  [{``name``, ``image``, ``labels``}], optional ``previous_job``: update the result of that
+  earlier ``segment`` job of this process after corrections (``Engine.segment(previous=...)``);
+  only the slices it recomputes are sent. The process keeps the result of its latest segment
+  job; an update of any other job is refused (``InputError``: run a fresh segmentation)
 - ``download``: ``job``, ``model`` -- fetch a checkpoint into the user cache
 - ``cancel``: ``job`` -- checked between encode batches, training epochs and slices
 - ``shutdown`` (or end of stdin): stop after cancelling the current job
@@ -24,7 +27,8 @@ Events (``event``), each with the ``job`` it belongs to except ``hello``:
 - ``progress``: ``stage``, ``done``, ``total``, ``text``
 - ``slice``: ``label``, ``axis``, ``index``, ``file`` -- a final 0/1 uint8 plane written into
   the request's folder; every non-annotated plane is sent exactly once
-- ``done``: ``summary`` ({``method``, ``axis``, ``info``} for ``segment``; {``model``, ``path``}
+- ``done``: ``summary`` ({``method``, ``axis``, ``info``} for ``segment``, ``info`` with the
+  per-slice ``quality`` and, for an update, ``edited`` and ``recomputed``; {``model``, ``path``}
   for ``download``)
 - ``cancelled``
 - ``error``: ``error_type``, ``error_module``, ``message``, ``traceback``, ``out_of_memory``
@@ -48,7 +52,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: segment requests may carry previous_job (a version-1 worker would ignore it)
 
 EngineFactory = Callable[[object], object]  # ModelSettings -> an Engine-like object with segment()
 
@@ -72,6 +76,7 @@ class Server:
         self._engine_factory = engine_factory
         self._engine = None
         self._engine_settings = None
+        self._kept: tuple | None = None  # (job, SegmentResult) of the latest segment job, for an update
         self._jobs: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()
         self._current_job = None
@@ -187,10 +192,20 @@ class Server:
             Reference(load_array(folder, r["image"]), load_array(folder, r["labels"]), name=r["name"])
             for r in request.get("references", [])
         ]
+        update = {}
+        if request.get("previous_job") is not None:
+            from .errors import InputError
+
+            if self._kept is None or self._kept[0] != request["previous_job"]:
+                raise InputError("The worker no longer holds the result of that run (it was restarted, or another run "
+                                 "came after it); run a fresh segmentation instead of an update.")
+            update["previous"] = self._kept[1]
         events = _StreamEvents(self, job, folder, token)
         engine = self.engine_for(settings)
         result = engine.segment(image, supports, method=request["method"], axis=int(request["axis"]),
-                                preset=request["preset"], options=options, references=references, events=events)
+                                preset=request["preset"], options=options, references=references, events=events,
+                                **update)
+        self._kept = (job, result)
         # Every plane the method did not stream (e.g. the ones it finished together at the end),
         # so that the client's copy ends complete.
         for support in supports:
@@ -198,7 +213,10 @@ class Server:
             if masks is None:
                 continue
             annotated = set(support.slices)
-            for index in range(masks.shape[result.axis]):
+            planes = range(masks.shape[result.axis])
+            if update:  # the rest keeps the previous result, which the client already has
+                planes = result.info.get("recomputed", {}).get(support.label, [])
+            for index in planes:
                 if index not in annotated and index not in events.sent.get(support.label, ()):
                     events.slice_done(support.label, result.axis, index, np.take(masks, index, axis=result.axis))
         return {"method": result.method, "axis": result.axis, "info": result.info}

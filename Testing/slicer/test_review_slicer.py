@@ -49,3 +49,93 @@ def test_a_pump_that_fails_to_start_ends_the_run_restores_and_frees_the_worker(s
         assert run.state == "completed", run.error
     finally:
         logic.worker.shutdown()
+
+
+REAL = {"randomWeights": True, "device": "cpu", "model": "sam2.1-tiny", "imageSize": 256}
+
+
+@pytest.fixture
+def chaos_crop(scene, shared_data):
+    """16 axial planes of a real CHAOS MR volume through the liver, cropped around it in-plane,
+    with Liver annotated on planes 3 and 12 only and Spleen as a segment no run may touch."""
+    sitk = pytest.importorskip("SimpleITK")
+    folder = shared_data / "chaos_t2_fewshot"
+    image = sitk.ReadImage(str(folder / "image_1.nii.gz"))
+    labels = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label_1.nii.gz")))).astype(np.uint8)
+    liver = np.flatnonzero((labels == 1).any(axis=(1, 2)))
+    middle = int(liver[len(liver) // 2])
+    rows = np.flatnonzero((labels == 1).any(axis=(0, 2)))
+    columns = np.flatnonzero((labels == 1).any(axis=(0, 1)))
+    y0, y1 = max(rows[0] - 6, 0), rows[-1] + 7
+    x0, x1 = max(columns[0] - 6, 0), columns[-1] + 7
+    z0 = middle - 8
+    image = image[int(x0):int(x1), int(y0):int(y1), z0:z0 + 16]
+    labels = labels[z0:z0 + 16, y0:y1, x0:x1]
+    from mrml_helpers import add_segmentation, add_volume_from_sitk
+
+    volume = add_volume_from_sitk(scene, image)
+    annotation = np.zeros(labels.shape, bool)
+    for index in (3, 12):
+        annotation[index] = labels[index] == 1
+    segmentation, ids = add_segmentation(scene, volume, {"Liver": annotation, "Spleen": labels == 4})
+    return image, labels, volume, segmentation, ids
+
+
+def test_quality_suggestions_and_update_through_the_worker_process(chaos_crop):
+    from OFLSAM2SegmentLib.logic import _ReplacingSliceWriter
+    from OFLSAM2SegmentLib import mrml_io
+
+    image, labels, volume, segmentation, ids = chaos_crop
+    liver, spleen = ids
+    logic = OFLSAM2Logic(worker=Worker(), pump=ManualPump())  # the real engine in its own process
+    try:
+        summary = logic.process(volume, segmentation, [liver], method="sam2", axis="axial", **REAL)
+        depth = labels.shape[0]
+        assert summary["segments"][liver]["written"] == depth - 2
+
+        quality = dict(logic.lastRunQuality(liver))
+        assert sorted(quality) == list(range(depth))  # every propagated plane scored, annotated ones too
+        assert quality[3] == quality[12] == 1.0
+        assert all(0.0 <= q <= 1.0 for q in quality.values())
+
+        after_run = read_segments(segmentation, volume)
+        present = np.flatnonzero(after_run[liver].any(axis=(1, 2)))
+        suggested = logic.suggestNextSlices(liver, 3)
+        assert suggested, "no suggestion inside a 16-plane object"
+        for index in suggested:
+            assert present[0] <= index <= present[-1]  # inside the object
+            assert min(abs(index - 3), abs(index - 12)) >= 3  # away from annotated planes
+        assert all(abs(a - b) >= 3 for n, a in enumerate(suggested) for b in suggested[n + 1:])  # spread out
+
+        index, ras = logic.nextSliceToCheck(liver)
+        assert index == suggested[0]
+        size = image.GetSize()
+        lps = image.TransformContinuousIndexToPhysicalPoint(((size[0] - 1) / 2, (size[1] - 1) / 2, float(index)))
+        np.testing.assert_allclose(ras, (-lps[0], -lps[1], lps[2]), atol=1e-4)
+
+        # The user corrects plane 8 to the true liver outline, then updates.
+        truth = labels[8] == 1
+        assert not np.array_equal(after_run[liver][8], truth)
+        _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume)).write(liver, 0, 8, truth)
+        before_update = read_segments(segmentation, volume)
+        np.testing.assert_array_equal(before_update[liver][8], truth)
+
+        summary = logic.update()
+        after = read_segments(segmentation, volume)
+        recomputed = summary["segments"][liver]["recomputed"]
+        assert summary["engine"]["edited"] == [8]
+        assert recomputed and not {3, 8, 12} & set(recomputed)
+        for plane in (3, 8, 12):  # annotated and edited planes exactly as drawn
+            np.testing.assert_array_equal(after[liver][plane], before_update[liver][plane])
+        kept = [i for i in range(depth) if i not in recomputed]
+        np.testing.assert_array_equal(after[liver][kept], before_update[liver][kept])
+        np.testing.assert_array_equal(after[spleen], before_update[spleen])
+        assert sorted(dict(logic.lastRunQuality(liver))) == list(range(depth))
+        print(f"update recomputed {len(recomputed)} of {depth - 3} planes: {recomputed}")
+
+        assert logic.undoLastRun()  # the whole update is one undo step
+        undone = read_segments(segmentation, volume)
+        for segment_id in ids:
+            np.testing.assert_array_equal(undone[segment_id], before_update[segment_id])
+    finally:
+        logic.worker.shutdown()
