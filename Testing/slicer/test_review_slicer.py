@@ -139,3 +139,45 @@ def test_quality_suggestions_and_update_through_the_worker_process(chaos_crop):
             np.testing.assert_array_equal(undone[segment_id], before_update[segment_id])
     finally:
         logic.worker.shutdown()
+
+
+def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
+    """No correction yet, an erased annotated plane, a worker that lost the previous result
+    (restarted): each refused with what to do, the segmentation left as it was."""
+    from oflsam2.errors import InputError
+    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib.logic import _ReplacingSliceWriter
+
+    volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 32, 32))
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: CopyEngine()), pump=ManualPump())
+    try:
+        with pytest.raises(InputError, match="run a segmentation first"):
+            logic.update()
+        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+        after_run = read_segments(segmentation, volume)
+        with pytest.raises(InputError, match="No axial slice was corrected"):
+            logic.update()
+
+        writer = _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume))
+        annotated = logic.lastRun.plan.targets[0].slices[0]
+        writer.write(ids[0], 0, annotated, np.zeros((32, 32), bool))
+        erased = read_segments(segmentation, volume)
+        with pytest.raises(InputError, match="cannot remove an annotation"):
+            logic.update()
+        for segment_id in ids:
+            np.testing.assert_array_equal(read_segments(segmentation, volume)[segment_id], erased[segment_id])
+        writer.write(ids[0], 0, annotated, after_run[ids[0]][annotated])  # put it back
+
+        corrected = np.zeros((32, 32), bool)
+        corrected[8:20, 8:20] = True
+        writer.write(ids[0], 0, 5, corrected)
+        before = read_segments(segmentation, volume)
+        logic.worker.shutdown()  # the next run starts a new worker, which never saw the first run
+        with pytest.raises(InputError, match="no longer holds the result"):
+            logic.update()
+        after = read_segments(segmentation, volume)
+        for segment_id in ids:
+            np.testing.assert_array_equal(after[segment_id], before[segment_id])
+        assert logic.activeRun is None
+    finally:
+        logic.worker.shutdown()
