@@ -522,6 +522,11 @@ class Worker:
             transport.send(message)
         except OSError:  # the worker died just now: the reader reports it to this job
             pass
+        except Exception:  # a request that cannot be sent (not JSON): the job never existed
+            with self._lock:
+                self._jobs.pop(job_id, None)
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return job
 
     def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:

@@ -111,10 +111,12 @@ class Server:
                     continue
                 try:
                     request = json.loads(line)
-                    kind = request["type"]
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
+                    request = None
+                if not isinstance(request, dict):  # no job to answer: a client waiting on one is a bug there
                     print(f"oflsam2.worker: ignoring a malformed request: {line[:200]!r}", file=sys.stderr)
                     continue
+                kind = request.get("type")  # a job of an unknown or missing type is answered with an error
                 if kind == "cancel":
                     self._cancel(request.get("job"))
                 elif kind == "shutdown":
@@ -150,12 +152,14 @@ class Server:
         try:
             if token.is_cancelled():
                 raise Cancelled()
-            if request["type"] == "segment":
+            kind = request.get("type")
+            if kind == "segment":
                 summary = self._segment(job, request, token)
-            elif request["type"] == "download":
+            elif kind == "download":
                 summary = self._download(job, request, token)
             else:
-                raise ValueError(f"Unknown request type {request['type']!r}.")
+                raise ValueError(f"Unknown request type {kind!r}: the worker (protocol {PROTOCOL_VERSION}) and the "
+                                 "module are different versions.")
             self.send({"event": "done", "job": job, "summary": summary})
         except Cancelled:
             self.send({"event": "cancelled", "job": job})

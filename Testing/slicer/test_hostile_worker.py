@@ -291,3 +291,115 @@ def test_a_real_run_through_a_temp_folder_with_spaces_and_non_ascii_letters(tmp_
     pid = worker.pid
     worker.shutdown()
     assert wait_gone(pid) and leftovers(temp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Slicer's module reload
+
+
+def test_reloading_the_module_stops_its_worker_and_the_reloaded_module_starts_a_new_one(slicer_core):
+    """The Reload button: ``onReload`` stops the worker and drops every ``OFLSAM2SegmentLib``
+    module; Slicer then re-executes the module file, whose imports load the Lib afresh."""
+    from loading_rules import load_like_slicer, load_source_as_module
+    from test_slicer_loading import MODULE_DIR, editor_scene
+
+    def started(worker):
+        worker.start()
+        deadline = time.monotonic() + 60
+        while worker.protocol is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.protocol is not None, "the worker never said hello"
+        return worker.pid
+
+    scene = editor_scene(slicer_core.vtkMRMLScene())
+    with load_like_slicer(MODULE_DIR, scene) as session:
+        old_logic = sys.modules["OFLSAM2SegmentLib.logic"]
+        old_pid = started(old_logic.shared_worker())
+        widget = object.__new__(session.module.OFLSAM2SegmentWidget)
+        widget.onReload()
+        assert session.reloaded and wait_gone(old_pid), "the worker outlived the reload"
+        assert not [n for n in sys.modules if n.split(".")[0] == "OFLSAM2SegmentLib"], "stale Lib modules"
+
+        load_source_as_module("OFLSAM2Segment", str(Path(MODULE_DIR) / "OFLSAM2Segment.py"))
+        new_logic = sys.modules["OFLSAM2SegmentLib.logic"]
+        assert new_logic is not old_logic
+        new_pid = started(new_logic.shared_worker())
+        assert new_pid != old_pid
+        session.app.emit("aboutToQuit()")  # both the old and the reloaded file's handlers are connected
+        assert wait_gone(new_pid), "the reloaded module's worker outlived Slicer"
+    scene.Clear(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, cancel and kill
+
+
+def test_a_request_line_without_a_known_type_is_answered_not_ignored(tmp_path):
+    """A request of a newer module (unknown type) or a truncated one: a line that names its job
+    gets an error event for that job (before: ignored, and the client waited for ever)."""
+    from OFLSAM2SegmentLib.worker import ProcessTransport
+
+    events = []
+    transport = ProcessTransport(lambda t, event: events.append(event))
+    transport.send({"job": 4, "folder": str(tmp_path)})
+    transport.send({"type": "segment-v9", "job": 5})
+    transport._input.write('{"type": "segment", "job": 6, "fold\n[1, 2]\n')  # truncated, then not an object
+    transport.send({"type": "shutdown"})
+    transport.close_input()
+    assert transport.wait(60)
+    errors = {e["job"]: e for e in events if e and e.get("event") == "error"}
+    assert sorted(errors) == [4, 5] and "Unknown request type" in errors[5]["message"]
+    assert "different versions" in errors[4]["message"]
+
+
+def test_a_request_that_cannot_be_sent_leaves_no_job_and_no_files(private_tmp):
+    worker = Worker(lambda settings: CopyEngine(settings))
+    request = small_request()
+    request.options = MethodOptions(adapter=Path("adapter folder"))  # a Path is not JSON
+    with pytest.raises(TypeError):
+        worker.submit(request)
+    assert worker._jobs == {} and not any(p.name.startswith("job-") for p in private_tmp.rglob("*"))
+    assert finish(worker.submit(small_request()))[-1][0] == MessageKind.DONE
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_rapid_repeated_runs_each_finish_and_leave_no_files(private_tmp):
+    gate = threading.Event()  # the first run waits until the queued one was cancelled
+    worker = Worker(lambda settings: CopyEngine(settings, block=gate, block_after=0))
+    jobs = [worker.submit(small_request()) for _ in range(8)]
+    jobs[3].cancel()
+    jobs[3].cancel()  # twice: no second message, no error
+    gate.set()
+    outcomes = [finish(job)[-1][0] for job in jobs]
+    assert outcomes[3] == MessageKind.CANCELLED
+    assert outcomes[:3] + outcomes[4:] == [MessageKind.DONE] * 7
+    assert not any(p.name.startswith("job-") for p in private_tmp.rglob("*"))
+    worker.shutdown()
+    assert leftovers(private_tmp) == []
+
+
+def test_cancel_before_hello_and_kill_during_model_load_leave_no_files_and_the_next_run_works(private_tmp):
+    worker = Worker()
+    job = worker.submit(small_request())
+    job.cancel()  # the worker has not even said hello yet
+    job.cancel()
+    assert finish(job, 60)[-1][0] == MessageKind.CANCELLED
+    pid = worker.pid
+    assert worker.alive, "a cancel that the worker honoured must not kill it"
+
+    job = worker.submit(small_request())
+    deadline = time.monotonic() + 120
+    while job.results.empty() and time.monotonic() < deadline:  # the first progress: the model is loading
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    messages = finish(job, 60)
+    assert messages[-1][0] == MessageKind.ERROR and isinstance(messages[-1][1], WorkerDied)
+    assert "SIGKILL" in str(messages[-1][1])
+    assert not any(p.name.startswith("job-") for p in private_tmp.rglob("*"))
+
+    job = worker.submit(DownloadRequest("no-such-model"))  # a new worker answers
+    assert finish(job, 60)[-1][0] == MessageKind.ERROR and worker.pid != pid and worker.alive
+    new_pid = worker.pid
+    worker.shutdown()
+    assert wait_gone(pid) and wait_gone(new_pid) and leftovers(private_tmp) == []
