@@ -4,6 +4,7 @@ cannot start its pump, per-slice quality, suggested slices and Update through th
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -179,5 +180,70 @@ def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
         for segment_id in ids:
             np.testing.assert_array_equal(after[segment_id], before[segment_id])
         assert logic.activeRun is None
+    finally:
+        logic.worker.shutdown()
+
+
+class EmptyingUpdateEngine(CopyEngine):
+    """First run: :class:`CopyEngine`. Update: recomputes the planes between the first and last
+    annotated ones as empty (visible replacements), sending them one by one; blocks on
+    ``release`` after the first one so that a test can cancel mid-update."""
+
+    def __init__(self, release: threading.Event):
+        super().__init__()
+        self.release = release
+
+    def segment(self, image, supports, *, previous=None, **run):
+        from oflsam2.api import SegmentResult
+        from oflsam2.events import check_cancel
+
+        if previous is None:
+            result = super().segment(image, supports, **run)
+            result.info.update({"annotated": sorted({i for s in supports for i in s.slices}), "quality": {}})
+            return result
+        events, axis = run["events"], run["axis"]
+        slices = sorted({i for s in supports for i in s.slices})
+        recomputed = [i for i in range(slices[0] + 1, slices[-1]) if i not in slices]
+        masks = {}
+        for support in supports:
+            result = np.moveaxis(np.array(previous.masks[support.label], dtype=bool), axis, 0)
+            for count, index in enumerate(recomputed):
+                if count == 1:
+                    while not self.release.wait(0.01):
+                        check_cancel(events)
+                result[index] = False
+                events.slice_done(support.label, axis, index, result[index])
+            masks[support.label] = np.moveaxis(result, 0, axis)
+        return SegmentResult(masks, axis, previous.method, {"annotated": slices, "quality": {},
+                                                             "edited": [], "recomputed": {s.label: recomputed for s in supports}})
+
+
+def test_a_cancelled_update_puts_back_every_replaced_plane(scene):
+    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib.logic import _ReplacingSliceWriter
+
+    volume, segmentation, ids = make_annotated_volume(scene, shape=(12, 32, 32))
+    release = threading.Event()
+    pump = ManualPump()
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: EmptyingUpdateEngine(release)), pump=pump)
+    try:
+        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+        corrected = np.zeros((32, 32), bool)
+        corrected[10:22, 10:22] = True
+        _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)  # annotated: 4 and 8
+        before = read_segments(segmentation, volume)
+
+        run = logic.update(waitForCompletion=False)
+        deadline = time.monotonic() + 30
+        while not read_segments(segmentation, volume)[ids[0]][6].sum() < before[ids[0]][6].sum():
+            pump.step()  # until the first recomputed plane (6, emptied) was written
+            assert time.monotonic() < deadline, "the update wrote nothing"
+        run.cancel()
+        release.set()
+        pump.run_until_done(30)
+        assert run.state == "cancelled"
+        after = read_segments(segmentation, volume)
+        for segment_id in ids:
+            np.testing.assert_array_equal(after[segment_id], before[segment_id])
     finally:
         logic.worker.shutdown()
