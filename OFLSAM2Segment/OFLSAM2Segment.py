@@ -552,6 +552,8 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         self.test_editor_effect()
         self.setUp()
         self.test_widget_apply_and_cancel()
+        self.setUp()
+        self.test_widget_review_and_update()
 
     def test_process_writes_slices_and_undo_restores(self):
         from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
@@ -659,3 +661,51 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         for segment_id in before:
             self.assertTrue((after[segment_id] == before[segment_id]).all(), "cancel from the GUI did not restore")
         self.delayDisplay("GUI passed")
+
+    def test_widget_review_and_update(self):
+        from OFLSAM2SegmentLib import mrml_io
+        from OFLSAM2SegmentLib.logic import _ReplacingSliceWriter
+        from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
+
+        self.delayDisplay("Module GUI: quality table, Next slice to check, Update")
+        volume, segmentation, ids = make_annotated_volume(slicer.mrmlScene, shape=(12, 64, 64))
+        slicer.util.selectModule("OFLSAM2Segment")
+        widget = slicer.modules.oflsam2segment.widgetRepresentation().self()
+        parameters = widget._parameterNode
+        parameters.inputVolume = volume
+        parameters.segmentation = segmentation
+        parameters.segmentIds = ids[:1]
+        parameters.method = Method.SAM2
+        parameters.randomWeights = True
+        parameters.imageSize = 256
+        parameters.device = "cpu"
+
+        def waitUntilDone():
+            deadline = time.monotonic() + 600
+            while widget.logic.isRunning():
+                self.assertLess(time.monotonic(), deadline, "the run did not end within 10 minutes")
+                slicer.app.processEvents()
+                time.sleep(0.03)
+            slicer.app.processEvents()
+
+        widget.ui.applyButton.click()
+        waitUntilDone()
+        self.assertEqual(widget.logic.lastRun.state, "completed", widget.ui.statusLabel.text)
+        self.assertEqual(widget.ui.qualityTableWidget.rowCount, 12)
+        self.assertTrue(widget.ui.nextSliceButton.enabled and widget.ui.updateButton.enabled)
+        suggestion = widget.logic.nextSliceToCheck(ids[0])
+        if suggestion is not None:
+            widget.ui.nextSliceButton.click()
+            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            self.assertAlmostEqual(red.GetSliceOffset(), suggestion[1][2], delta=2.0)  # axial: S; 4 mm slices
+
+        corrected = segment_arrays(segmentation, volume)[ids[0]][6].copy()
+        corrected[20:40, 20:40] = ~corrected[20:40, 20:40]
+        _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 6, corrected)
+        widget.ui.updateButton.click()
+        waitUntilDone()
+        run = widget.logic.lastRun
+        self.assertEqual(run.state, "completed", widget.ui.statusLabel.text)
+        self.assertIn("recomputed", run.summary["segments"][ids[0]])
+        self.assertTrue((segment_arrays(segmentation, volume)[ids[0]][6] == corrected).all(), "Update overwrote the correction")
+        self.delayDisplay("Review passed")
