@@ -90,7 +90,7 @@ def test_check_writable_catches_every_bad_destination(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         check_writable(tmp_path / "folder.nrrd")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="is a file, not a folder"):
         check_writable(tmp_path / "file" / "out.nrrd")
     with pytest.raises(InputError, match="not writable"):
         check_writable("/proc/out.nrrd")  # a folder that accepts no new file, even for root

@@ -182,6 +182,8 @@ class Engine:
 
     def __init__(self, settings: ModelSettings, max_cached_volumes: int = 2, model=None):
         """``model``: an already built :class:`~oflsam2.backend.Sam2Model` to share (tests)."""
+        if not isinstance(settings, ModelSettings):
+            raise InputError(f"Engine needs a ModelSettings, e.g. ModelSettings(model='sam2.1-tiny'); got {type(settings).__name__}.")
         self.settings = settings
         self.max_cached_volumes = max_cached_volumes
         self._model = model
@@ -254,6 +256,10 @@ class Engine:
         from .review import finish_label, previous_run, review_info
         from .volume import apply_preset, intensity_summary, resolve_preset
 
+        if previous is not None and not isinstance(previous, SegmentResult):
+            raise InputError(f"previous must be the SegmentResult of an earlier run; got {type(previous).__name__}.")
+        if events is not None and not all(callable(getattr(events, name, None)) for name in ("progress", "slice_done", "is_cancelled")):
+            raise InputError(f"events must have progress, slice_done and is_cancelled methods (see oflsam2.events.Events); got {type(events).__name__}.")
         options = options or MethodOptions()
         events = events or Events()
         image = validate_run(
@@ -370,6 +376,8 @@ def validate_run(
     if not isinstance(preset, str):
         raise InputError(f"The intensity preset must be a name such as 'auto' or 'mr'; got {preset!r}.")
     check_preset(preset)
+    if options is not None and not isinstance(options, MethodOptions):
+        raise InputError(f"options must be a MethodOptions, e.g. MethodOptions(epochs=10); got {type(options).__name__}.")
     check_method_options(options or MethodOptions())
     if settings is not None:
         check_model_settings(settings)
@@ -397,11 +405,14 @@ def validate_run(
         bad = [i for i in s.slices if not 0 <= i < image.shape[axis]]
         if bad:
             raise InputError(f"Annotated slice(s) {bad[:10]} of label {s.name!r} lie outside the volume (0..{image.shape[axis] - 1}).")
+    if not isinstance(references, (list, tuple)):
+        raise InputError(f"Give the references as a list of Reference; got {type(references).__name__}.")
     for r in references:
         if not isinstance(r, Reference):
             raise InputError(f"Each reference must be a Reference; got {type(r).__name__}.")
         if np.shape(r.image) != np.shape(r.labels) or np.ndim(r.image) != 3:
             raise InputError(f"Reference {r.name!r}: image and labels must be 3-D arrays of the same shape.")
+        _check_reference_values(r)
     if method == "sam2":
         for s in supports:
             if not any(np.take(s.mask, i, axis=axis).any() for i in annotated_in_run(supports)):
@@ -410,6 +421,18 @@ def validate_run(
                     "least one slice, or use --method ofl, revsam2 or forward with --reference volumes."
                 )
     return image
+
+
+def _check_reference_values(reference: Reference) -> None:
+    """A reference image needs finite numbers; its labels whole numbers from 0 (as a support)."""
+    image, labels = np.asarray(reference.image), np.asarray(reference.labels)
+    if image.dtype.kind not in "biuf" or labels.dtype.kind not in "biuf":
+        raise InputError(f"Reference {reference.name!r}: image and labels must be numeric arrays.")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InputError(f"Reference {reference.name!r}: the image has NaN or infinite voxels; fix or mask them first.")
+    whole = labels.dtype.kind != "f" or (np.isfinite(labels).all() and (labels == np.rint(labels)).all())
+    if not whole or (labels.size and labels.min() < 0):
+        raise InputError(f"Reference {reference.name!r}: labels must be whole numbers from 0 (0 = background).")
 
 
 def check_model_settings(settings: ModelSettings) -> None:
@@ -452,6 +475,8 @@ def check_method_options(options: MethodOptions) -> None:
         _whole(options.max_supports, "max_supports", 1)
     _choice(options.support_sampling, SUPPORT_SAMPLINGS, "support sampling")
     _whole(options.forward_batch_size, "forward_batch_size", 1)
+    if not isinstance(options.lr_milestones, (list, tuple)):
+        raise InputError(f"lr_milestones must be a list of epochs, e.g. (10, 30); got {options.lr_milestones!r}.")
     for milestone in options.lr_milestones:
         _whole(milestone, "lr_milestones", 0)
     for name in ("adapter", "save_adapter"):

@@ -104,7 +104,13 @@ def collect_cases(source, out_dir, *, support_dir=None, seg_nrrd: bool = False) 
     if not source.exists():
         raise InputError(f"The batch input {source} does not exist; give a folder of volumes or a CSV manifest.")
     if source.is_dir():
-        entries = [{"image": path} for path in _volumes_in(source)]
+        if out_dir.resolve() == source.resolve():
+            raise InputError(
+                f"--out {out_dir} is the input folder: its outputs would be read as cases on the next run. "
+                "Give another folder (for example a subfolder)."
+            )
+        # An output folder inside the input folder is not a DICOM series case.
+        entries = [{"image": path} for path in _volumes_in(source) if path.resolve() != out_dir.resolve()]
         if not entries:
             raise InputError(
                 f"The folder {source} holds no volume (NIfTI, NRRD, MetaImage or a DICOM series folder)."

@@ -1,8 +1,8 @@
 """The ``oflsam2`` command: segment, train, checkpoints, demo (and eval / experiment).
 
 Problems the user can fix (:class:`~oflsam2.errors.OFLSAM2Error`) print ``error: <message>``
-and exit with status 2; a cancelled or interrupted run exits with 130. Progress goes to stderr
-as one tqdm bar per stage; results go to stdout.
+and exit with status 2; a cancelled or interrupted run exits with 130 (143 after SIGTERM).
+Progress goes to stderr as one tqdm bar per stage; results go to stdout.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import importlib
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -20,6 +22,7 @@ from .errors import Cancelled, InputError, OFLSAM2Error
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 TRAINING_SEGMENTATION = "training_segmentation.nii.gz"
 REVSAM2_MODES = ("full", "forward", "forward_fifo", "random")
 _OPTIONAL_COMMANDS = (
@@ -40,7 +43,11 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     try:
-        return args.func(args)
+        with _terminate_as_interrupt():
+            return args.func(args)
+    except _Terminated:
+        print("error: Terminated; no output was written.", file=sys.stderr)
+        return EXIT_TERMINATED
     except (Cancelled, KeyboardInterrupt) as exc:
         message = str(exc) if isinstance(exc, Cancelled) else "Interrupted; no output was written."
         print(f"error: {message}", file=sys.stderr)
@@ -48,6 +55,33 @@ def main(argv=None) -> int:
     except OFLSAM2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # the system refused a file operation (disk full, permissions): say which
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}.", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), raised like Ctrl+C so that temporary files
+    and folders a command created are removed on the way out instead of left half-written."""
+
+
+class _terminate_as_interrupt:
+    """Turn SIGTERM into :class:`_Terminated` for the block (main thread only; restored after)."""
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Terminated
 
 
 def _show_warnings() -> None:
@@ -390,6 +424,11 @@ def run_batch_command(args) -> int:
     )
     out_dir = check_job(job, args.out)
     cases = collect_cases(args.input, out_dir, support_dir=args.support_dir, seg_nrrd=args.seg_nrrd)
+    if job.options.adapter is None and not any(case.support for case in cases):
+        raise InputError(
+            "No case has a support map: give --support-dir (a label map per case, named like its image), "
+            "a support column in the manifest, or a trained --adapter."
+        )
     show = not args.json and sys.stderr.isatty()
     with make_executor(
         args.executor, job.settings, max_cached_volumes=1 + len(job.references), address=args.address, workers=args.workers

@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .outputs import apply_destination_mode
+from .errors import InputError, OFLSAM2Error
+from .outputs import apply_destination_mode, same_file
 from .volume import MAX_DISTINCT_LABELS, check_nifti_file
 from .metrics import BOTH_EMPTY_CHOICES, METRIC_LIBRARIES, METRIC_NAMES, case_metrics, pooled_dice
 
@@ -254,7 +254,10 @@ def write_csv(rows: Sequence[dict], path, columns: Sequence[str] | None = None) 
     columns = list(columns or _columns_of(rows))
     if not path.parent.is_dir():
         raise InputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as error:
+        raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}.") from None
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
@@ -264,6 +267,9 @@ def write_csv(rows: Sequence[dict], path, columns: Sequence[str] | None = None) 
             os.fsync(stream.fileno())
         apply_destination_mode(temporary, path)
         os.replace(temporary, path)
+    except OSError as error:  # disk full, a folder in the way: the old file stays as it was
+        Path(temporary).unlink(missing_ok=True)
+        raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}. The existing file was kept.") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -338,6 +344,8 @@ def run_eval_command(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise InputError(f"Cannot write {out}: the folder {out.parent} does not exist.")
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a CSV file name such as {out / 'scores.csv'}.")
     if not args.nsd_tolerance >= 0:
         raise InputError(f"--nsd-tolerance must be a distance in mm >= 0; got {args.nsd_tolerance}.")
     both_empty = "exclude" if args.exclude_empty else "one"
@@ -388,7 +396,7 @@ def _refuse_overwriting_inputs(outputs, pred: Path, ref: Path) -> None:
             inputs += [p for p in folder.iterdir() if p.is_file()]
     for output in outputs:
         for source in inputs:
-            if os.path.abspath(output) == os.path.abspath(source):
+            if same_file(output, source):
                 raise InputError(
                     f"--out would overwrite the input {source}; choose another name so your data is not overwritten."
                 )

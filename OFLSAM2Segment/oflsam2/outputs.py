@@ -67,6 +67,17 @@ def segment_color(name: str, label: int) -> tuple[float, float, float]:
     return _PALETTE[(label - 1) % len(_PALETTE)]
 
 
+def same_file(a, b) -> bool:
+    """True when ``a`` and ``b`` name one file: the same path once symbolic links and ``..`` are
+    resolved, or two hard links to it (so a link cannot make an output replace an input)."""
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
 def check_writable(path, suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
     """Make sure ``path`` can be written before any computation; returns it as a ``Path``.
 
@@ -78,6 +89,8 @@ def check_writable(path, suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
     if not any(name.endswith(s) for s in suffixes):
         raise InputError(f"Cannot write {path}: the output must end with one of {', '.join(suffixes)}.")
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"Cannot write {path}: {folder} is a file, not a folder.")
     if not folder.is_dir():
         raise InputError(f"Cannot write {path}: the folder {folder} does not exist. Create it first.")
     if path.is_dir():

@@ -23,6 +23,7 @@ from .outputs import (
     SEG_NRRD_SUFFIX,
     StagedOutputs,
     check_writable,
+    same_file,
     segment_color,
     write_label_volume,
     write_seg_nrrd,
@@ -97,6 +98,11 @@ def segment_files(
 
     image = read_image(image_path)
     volume = to_array(image)
+    if _looks_like_labels(volume):
+        warnings.append(
+            f"The image {image_path} holds only the values {np.unique(volume).astype(int).tolist()}: it looks like a "
+            "label map. Give the CT/MR volume as --image and the label map as --support."
+        )
     direction = np.array(image.GetDirection()).reshape(3, 3)
     support = read_labels(support_path, image) if support_path is not None else None
     reference_list = [_read_reference(pair, image) for pair in references]
@@ -300,7 +306,7 @@ def _check_outputs(out_path, seg_nrrd_path, inputs) -> list[Path]:
     outputs = [check_writable(out_path)]
     if seg_nrrd_path is not None:
         outputs.append(check_writable(seg_nrrd_path, (SEG_NRRD_SUFFIX,)))
-        if _same_file(outputs[0], outputs[1]):
+        if same_file(outputs[0], outputs[1]):
             raise InputError(f"The label volume and the segmentation file are both {outputs[0]}; give two names.")
     for output in outputs:
         refuse_inputs_as_output(output, inputs)
@@ -310,14 +316,10 @@ def _check_outputs(out_path, seg_nrrd_path, inputs) -> list[Path]:
 def refuse_inputs_as_output(output, inputs) -> None:
     """Refuse an output that is one of ``inputs`` (used by every command that writes)."""
     for source in inputs:
-        if source is not None and _same_file(Path(output), Path(source)):
+        if source is not None and same_file(output, source):
             raise InputError(
                 f"The output {output} is one of the inputs ({source}); choose another name so your data is not overwritten."
             )
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
 def _choose_labels(support, labels, support_path, adapters, references) -> list[int]:
@@ -418,6 +420,15 @@ def _check_reference_labels(chosen, support, slices, axis, references, method) -
         if lacking:
             warnings.append(f"Reference(s) {', '.join(lacking)} hold no voxel of label {value}; they add nothing for it.")
     return warnings
+
+
+def _looks_like_labels(volume: np.ndarray, most: int = 16) -> bool:
+    """A handful of whole values from 0: a label map, never a CT or MR scan (a sparse sample first
+    keeps this cheap on real images)."""
+    if len(np.unique(volume.ravel()[::97])) > most:
+        return False
+    values = np.unique(volume)
+    return len(values) <= most and values.min() >= 0 and bool((values == np.rint(values)).all())
 
 
 def _read_reference(pair, target: sitk.Image) -> Reference:

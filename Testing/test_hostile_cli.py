@@ -1,0 +1,348 @@
+"""A hostile new user of the ``oflsam2`` command line and Python API: the defects found by trying
+links, folders, full disks, label maps in the wrong place and wrong Python types.
+
+Each test states the input, the exit status or error it must give, and what must stay as it was.
+Commands run in-process through ``oflsam2.cli.main`` on a small crop of a real CHAOS T2 volume;
+SAM2 is replaced by ``FakeEngine`` where the model is not the point. The Python API cases use the
+real :class:`~oflsam2.api.Engine` (random weights, 256 px): every one is refused before the model
+is built, so none of them loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from oflsam2 import api, cli
+from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings, Reference, SegmentResult
+from oflsam2.errors import InputError
+
+ANNOTATED = (1, 5)
+
+
+class FakeEngine:
+    """The Engine's ``segment`` with a fixed box per label (validated like the real one)."""
+
+    built: list = []
+
+    def __init__(self, settings, *args, **kwargs):
+        FakeEngine.built.append(settings)
+
+    def segment(self, image, supports, *, method, axis, preset, options, references, events, **rest):
+        image = api.validate_run(image, supports, method=method, axis=axis, preset=preset, options=options,
+                                 references=references)
+        masks = {}
+        for support in supports:
+            mask = np.zeros(image.shape, bool)
+            mask[:, 20:40, 20:40] = True
+            masks[support.label] = mask
+        return SegmentResult(masks, axis, method, {"engine": "fake"})
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tmp_path):
+    monkeypatch.setattr(api, "Engine", FakeEngine)
+    monkeypatch.setenv("OFLSAM2_CACHE_DIR", str(tmp_path / "cache"))
+    FakeEngine.built = []
+    return FakeEngine
+
+
+@pytest.fixture(scope="module")
+def source(shared_data, tmp_path_factory) -> Path:
+    """An 8-slice 128x128 crop of CHAOS case 1 with its labels and a 2-slice support."""
+    folder = tmp_path_factory.mktemp("hostile_source")
+    chaos = shared_data / "chaos_t2_fewshot"
+    image = sitk.Cast(sitk.ReadImage(str(chaos / "image_1.nii.gz"))[64:192, 64:192, 14:22], sitk.sitkFloat32)
+    dense = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(chaos / "label_1.nii.gz"))[64:192, 64:192, 14:22]))
+    support = np.zeros(dense.shape, np.uint8)
+    for z in ANNOTATED:
+        support[z] = dense[z]
+    sitk.WriteImage(image, str(folder / "image.nii.gz"))
+    for name, array in (("support.nii.gz", support), ("labels.nii.gz", dense.astype(np.uint8))):
+        labels = sitk.GetImageFromArray(array)
+        labels.CopyInformation(image)
+        sitk.WriteImage(labels, str(folder / name))
+    return folder
+
+
+@pytest.fixture
+def ws(source, tmp_path) -> Path:
+    root = tmp_path / "work"
+    shutil.copytree(source, root)
+    return root
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FAST = ["--method", "sam2", "--random-weights", "--image-size", "256"]
+
+
+# --- outputs that are inputs in disguise ------------------------------------------------------
+
+
+def test_segment_refuses_an_output_that_is_the_support_reached_through_a_link(ws, fake_engine, capsys):
+    """--support LINK --out REAL-FILE (LINK -> REAL-FILE): a path comparison saw two names and
+    replaced the user's support with the result (exit 0)."""
+    (ws / "link.nii.gz").symlink_to(ws / "support.nii.gz")
+    before = digests(ws)
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "link.nii.gz", "--out", ws / "support.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == cli.EXIT_USER_ERROR and "one of the inputs" in err and "Traceback" not in err
+    assert digests(ws) == before and not fake_engine.built
+
+
+def test_segment_refuses_an_output_that_is_a_hard_link_to_the_image(ws, fake_engine, capsys):
+    os.link(ws / "image.nii.gz", ws / "same.nii.gz")
+    before = digests(ws)
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "same.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == cli.EXIT_USER_ERROR and "one of the inputs" in err
+    assert digests(ws) == before
+
+
+def test_eval_refuses_an_out_that_is_the_reference_reached_through_a_link(ws, capsys):
+    """eval --ref LINK --out REAL-FILE overwrote the reference label map with CSV (exit 0)."""
+    (ws / "ref_link.nii.gz").symlink_to(ws / "labels.nii.gz")
+    before = digests(ws)
+    code, _, err = run_cli(
+        ["eval", "--pred", ws / "support.nii.gz", "--ref", ws / "ref_link.nii.gz", "--out", ws / "labels.nii.gz"], capsys
+    )
+    assert code == cli.EXIT_USER_ERROR and "would overwrite the input" in err
+    assert digests(ws) == before
+
+
+# --- output locations ---------------------------------------------------------------------------
+
+
+def test_eval_out_that_is_a_folder_is_refused_without_a_traceback(ws, capsys):
+    """eval --out FOLDER ended in IsADirectoryError from os.replace."""
+    (ws / "scores").mkdir()
+    code, _, err = run_cli(["eval", "--pred", ws / "support.nii.gz", "--ref", ws / "labels.nii.gz", "--out", ws / "scores"], capsys)
+    assert code == cli.EXIT_USER_ERROR and "is a folder" in err and "Traceback" not in err
+    assert list((ws / "scores").iterdir()) == []
+
+
+def test_output_under_a_file_says_it_is_a_file(ws, fake_engine, capsys):
+    """--out support.nii.gz/x.nii.gz said 'the folder support.nii.gz does not exist'."""
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+         "--out", ws / "support.nii.gz" / "x.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == cli.EXIT_USER_ERROR and "is a file, not a folder" in err
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to the last block (root only)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (folder / "scores.csv").write_text("old scores\n")
+        filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 1024):
+                pass
+        except OSError:  # the disk is full
+            pass
+        finally:
+            os.close(filler)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_eval_on_a_full_disk_keeps_the_old_csv_and_says_why(ws, full_disk, capsys):
+    """A full disk ended in an OSError traceback from write_csv."""
+    code, _, err = run_cli(
+        ["eval", "--pred", ws / "support.nii.gz", "--ref", ws / "labels.nii.gz", "--out", full_disk / "scores.csv"], capsys
+    )
+    assert code == cli.EXIT_USER_ERROR and "No space left" in err and "Traceback" not in err
+    assert (full_disk / "scores.csv").read_text() == "old scores\n"
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "scores.csv"]  # no temporary left
+
+
+def test_an_unexpected_os_error_is_a_message_not_a_traceback(ws, monkeypatch, capsys):
+    """The last safety net: an OSError that no command turned into a message."""
+    from oflsam2 import evaluation
+
+    def fail(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/labels.nii.gz")
+
+    monkeypatch.setattr(evaluation, "evaluate_pair", fail)
+    code, _, err = run_cli(["eval", "--pred", ws / "support.nii.gz", "--ref", ws / "labels.nii.gz"], capsys)
+    assert code == cli.EXIT_USER_ERROR and "Permission denied" in err and "/somewhere/labels.nii.gz" in err
+    assert "Traceback" not in err
+
+
+_SLOW_TRAIN = """
+import sys, time
+from pathlib import Path
+from oflsam2 import api, cli
+
+class SlowEngine:
+    def __init__(self, settings, *args, **kwargs):
+        pass
+    def segment(self, image, supports, **kwargs):
+        Path(sys.argv[1]).write_text("running")
+        time.sleep(60)
+
+api.Engine = SlowEngine
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_during_train_removes_the_new_adapter_folder(ws, tmp_path):
+    """SIGTERM killed the process at once (exit -15): the adapter folder it had created stayed
+    behind, empty. Now SIGTERM unwinds like Ctrl+C and exits with 143."""
+    started = tmp_path / "started"
+    before = digests(ws)
+    argv = ["train", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "new" / "adapter",
+            "--model", "sam2.1-tiny", "--random-weights", "--image-size", "256", "--epochs", "1"]
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, str(started), *map(str, argv)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), process.communicate()[1].decode()
+    assert (ws / "new" / "adapter").is_dir()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and b"Terminated" in err, err.decode()
+    assert not (ws / "new").exists() and digests(ws) == before
+
+
+# --- batch --------------------------------------------------------------------------------------
+
+
+def test_batch_without_any_support_or_adapter_is_refused_before_the_model(ws, fake_engine, capsys):
+    """Without --support-dir or --adapter the batch loaded the model and failed every case (exit 1)."""
+    cases = ws / "cases"
+    cases.mkdir()
+    shutil.copy(ws / "image.nii.gz", cases / "c1.nii.gz")
+    code, _, err = run_cli(["batch", cases, "--out", ws / "out", *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "--support-dir" in err and "--adapter" in err
+    assert not fake_engine.built and not (ws / "out" / "cases.csv").exists()
+
+
+def test_batch_refuses_its_input_folder_as_output_folder(ws, capsys):
+    """--out INPUT wrote NAME_seg.nii.gz beside the volumes: the next run read them as cases."""
+    cases = ws / "cases"
+    cases.mkdir()
+    shutil.copy(ws / "image.nii.gz", cases / "c1.nii.gz")
+    code, _, err = run_cli(["batch", cases, "--out", cases, "--support-dir", ws, *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "is the input folder" in err
+    assert sorted(p.name for p in cases.iterdir()) == ["c1.nii.gz"]
+
+
+def test_batch_output_folder_inside_the_input_folder_is_not_a_case(ws):
+    """An output subfolder holding files looked like a DICOM series folder: one more failed case."""
+    from oflsam2.batch import collect_cases
+
+    cases = ws / "cases"
+    (cases / "results").mkdir(parents=True)
+    shutil.copy(ws / "image.nii.gz", cases / "c1.nii.gz")
+    (cases / "results" / "cases.csv").write_text("case,status\n")
+    found = collect_cases(cases, cases / "results")
+    assert [case.name for case in found] == ["c1"]
+
+
+# --- a label map given as the image -------------------------------------------------------------
+
+
+def test_a_label_map_given_as_the_image_is_named_in_a_warning(ws, fake_engine, capsys):
+    """--image labels.nii.gz segmented the label map without a word."""
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "labels.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "out.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == 0 and "looks like a label map" in err and "--image" in err
+
+
+def test_a_real_image_gets_no_label_map_warning(ws, fake_engine, capsys):
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "out.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == 0 and "looks like a label map" not in err
+
+
+# --- Python API: wrong types are InputErrors before any model work ------------------------------
+
+
+def _volume():
+    image = np.random.default_rng(0).random((4, 64, 64)).astype(np.float32)
+    mask = np.zeros(image.shape, bool)
+    mask[1, 20:30, 20:30] = True
+    return image, LabelSupport(1, "liver", mask, [1])
+
+
+def _segment(**changes):
+    image, support = _volume()
+    engine = Engine(ModelSettings(random_weights=True, image_size=256, device="cpu"))
+    run = {"method": "sam2", **changes}
+    try:
+        engine.segment(image, [support], **run)
+    finally:
+        assert engine._model is None, "the model was built before the input was checked"
+
+
+def _reference(image=None, labels=None):
+    base, support = _volume()
+    return Reference(base if image is None else image, support.mask.astype(np.int16) if labels is None else labels)
+
+
+API_CASES = {
+    # call -> fragment of the InputError; each raised a raw AttributeError/TypeError or ran silently
+    "options as a dict": (lambda: _segment(options={"epochs": 1}), "MethodOptions"),
+    "previous as a file name": (lambda: _segment(previous="previous.nii.gz"), "SegmentResult"),
+    "events without methods": (lambda: _segment(events=object()), "progress, slice_done and is_cancelled"),
+    "one Reference, not a list": (lambda: _segment(method="forward", references=_reference()), "list of Reference"),
+    "reference image with NaN": (
+        lambda: _segment(method="forward", references=[_reference(image=np.full((4, 64, 64), np.nan, np.float32))]),
+        "NaN",
+    ),
+    "reference labels 0.5": (
+        lambda: _segment(method="forward", references=[_reference(labels=_volume()[1].mask * 0.5)]), "whole numbers"
+    ),
+    "reference labels negative": (
+        lambda: _segment(method="forward", references=[_reference(labels=-_volume()[1].mask.astype(np.int16))]),
+        "whole numbers",
+    ),
+    "Engine given a dict": (lambda: Engine({"image_size": 256}), "ModelSettings"),
+    "Engine given a model name": (lambda: Engine("sam2.1-tiny"), "ModelSettings"),
+    "lr_milestones a number": (lambda: MethodOptions(lr_milestones=10), "lr_milestones"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES), ids=list(API_CASES))
+def test_python_api_wrong_types_are_input_errors(case):
+    call, fragment = API_CASES[case]
+    with pytest.raises(InputError, match=fragment.replace("(", r"\(")):
+        call()
