@@ -649,6 +649,14 @@ class OFLSAM2Logic:
         if not edited:
             raise InputError(f"No {base.plan.axis_name} slice was corrected since the last run; paint or erase on a "
                              "slice first, then Update.")
+        drawn_on = mrml_io.drawing_axis([masks[s] ^ base.result_masks[s] for s in ids])
+        if drawn_on is not None and drawn_on != axis:
+            from oflsam2.volume import axis_name
+
+            other = axis_name(drawn_on, base.plan.geometry.direction_lps)
+            raise InputError(f"The corrections since the last run were drawn on {other} slices; Update takes corrections "
+                             f"on {base.plan.axis_name} slices (the run's axis). Undo them and correct on "
+                             f"{base.plan.axis_name} slices, or run a fresh segmentation along the {other} axis.")
         for target in base.plan.targets:
             erased = [i for i in target.slices if not np.take(masks[target.segment_id], i, axis=axis).any()]
             if erased:

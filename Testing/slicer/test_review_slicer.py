@@ -143,7 +143,7 @@ def test_quality_suggestions_and_update_through_the_worker_process(chaos_crop):
 
 
 def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
-    """No correction yet, an erased annotated plane, a worker that lost the previous result
+    """No correction yet, an erased annotated plane, a correction on another axis, a worker that lost the previous result
     (restarted): each refused with what to do, the segmentation left as it was."""
     from oflsam2.errors import InputError
     from OFLSAM2SegmentLib import mrml_io
@@ -168,6 +168,16 @@ def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
         for segment_id in ids:
             np.testing.assert_array_equal(read_segments(segmentation, volume)[segment_id], erased[segment_id])
         writer.write(ids[0], 0, annotated, after_run[ids[0]][annotated])  # put it back
+
+        coronal = np.zeros((9, 32), bool)  # a correction painted on a coronal slice crosses many axial ones
+        coronal[2:7, 8:20] = True
+        writer.write(ids[0], 1, 16, coronal | np.take(after_run[ids[0]], 16, axis=1))
+        painted = read_segments(segmentation, volume)
+        with pytest.raises(InputError, match="drawn on coronal slices"):
+            logic.update()
+        np.testing.assert_array_equal(read_segments(segmentation, volume)[ids[0]], painted[ids[0]])
+        writer.write(ids[0], 1, 16, np.take(after_run[ids[0]], 16, axis=1))  # undo it
+        np.testing.assert_array_equal(read_segments(segmentation, volume)[ids[0]], after_run[ids[0]])
 
         corrected = np.zeros((32, 32), bool)
         corrected[8:20, 8:20] = True
