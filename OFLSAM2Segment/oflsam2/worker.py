@@ -19,7 +19,8 @@ Requests (``type``):
   job; an update of any other job is refused (``InputError``: run a fresh segmentation)
 - ``download``: ``job``, ``model`` -- fetch a checkpoint into the user cache
 - ``cancel``: ``job`` -- checked between encode batches, training epochs and slices
-- ``shutdown`` (or end of stdin): stop after cancelling the current job
+- ``shutdown`` (or end of stdin): stop after cancelling the current job; at the end of stdin
+  without ``shutdown`` (the client died) also remove the ``job-*`` folders it was given
 
 Events (``event``), each with the ``job`` it belongs to except ``hello``:
 
@@ -44,6 +45,7 @@ import io
 import json
 import os
 import queue
+import shutil
 import sys
 import threading
 import traceback
@@ -82,6 +84,8 @@ class Server:
         self._current_job = None
         self._current_cancel = None
         self._cancelled_early: set = set()  # jobs cancelled before they started
+        self.client_gone = False  # requests ended without a shutdown: the client died or was killed
+        self._request_folders: set = set()
 
     # ------------------------------------------------------------------------------------------
 
@@ -122,12 +126,27 @@ class Server:
                 elif kind == "shutdown":
                     break
                 else:
+                    if isinstance(request.get("folder"), str):
+                        self._request_folders.add(request["folder"])
                     self._jobs.put(request)
+            else:
+                self.client_gone = True
         except (OSError, ValueError):  # the client's end was closed
-            pass
+            self.client_gone = True
         # End of input (the client quit, crashed or asked us to stop): stop the current job too.
         self._cancel(None)
         self._jobs.put(None)
+
+    def remove_request_folders(self) -> None:
+        """After the client died: remove the arrays it left for this worker (its ``job-*``
+        folders, and their parent once empty), since no one else will."""
+        for folder in map(Path, self._request_folders):
+            if folder.name.startswith("job-"):
+                shutil.rmtree(folder, ignore_errors=True)
+                try:
+                    folder.parent.rmdir()
+                except OSError:  # not empty (another job's folder), or already gone
+                    pass
 
     def _cancel(self, job) -> None:
         """Cancel ``job`` (``None``: whatever runs now)."""
@@ -333,10 +352,13 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    server = Server(events)
     try:
-        Server(events).serve(requests)
+        server.serve(requests)
     except BrokenPipeError:  # the client is gone
-        pass
+        server.client_gone = True
+    if server.client_gone:
+        server.remove_request_folders()
     return 0
 
 

@@ -206,24 +206,35 @@ def test_junk_and_non_object_lines_on_the_workers_stdout_are_skipped(tmp_path, p
     assert wait_gone(pid) and leftovers(private_tmp) == []
 
 
-def test_the_worker_exits_when_its_client_dies_without_shutdown(tmp_path):
-    """Slicer crashes or is killed: the worker sees the end of its stdin and exits (no orphan)."""
+def test_the_worker_exits_and_removes_the_arrays_when_its_client_dies_mid_run(tmp_path):
+    """Slicer crashes or is killed during a run: the worker sees the end of its stdin, stops the
+    run, removes the volume copy the client left in the temp folder, and exits (no orphan).
+    Before: the worker exited but the request's arrays stayed in the temp folder for good."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
     client = textwrap.dedent("""\
         import os, sys, time
-        from OFLSAM2SegmentLib.worker import Worker
+        import numpy as np
+        from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
+        from OFLSAM2SegmentLib.worker import SegmentRequest, Worker
         worker = Worker()
-        worker.start()
-        deadline = time.monotonic() + 60
-        while worker.protocol is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        mask = np.zeros((4, 32, 32), bool)
+        mask[1, 8:20, 8:20] = True
+        settings = ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256)
+        job = worker.submit(SegmentRequest(settings, np.zeros((4, 32, 32), np.float32),
+                                           [LabelSupport(1, "organ", mask, [1])], "sam2", 0, "auto", MethodOptions()))
+        deadline = time.monotonic() + 120
+        while job.results.empty() and time.monotonic() < deadline:  # the run has started
+            time.sleep(0.02)
         print(worker.pid, worker.protocol, flush=True)
         os.kill(os.getpid(), 9)
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temp))
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=180)
     pid_text, protocol = done.stdout.split()
     assert done.returncode == -signal.SIGKILL and protocol != "None"
-    assert wait_gone(int(pid_text), 20), "the worker outlived its killed client"
+    assert wait_gone(int(pid_text), 30), "the worker outlived its killed client"
+    assert leftovers(temp) == [], "the killed client's arrays were left in the temp folder"
 
 
 # ---------------------------------------------------------------------------------------------
