@@ -414,3 +414,31 @@ def test_cancel_before_hello_and_kill_during_model_load_leave_no_files_and_the_n
     new_pid = worker.pid
     worker.shutdown()
     assert wait_gone(pid) and wait_gone(new_pid) and leftovers(private_tmp) == []
+
+
+def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp_path):
+    """The extension installed under ``C:/Users/José Müller/AppData/.../Slicer 5.8 Extensions``:
+    the worker finds the engine through PYTHONPATH and its working folder."""
+    module_dir = Path(__file__).resolve().parents[2] / "OFLSAM2Segment"
+    installed = tmp_path / "José Müller 日本" / "Slicer 5.8 Extensions" / "OFLSAM2" / "lib"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for package in ("oflsam2", "OFLSAM2SegmentLib"):
+        shutil.copytree(module_dir / package, installed / package, ignore=ignore)
+    client = textwrap.dedent("""\
+        from OFLSAM2SegmentLib.worker import DownloadRequest, Worker, engine_folder
+        worker = Worker()
+        job = worker.submit(DownloadRequest("no-such-model"))
+        assert job.finished.wait(120)
+        kind, error = list(job.messages())[-1][:2]
+        worker.shutdown()
+        print(engine_folder())
+        print(kind.value, type(error).__name__, error)
+    """)
+    others = [p for p in sys.path if p and Path(p).resolve() != module_dir]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed), *others]), PYTHONIOENCODING="utf-8")
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, encoding="utf-8", env=env,
+                          cwd=tmp_path, timeout=180)
+    assert done.returncode == 0, done.stderr
+    folder, outcome = done.stdout.splitlines()[:2]
+    assert Path(folder) == installed
+    assert outcome.startswith("error") and "WorkerDied" not in outcome and "no-such-model" in outcome
