@@ -296,7 +296,12 @@ class _StreamEvents:
     def slice_done(self, label, axis, index, mask):
         self._count += 1
         name = f"plane-{self._count:06d}.npy"
-        np.save(self._folder / name, np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8), allow_pickle=False)
+        try:
+            np.save(self._folder / name, np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8), allow_pickle=False)
+        except OSError as exc:  # e.g. the temp disk filled up during the run
+            raise OSError(exc.errno, f"Could not write a result plane into the temp folder {str(self._folder)!r}: "
+                          f"{exc.strerror or exc}. Free space there, or set TMPDIR to a folder on a disk with room "
+                          "and restart Slicer.") from exc
         self.sent.setdefault(int(label), set()).add(int(index))
         self._server.send({"event": "slice", "job": self._job, "label": int(label), "axis": int(axis), "index": int(index),
                            "file": name})

@@ -260,6 +260,26 @@ def test_a_full_temp_folder_gives_a_clear_error_and_leaves_no_partial_files(tmp_
         assert messages[-1][0] == MessageKind.DONE
         worker.shutdown()
         assert leftovers(small) == []
+
+        # The disk fills up during a run: the run fails saying where and what to do.
+        gate = threading.Event()
+        worker = Worker(lambda settings: CopyEngine(settings, block=gate, block_after=0))
+        job = worker.submit(small_request())
+        filler = small / "filler"
+        with open(filler, "wb", buffering=0) as out:
+            try:
+                while True:
+                    out.write(b"\0" * 4096)
+            except OSError:
+                pass
+        gate.set()
+        messages = finish(job, 30)
+        assert messages[-1][0] == MessageKind.ERROR
+        assert "Could not write a result plane" in str(messages[-1][1]) and "TMPDIR" in str(messages[-1][1])
+        filler.unlink()
+        assert finish(worker.submit(small_request()), 30)[-1][0] == MessageKind.DONE
+        worker.shutdown()
+        assert leftovers(small) == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
