@@ -16,7 +16,8 @@ Requests (``type``):
   [{``name``, ``image``, ``labels``}], optional ``previous_job``: update the result of that
   earlier ``segment`` job of this process after corrections (``Engine.segment(previous=...)``);
   only the slices it recomputes are sent. The process keeps the result of its latest segment
-  job; an update of any other job is refused (``InputError``: run a fresh segmentation)
+  job (for ``ofl`` also its trained head, in a private folder, which an update warm-starts);
+  an update of any other job is refused (``InputError``: run a fresh segmentation)
 - ``download``: ``job``, ``model`` -- fetch a checkpoint into the user cache
 - ``cancel``: ``job`` -- checked between encode batches, training epochs and slices
 - ``shutdown`` (or end of stdin): stop after cancelling the current job; at the end of stdin
@@ -78,7 +79,8 @@ class Server:
         self._engine_factory = engine_factory
         self._engine = None
         self._engine_settings = None
-        self._kept: tuple | None = None  # (job, SegmentResult) of the latest segment job, for an update
+        self._kept: tuple | None = None  # (job, SegmentResult, OFL-SAM2 adapter folder or None) of the latest segment job, for an update
+        self._state: Path | None = None  # private folder of this process: the OFL-SAM2 head an update warm-starts
         self._jobs: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()
         self._current_job = None
@@ -97,6 +99,8 @@ class Server:
         while True:
             request = self._jobs.get()
             if request is None:
+                if self._state is not None:
+                    shutil.rmtree(self._state, ignore_errors=True)
                 return
             self._run(request)
 
@@ -223,12 +227,21 @@ class Server:
                 raise InputError("The worker no longer holds the result of that run (it was restarted, or another run "
                                  "came after it); run a fresh segmentation instead of an update.")
             update["previous"] = self._kept[1]
+        ofl = request["method"] == "ofl"
+        if ofl and update and self._kept[2]:  # warm-start the head the previous run trained, not a new one
+            options = dataclasses.replace(options, adapter=self._kept[2])
+        if ofl and options.save_adapter is None:  # keep this run's head for the next update
+            if self._state is None:
+                import tempfile
+
+                self._state = Path(tempfile.mkdtemp(prefix="oflsam2-worker-state-"))
+            options = dataclasses.replace(options, save_adapter=str(self._state / "adapter"))
         events = _StreamEvents(self, job, folder, token)
         engine = self.engine_for(settings)
         result = engine.segment(image, supports, method=request["method"], axis=int(request["axis"]),
                                 preset=request["preset"], options=options, references=references, events=events,
                                 **update)
-        self._kept = (job, result)
+        self._kept = (job, result, options.save_adapter if ofl else None)
         # Every plane the method did not stream (e.g. the ones it finished together at the end),
         # so that the client's copy ends complete.
         for support in supports:

@@ -257,3 +257,27 @@ def test_a_cancelled_update_puts_back_every_replaced_plane(scene):
             np.testing.assert_array_equal(after[segment_id], before[segment_id])
     finally:
         logic.worker.shutdown()
+
+
+def test_an_ofl_update_warm_starts_the_head_the_worker_kept(scene, tiny_model):
+    """OFL-SAM2 through the worker loop with the real engine (random-weight SAM2.1-tiny): the
+    update trains only the warm-start epochs, from the head the first run left in the worker."""
+    from oflsam2.api import Engine
+    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib.logic import _ReplacingSliceWriter
+
+    volume, segmentation, ids = make_annotated_volume(scene, shape=(10, 48, 48))
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: Engine(settings, model=tiny_model)), pump=ManualPump())
+    try:
+        first = logic.process(volume, segmentation, ids[:1], method="ofl", epochs=3, warmStartEpochs=1, **REAL)
+        assert len(first["engine"]["labels"]["1"]["loss_history"]) == 3
+        corrected = read_segments(segmentation, volume)[ids[0]][5].copy()
+        corrected[10:30, 10:30] = ~corrected[10:30, 10:30]
+        _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
+
+        summary = logic.update()
+        assert len(summary["engine"]["labels"]["1"]["loss_history"]) == 1  # warm start, not a fresh training
+        assert summary["engine"]["edited"] == [5]
+        np.testing.assert_array_equal(read_segments(segmentation, volume)[ids[0]][5], corrected)
+    finally:
+        logic.worker.shutdown()
