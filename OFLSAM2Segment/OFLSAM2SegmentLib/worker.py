@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -572,6 +573,8 @@ class Worker:
         """The private temp folder, made again if something removed it while the worker lived."""
         if self._root is None or not self._root.is_dir():
             self._root = Path(tempfile.mkdtemp(prefix="oflsam2-worker-"))  # mode 0700: this user only
+            # Removed also when this Worker is dropped or Python exits without shutdown().
+            weakref.finalize(self, shutil.rmtree, str(self._root), True)
 
     def _kill_if_silent(self, transport: Transport) -> None:
         if not transport.said_hello and not transport.connection_ended:

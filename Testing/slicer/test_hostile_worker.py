@@ -462,3 +462,22 @@ def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp
     folder, outcome = done.stdout.splitlines()[:2]
     assert Path(folder) == installed
     assert outcome.startswith("error") and "WorkerDied" not in outcome and "no-such-model" in outcome
+
+
+def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worker(tmp_path):
+    """A script (or a Slicer whose aboutToQuit handler never ran) that drops its Worker: the
+    worker process ends with the pipes, and the temp folder with its job files goes with Python."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    client = textwrap.dedent("""\
+        from OFLSAM2SegmentLib.worker import DownloadRequest, Worker
+        worker = Worker()
+        job = worker.submit(DownloadRequest("no-such-model"))
+        assert job.finished.wait(120)  # its messages are never read: the job folder stays until exit
+        print(worker.pid, flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temp))
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert wait_gone(int(done.stdout.split()[0]), 30), "the worker outlived its client"
+    assert leftovers(temp) == [], "the client's temp folder was left behind"
