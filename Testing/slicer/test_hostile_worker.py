@@ -481,3 +481,24 @@ def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worke
     assert done.returncode == 0, done.stderr
     assert wait_gone(int(done.stdout.split()[0]), 30), "the worker outlived its client"
     assert leftovers(temp) == [], "the client's temp folder was left behind"
+
+
+def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outlive_shutdown(private_tmp):
+    worker = Worker()
+    job = worker.submit(small_request(shape=(3, 32, 32)))
+    deadline = time.monotonic() + 120
+    while job.results.empty() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = worker.pid
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGCONT)
+    messages = finish(job, 300)
+    assert messages[-1][0] == MessageKind.DONE
+    assert sorted(m[3] for m in messages if m[0] == MessageKind.SLICE) == [0, 2]
+
+    os.kill(pid, signal.SIGSTOP)  # frozen when Slicer quits: shutdown kills it after its timeout
+    started = time.monotonic()
+    worker.shutdown(timeout=1.0)
+    assert time.monotonic() - started < 10 and wait_gone(pid, 10)
+    assert leftovers(private_tmp) == []
