@@ -96,13 +96,15 @@ class Server:
         self.send({"event": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "python": sys.version.split()[0]})
         reader = threading.Thread(target=self._read, args=(requests,), name="oflsam2-worker-requests", daemon=True)
         reader.start()
-        while True:
-            request = self._jobs.get()
-            if request is None:
-                if self._state is not None:
-                    shutil.rmtree(self._state, ignore_errors=True)
-                return
-            self._run(request)
+        try:
+            while True:
+                request = self._jobs.get()
+                if request is None:
+                    return
+                self._run(request)
+        finally:  # also when the client is gone mid-run (BrokenPipeError)
+            if self._state is not None:
+                shutil.rmtree(self._state, ignore_errors=True)
 
     def send(self, event: dict) -> None:
         line = json.dumps(event, default=_json_default)
