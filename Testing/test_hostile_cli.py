@@ -238,6 +238,12 @@ def test_sigterm_during_train_removes_the_new_adapter_folder(ws, tmp_path):
     assert not (ws / "new").exists() and digests(ws) == before
 
 
+def test_experiment_given_a_folder_says_it_wants_the_yaml_file(ws, capsys):
+    """`experiment FOLDER` said 'The experiment file FOLDER does not exist'."""
+    code, _, err = run_cli(["experiment", ws, "--out", ws / "results", "--random-weights"], capsys)
+    assert code == cli.EXIT_USER_ERROR and "is a folder" in err and "YAML" in err
+
+
 # --- batch --------------------------------------------------------------------------------------
 
 
@@ -249,6 +255,17 @@ def test_batch_without_any_support_or_adapter_is_refused_before_the_model(ws, fa
     code, _, err = run_cli(["batch", cases, "--out", ws / "out", *FAST], capsys)
     assert code == cli.EXIT_USER_ERROR and "--support-dir" in err and "--adapter" in err
     assert not fake_engine.built and not (ws / "out" / "cases.csv").exists()
+
+
+def test_an_interrupted_batch_says_finished_cases_are_kept(ws, monkeypatch, capsys):
+    """Ctrl+C in a batch said 'no output was written' although every finished case is kept."""
+
+    def run_batch_command(args):  # stands in for the real handler, interrupted after some cases
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_batch_command", run_batch_command)
+    code, _, err = run_cli(["batch", ws, "--out", ws / "out", *FAST], capsys)
+    assert code == cli.EXIT_INTERRUPTED and "finished cases are kept" in err and "no output was written" not in err
 
 
 def test_batch_refuses_its_input_folder_as_output_folder(ws, capsys):
@@ -271,6 +288,30 @@ def test_batch_output_folder_inside_the_input_folder_is_not_a_case(ws):
     (cases / "results" / "cases.csv").write_text("case,status\n")
     found = collect_cases(cases, cases / "results")
     assert [case.name for case in found] == ["c1"]
+
+
+def test_batch_refuses_to_write_cases_csv_over_its_manifest(ws, fake_engine, capsys):
+    """`batch DIR/cases.csv --out DIR` replaced the user's manifest with the batch's case list."""
+    manifest = ws / "cases.csv"
+    manifest.write_text(f"image,support\n{ws / 'image.nii.gz'},{ws / 'support.nii.gz'}\n")
+    before = digests(ws)
+    code, _, err = run_cli(["batch", manifest, "--out", ws, *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "over its input" in err and str(manifest) in err
+    assert digests(ws) == before and not fake_engine.built
+
+
+def test_batch_refuses_a_manifest_out_column_naming_another_cases_image(ws, tmp_path):
+    """Row 1's out was row 2's image: it would be overwritten before row 2 is segmented."""
+    from oflsam2.batch import collect_cases
+
+    shutil.copy(ws / "image.nii.gz", ws / "second.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        f"image,support,out\n{ws / 'image.nii.gz'},{ws / 'support.nii.gz'},{ws / 'second.nii.gz'}\n"
+        f"{ws / 'second.nii.gz'},{ws / 'support.nii.gz'},\n"
+    )
+    with pytest.raises(InputError, match="over its input"):
+        collect_cases(manifest, tmp_path / "out")
 
 
 # --- a label map given as the image -------------------------------------------------------------

@@ -131,7 +131,34 @@ def collect_cases(source, out_dir, *, support_dir=None, seg_nrrd: bool = False) 
         support = entry.get("support") or supports.get(name)
         seg = out.with_name(_strip_suffix(out.name) + ".seg.nrrd") if seg_nrrd else None
         cases.append(BatchCase(name, Path(entry["image"]), Path(support) if support else None, out, seg))
+    _refuse_overwriting_inputs(cases, source, out_dir)
     return cases
+
+
+def _refuse_overwriting_inputs(cases: Sequence[BatchCase], source: Path, out_dir: Path) -> None:
+    """No output of the batch (a case's files, ``cases.csv``) may be the manifest or any case's
+    image or support: a manifest's out column or an --out beside the manifest could name one."""
+    inputs = [source, *(p for case in cases for p in (case.image, case.support) if p is not None)]
+    by_path = {os.path.normcase(os.path.realpath(p)): p for p in inputs}
+    by_inode = {(s.st_dev, s.st_ino): p for p in inputs if (s := _stat(p)) is not None}
+    outputs = (p for case in cases for p in (case.out, case.seg_nrrd, case.record) if p is not None)
+    for output in [out_dir / CASES_FILE, *outputs]:
+        stat = _stat(output)
+        source_file = by_path.get(os.path.normcase(os.path.realpath(output))) or (
+            by_inode.get((stat.st_dev, stat.st_ino)) if stat is not None else None
+        )
+        if source_file is not None:
+            raise InputError(
+                f"The batch would write {output} over its input {source_file}; choose another --out folder "
+                "(or another name in the manifest's out column)."
+            )
+
+
+def _stat(path: Path):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def case_name(path) -> str:

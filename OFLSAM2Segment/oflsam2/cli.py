@@ -45,13 +45,14 @@ def main(argv=None) -> int:
     try:
         with _terminate_as_interrupt():
             return args.func(args)
-    except _Terminated:
-        print("error: Terminated; no output was written.", file=sys.stderr)
-        return EXIT_TERMINATED
     except (Cancelled, KeyboardInterrupt) as exc:
-        message = str(exc) if isinstance(exc, Cancelled) else "Interrupted; no output was written."
+        what = "Terminated" if isinstance(exc, _Terminated) else "Interrupted"
+        # batch and experiment keep every finished case and resume from there
+        kept = ("finished cases are kept; run the same command again to resume"
+                if args.func.__name__ in ("run_batch_command", "run_experiment_command") else "no output was written")
+        message = str(exc) if isinstance(exc, Cancelled) else f"{what}; {kept}."
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
     except OFLSAM2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

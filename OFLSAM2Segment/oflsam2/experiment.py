@@ -177,6 +177,8 @@ def load_config(path, *, data_root=None, random_weights: bool | None = None, dev
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the experiment's YAML file.")
     if not path.is_file():
         raise InputError(f"The experiment file {path} does not exist.")
     try:
