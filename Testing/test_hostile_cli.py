@@ -387,3 +387,27 @@ def test_python_api_wrong_types_are_input_errors(case):
     call, fragment = API_CASES[case]
     with pytest.raises(InputError, match=fragment.replace("(", r"\(")):
         call()
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+
+def test_batch_records_and_report_pngs_follow_the_umask(tmp_path):
+    """The batch's cases.csv / NAME_seg.run.json and the experiment's PNG figures were 0600
+    (mkstemp's mode) whatever the umask; a replaced file keeps its own mode."""
+    from PIL import Image
+
+    from oflsam2.batch import _atomic_text
+    from oflsam2.report import _save
+
+    previous = os.umask(0o022)
+    try:
+        _atomic_text(tmp_path / "cases.csv", "case,status\n")
+        _save(Image.new("RGB", (4, 4)), tmp_path / "figure.png")
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        _atomic_text(tmp_path / "kept.json", "{}\n")
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("cases.csv", "figure.png", "kept.json")}
+    assert modes == {"cases.csv": 0o644, "figure.png": 0o644, "kept.json": 0o640}

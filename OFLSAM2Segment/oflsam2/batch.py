@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 from .api import MethodOptions, ModelSettings
 from .errors import AdapterError, CheckpointError, InputError
+from .outputs import apply_destination_mode
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 OUTPUT_SUFFIX = "_seg.nii.gz"
@@ -297,6 +298,7 @@ def _atomic_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        apply_destination_mode(temporary, path)  # mkstemp's 0600 would ignore the umask
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
+from .outputs import apply_destination_mode
 
 REFERENCE_COLOR = (0, 220, 0)
 PREDICTION_COLOR = (255, 40, 40)
@@ -299,6 +300,7 @@ def _save(canvas: Image.Image, path) -> Path:
     os.close(handle)
     try:
         canvas.save(temporary, format="PNG")
+        apply_destination_mode(temporary, path)  # mkstemp's 0600 would ignore the umask
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
