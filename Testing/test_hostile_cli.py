@@ -244,6 +244,35 @@ def test_experiment_given_a_folder_says_it_wants_the_yaml_file(ws, capsys):
     assert code == cli.EXIT_USER_ERROR and "is a folder" in err and "YAML" in err
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder bind-mounted read-only (root ignores permission bits, not a read-only mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_quality_out_in_a_read_only_folder_is_refused_before_the_model(ws, read_only_folder, fake_engine, capsys):
+    """--quality-out into a read-only folder passed the checks: the run went through the model
+    and failed only when writing the CSV."""
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "out.nii.gz",
+         "--quality-out", read_only_folder / "quality.csv", *FAST],
+        capsys,
+    )
+    assert code == cli.EXIT_USER_ERROR and "not writable" in err and "Traceback" not in err
+    assert not fake_engine.built and not (ws / "out.nii.gz").exists()
+
+
 # --- batch --------------------------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ class _RecordingEngine:
 
 def check_review_options(method: str, options, quality_out, state_dir, previous_path) -> None:
     """Refuse review options that cannot work, before anything is read."""
+    from .outputs import check_writable
     from .pipeline import check_folder_writable
 
     if quality_out is not None:
@@ -51,6 +52,7 @@ def check_review_options(method: str, options, quality_out, state_dir, previous_
             raise InputError(f"--quality-out {path}: give a .csv file name.")
         if not path.parent.is_dir():
             raise InputError(f"--quality-out {path}: the folder {path.parent} does not exist. Create it first.")
+        check_writable(path, (".csv",))  # a read-only folder or file: refused now, not after the run
     if previous_path is not None and state_dir is None:
         raise InputError(
             "--previous needs --save-state DIR: the folder the run that wrote the previous result saved its "
