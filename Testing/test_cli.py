@@ -174,7 +174,8 @@ def test_required_arguments_exit_2(recorder, capsys):
 def test_missing_checkpoint_exits_2_with_the_download_command(recorder, capsys, offline_cache):
     assert cli.main(["segment", "--image", "a.nii", "--support", "b.nii", "--out", "c.nii", "--method", "ofl"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "oflsam2 checkpoints download sam2.1-tiny" in err
+    # With no --model an ofl run uses the paper's backbone.
+    assert err.startswith("error: ") and "oflsam2 checkpoints download sam2.1-base-plus" in err
     assert str(offline_cache) in err
     assert cli.main(["segment", "--image", "a.nii", "--support", "b.nii", "--out", "c.nii", "--method", "ofl",
                      "--checkpoint", "no_such_file.pt"]) == 2
@@ -283,8 +284,8 @@ def test_demo_without_a_checkpoint_ends_with_the_offline_message(tmp_path, capsy
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "error: The SAM2 checkpoint for model 'sam2.1-tiny' is not on this computer" in err
-    assert "sam2.1_hiera_tiny.pt" in err and str(offline_cache) in err
+    assert "error: The SAM2 checkpoint for model 'sam2.1-base-plus' is not on this computer" in err
+    assert "sam2.1_hiera_base_plus.pt" in err and str(offline_cache) in err
     assert not out.exists()
 
 
