@@ -253,7 +253,7 @@ def test_random_mode_skips_reverse_scoring(engine, case):
 def test_bad_options_and_missing_object_are_input_errors(engine, case):
     with pytest.raises(InputError, match="mode"):
         segment(engine, case, revsam2_mode="backward")
-    with pytest.raises(InputError, match="top-k"):
+    with pytest.raises(InputError, match="top_k"):
         segment(engine, case, top_k=0)
     image, liver, _ = case
     no_object = (image, np.zeros_like(liver), [])
