@@ -631,31 +631,41 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         editorWidget.setActiveEffect(None)
         self.delayDisplay("Effect passed")
 
+    def _moduleWidgetFor(self, volume, segmentation, segmentIds):
+        """The module's widget, set up for a quick random-weight ``sam2`` run on the CPU."""
+        slicer.util.selectModule("OFLSAM2Segment")
+        widget = slicer.modules.oflsam2segment.widgetRepresentation().self()
+        parameters = widget._parameterNode
+        parameters.inputVolume = volume
+        parameters.segmentation = segmentation
+        parameters.segmentIds = segmentIds
+        parameters.method = Method.SAM2
+        parameters.randomWeights = True
+        parameters.imageSize = 256
+        parameters.device = "cpu"
+        return widget
+
+    def _waitUntilDone(self, widget, seconds):
+        """Event rounds until the widget's run ends (the Qt timer drains the run between them)."""
+        deadline = time.monotonic() + seconds
+        while widget.logic.isRunning():
+            self.assertLess(time.monotonic(), deadline, f"the run did not end within {seconds} s")
+            slicer.app.processEvents()
+            time.sleep(0.03)
+        slicer.app.processEvents()
+
     def test_widget_apply_and_cancel(self):
         from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
 
         self.delayDisplay("Module GUI: Apply turns into Cancel")
         volume, segmentation, ids = make_annotated_volume(slicer.mrmlScene)
         before = segment_arrays(segmentation, volume)
-        slicer.util.selectModule("OFLSAM2Segment")
-        widget = slicer.modules.oflsam2segment.widgetRepresentation().self()
-        parameters = widget._parameterNode
-        parameters.inputVolume = volume
-        parameters.segmentation = segmentation
-        parameters.segmentIds = ids[:1]
-        parameters.method = Method.SAM2
-        parameters.randomWeights = True
-        parameters.imageSize = 256
-        parameters.device = "cpu"
-        parameters.epochs = 1
+        widget = self._moduleWidgetFor(volume, segmentation, ids[:1])
+        widget._parameterNode.epochs = 1
         widget.ui.applyButton.click()
         self.assertEqual(widget.ui.applyButton.text, "Cancel")
         widget.ui.applyButton.click()  # cancel at once
-        deadline = time.monotonic() + 120
-        while widget.logic.isRunning():  # the Qt timer drains the run between these event rounds
-            self.assertLess(time.monotonic(), deadline, "the cancelled run did not end within 2 minutes")
-            slicer.app.processEvents()
-            time.sleep(0.03)
+        self._waitUntilDone(widget, 120)
         self.assertEqual(widget.ui.applyButton.text, "Apply")
         after = segment_arrays(segmentation, volume)
         for segment_id in before:
@@ -669,27 +679,10 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Module GUI: quality table, Next slice to check, Update")
         volume, segmentation, ids = make_annotated_volume(slicer.mrmlScene, shape=(12, 64, 64))
-        slicer.util.selectModule("OFLSAM2Segment")
-        widget = slicer.modules.oflsam2segment.widgetRepresentation().self()
-        parameters = widget._parameterNode
-        parameters.inputVolume = volume
-        parameters.segmentation = segmentation
-        parameters.segmentIds = ids[:1]
-        parameters.method = Method.SAM2
-        parameters.randomWeights = True
-        parameters.imageSize = 256
-        parameters.device = "cpu"
-
-        def waitUntilDone():
-            deadline = time.monotonic() + 600
-            while widget.logic.isRunning():
-                self.assertLess(time.monotonic(), deadline, "the run did not end within 10 minutes")
-                slicer.app.processEvents()
-                time.sleep(0.03)
-            slicer.app.processEvents()
+        widget = self._moduleWidgetFor(volume, segmentation, ids[:1])
 
         widget.ui.applyButton.click()
-        waitUntilDone()
+        self._waitUntilDone(widget, 600)
         self.assertEqual(widget.logic.lastRun.state, "completed", widget.ui.statusLabel.text)
         self.assertEqual(widget.ui.qualityTableWidget.rowCount, 12)
         self.assertTrue(widget.ui.nextSliceButton.enabled and widget.ui.updateButton.enabled)
@@ -703,7 +696,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         corrected[20:40, 20:40] = ~corrected[20:40, 20:40]
         _ReplacingSliceWriter(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 6, corrected)
         widget.ui.updateButton.click()
-        waitUntilDone()
+        self._waitUntilDone(widget, 600)
         run = widget.logic.lastRun
         self.assertEqual(run.state, "completed", widget.ui.statusLabel.text)
         self.assertIn("recomputed", run.summary["segments"][ids[0]])
