@@ -190,6 +190,37 @@ def test_csv_round_trip_keeps_types(tmp_path):
     assert math.isnan(back["dice"])
 
 
+def test_scores_and_summary_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """eval wrote the per-case CSV and then its summary: a failure on the second left a new
+    scores file beside an old summary."""
+    scores, summary = tmp_path / "scores.csv", tmp_path / "scores_summary.csv"
+    scores.write_text("old scores\n")
+    summary.write_text("old summary\n")
+    real_write, calls = evaluation._write_temporary_csv, []
+
+    def disk_full_on_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(*args)
+
+    monkeypatch.setattr(evaluation, "_write_temporary_csv", disk_full_on_second)
+    with pytest.raises(evaluation.OFLSAM2Error, match="scores_summary.csv: No space left on device. The existing files were kept"):
+        evaluation.write_csv_files([([{"a": 1}], scores, None), ([{"b": 2}], summary, None)])
+    assert scores.read_text() == "old scores\n" and summary.read_text() == "old summary\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv", "scores_summary.csv"]  # no temporary left
+    monkeypatch.undo()
+    evaluation.write_csv_files([([{"a": 1}], scores, None), ([{"b": 2}], summary, None)])
+    assert evaluation.read_csv(scores) == [{"a": 1}] and evaluation.read_csv(summary) == [{"b": 2}]
+
+
+def test_a_folder_in_the_way_of_the_summary_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "scores_summary.csv").mkdir()
+    with pytest.raises(InputError, match="a folder of that name is in the way"):
+        evaluation.write_csv_files([([{"a": 1}], tmp_path / "scores.csv", None), ([{"b": 2}], tmp_path / "scores_summary.csv", None)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores_summary.csv"]
+
+
 def test_unreadable_and_non_label_files(tmp_path):
     image = sitk.GetImageFromArray(np.full((4, 8, 8), 0.5, dtype=np.float32))
     sitk.WriteImage(image, str(tmp_path / "soft.nii.gz"))

@@ -250,14 +250,36 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 
 def write_csv(rows: Sequence[dict], path, columns: Sequence[str] | None = None) -> Path:
     """Write ``rows`` as CSV (atomically: a failed write leaves any old file intact)."""
-    path = Path(path)
+    return write_csv_files([(rows, path, columns)])[0]
+
+
+def write_csv_files(tables: Sequence[tuple[Sequence[dict], object, Sequence[str] | None]]) -> list[Path]:
+    """Write several ``(rows, path, columns)`` tables as one unit: every file is written under a
+    temporary name first, so a full disk or an interrupt replaces none of the existing files."""
+    staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+    path = None
+    try:
+        for rows, path, columns in tables:
+            path = Path(path)
+            staged.append((_write_temporary_csv(rows, path, columns), path))
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except OSError as error:  # disk full, a folder in the way: the old files stay as they were
+        raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}. The existing files were kept.") from None
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+    return [path for _, path in staged]
+
+
+def _write_temporary_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] | None) -> Path:
+    """``rows`` written and synced to a temporary file beside ``path``, with ``path``'s mode."""
     columns = list(columns or _columns_of(rows))
     if not path.parent.is_dir():
         raise InputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as error:
-        raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}.") from None
+    if path.is_dir():
+        raise InputError(f"Cannot write {path}: a folder of that name is in the way; move it or choose another --out.")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
@@ -266,14 +288,10 @@ def write_csv(rows: Sequence[dict], path, columns: Sequence[str] | None = None) 
             stream.flush()
             os.fsync(stream.fileno())
         apply_destination_mode(temporary, path)
-        os.replace(temporary, path)
-    except OSError as error:  # disk full, a folder in the way: the old file stays as it was
-        Path(temporary).unlink(missing_ok=True)
-        raise OFLSAM2Error(f"Could not write {path}: {error.strerror or error}. The existing file was kept.") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+    return Path(temporary)
 
 
 def read_csv(path) -> list[dict]:
@@ -370,8 +388,8 @@ def run_eval_command(args) -> int:
     print(summary_markdown(summary))
     print(f"\nmetrics: {METRIC_LIBRARIES}; NSD tolerance {args.nsd_tolerance} mm")
     if out is not None:
-        write_csv(rows, out, ROW_COLUMNS)
-        summary_path = write_csv(summary, out.with_name(f"{_csv_stem(out)}_summary.csv"))
+        summary_path = out.with_name(f"{_csv_stem(out)}_summary.csv")
+        write_csv_files([(rows, out, ROW_COLUMNS), (summary, summary_path, None)])
         print(f"wrote {out} and {summary_path}")
     return 0
 
