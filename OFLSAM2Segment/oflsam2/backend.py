@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import ModelSettings
+from .settings import ModelSettings
 from .errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)

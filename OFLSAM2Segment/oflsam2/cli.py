@@ -17,8 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
 from .errors import Cancelled, InputError, OFLSAM2Error
+from .version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

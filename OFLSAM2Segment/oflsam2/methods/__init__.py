@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import importlib
 
-_RUNNERS = {
-    "sam2": ("sam2_propagation", "run"),
+# Each method of settings.METHODS -> (its module in this package, the runner function there).
+# Imported on first use: the modules load torch and sam2.
+RUNNERS = {
     "ofl": ("ofl", "run"),
     "revsam2": ("revsam2", "run"),
     "forward": ("revsam2", "run_forward"),
+    "sam2": ("sam2_propagation", "run"),
 }
 
 
 def runner(method: str):
-    module, name = _RUNNERS[method]
+    module, name = RUNNERS[method]
     return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..api import MethodOptions
+from ..settings import MethodOptions
 from ..backend import Sam2Model
 from ..driver import Sam2Driver
 from ..events import RunEvents

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from ..errors import AdapterError
+from ..version import __version__
 from .learner import FewShotLearner
 
 FORMAT_VERSION = 1
