@@ -162,13 +162,19 @@ def test_argument_errors_exit_2_before_anything_runs(recorder, capsys, extra, co
 
 
 def test_required_arguments_exit_2(recorder, capsys):
-    assert cli.main(["segment", "--image", "a.nii", "--out", "c.nii"]) == 2
-    assert "--method" in capsys.readouterr().err
+    assert cli.main(["segment", "--image", "a.nii", "--method", "ofl"]) == 2
+    assert "--out" in capsys.readouterr().err
     assert cli.main(["train", "--image", "a.nii", "--out", "adapter"]) == 2
     assert "--support" in capsys.readouterr().err
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
     assert recorder.calls == []
+
+
+def test_segment_without_method_runs_ofl(recorder):
+    """The README's default: ``--method`` may be left out."""
+    assert cli.main(["segment", "--image", "a.nii", "--support", "b.nii", "--out", "c.nii", "--random-weights"]) == 0
+    assert recorder.call["method"] == "ofl"
 
 
 def test_missing_checkpoint_exits_2_with_the_download_command(recorder, capsys, offline_cache):

@@ -18,13 +18,13 @@ import threading
 from pathlib import Path
 
 from .errors import Cancelled, InputError, OFLSAM2Error
+from .settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHODS, MIN_IMAGE_SIZE, REVSAM2_MODES, MethodOptions
 from .version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 TRAINING_SEGMENTATION = "training_segmentation.nii.gz"
-REVSAM2_MODES = ("full", "forward", "forward_fifo", "random")
 _OPTIONAL_COMMANDS = (
     ("eval", "evaluation", "register_eval_command"),
     ("experiment", "experiment", "register_experiment_command"),
@@ -129,20 +129,11 @@ def _add_segment(commands) -> None:
     _add_inputs(parser, support_required=False)
     parser.add_argument("--out", required=True, help="output label volume (.nii.gz, .nii, .nrrd, .mha)")
     parser.add_argument("--seg-nrrd", help="also write a Slicer segmentation file (.seg.nrrd)")
-    parser.add_argument("--method", required=True, choices=("ofl", "revsam2", "forward", "sam2"), help="segmentation method")
+    _add_method(parser, "segmentation method")
     _add_model_options(parser)
     parser.add_argument("--adapter", help="trained OFL-SAM2 adapter folder (segment without support, or warm start)")
     parser.add_argument("--save-adapter", help="write the trained OFL-SAM2 adapter into this folder")
-    parser.add_argument("--epochs", type=_at_least(0), default=40, help="OFL-SAM2 training epochs (default 40)")
-    parser.add_argument("--gamma", type=_fraction, default=0.8, help="OFL-SAM2 confidence gate (default 0.8)")
-    parser.add_argument("--num-retrieved", type=_at_least(1), default=2, help="OFL-SAM2 support memories retrieved per slice (default 2)")
-    parser.add_argument("--top-k", type=_at_least(1), default=3, help="RevSAM2 supports kept per query (default 3)")
-    parser.add_argument("--revsam2-mode", choices=REVSAM2_MODES, default="full", help="RevSAM2 variant (default full)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--warm-start-epochs", type=_at_least(0), default=10,
-        help="OFL-SAM2 epochs when a trained adapter is refined (--adapter with support, or an update; default 10)",
-    )
+    _add_method_options(parser, "epochs", "gamma", "num_retrieved", "top_k", "revsam2_mode", "seed", "warm_start_epochs")
     review = parser.add_argument_group("review and correct")
     review.add_argument("--quality-out", metavar="CSV", help="write per-slice quality as label,slice,quality,source rows")
     review.add_argument("--suggest", type=_at_least(0), metavar="N", help="print the N slices per label best worth annotating next")
@@ -168,10 +159,7 @@ def _add_train(commands) -> None:
     parser.add_argument("--out", required=True, help="adapter folder to write (created if absent)")
     _add_model_options(parser)
     parser.add_argument("--adapter", help="adapter folder to start from (warm start)")
-    parser.add_argument("--epochs", type=_at_least(0), default=40, help="training epochs (default 40)")
-    parser.add_argument("--gamma", type=_fraction, default=0.8, help="confidence gate (default 0.8)")
-    parser.add_argument("--num-retrieved", type=_at_least(1), default=2, help="support memories retrieved per slice (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_method_options(parser, "epochs", "gamma", "num_retrieved", "seed")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.set_defaults(func=run_train)
 
@@ -191,6 +179,33 @@ def _add_inputs(parser, support_required: bool) -> None:
     parser.add_argument("--preset", default="auto", help="intensity preset: auto, ct-abdomen, ct-soft, ct-lung, ct-bone, mr, minmax, window:LO,HI, percentile:A,B")
 
 
+def _add_method(parser, what: str) -> None:
+    """``--method``: the engine's registry, OFL-SAM2 unless told otherwise."""
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=f"{what} (default %(default)s)")
+
+
+def _add_method_options(parser, *fields: str) -> None:
+    """A flag for each named :class:`~oflsam2.settings.MethodOptions` field, its default taken from there."""
+    flags = {  # field -> (argparse type or choices, help)
+        "epochs": (_at_least(0), "OFL-SAM2 training epochs"),
+        "gamma": (_fraction, "OFL-SAM2 confidence gate"),
+        "num_retrieved": (_at_least(1), "OFL-SAM2 support memories retrieved per slice"),
+        "top_k": (_at_least(1), "RevSAM2 supports kept per query"),
+        "revsam2_mode": (REVSAM2_MODES, "RevSAM2 variant"),
+        "seed": (int, "random seed"),
+        "warm_start_epochs": (
+            _at_least(0), "OFL-SAM2 epochs when a trained adapter is refined (--adapter with support, or an update)",
+        ),
+    }
+    defaults = MethodOptions()
+    for field in fields:
+        kind, text = flags[field]
+        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        parser.add_argument(
+            "--" + field.replace("_", "-"), default=getattr(defaults, field), help=f"{text} (default %(default)s)", **parse,
+        )
+
+
 def _add_model_options(parser) -> None:
     from .checkpoints import load_manifest
 
@@ -203,7 +218,7 @@ def _add_model_options(parser) -> None:
     weights.add_argument("--checkpoint", help="local checkpoint file (default: the verified cached download)")
     weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
     group.add_argument("--image-size", type=_image_size, help="SAM2 input size, a multiple of 32 from 256 to 2048 (default: the model's own, 1024; 512 for medsam2)")
-    group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="compute device (default auto)")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default %(default)s)")
     group.add_argument(
         "--deterministic", action="store_true",
         help="deterministic kernels and one CPU thread: the same result whatever the thread count (slower)",
@@ -239,9 +254,7 @@ def _run_reviewed(args) -> int:
 
 
 def method_options(args):
-    """:class:`~oflsam2.api.MethodOptions` from the ``segment`` options (also used by ``batch``)."""
-    from .api import MethodOptions
-
+    """:class:`~oflsam2.settings.MethodOptions` from the ``segment`` options (also used by ``batch``)."""
     return MethodOptions(
         epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
         revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter,
@@ -250,8 +263,6 @@ def method_options(args):
 
 
 def run_train(args) -> int:
-    from .api import MethodOptions
-
     from .pipeline import check_folder_writable, refuse_inputs_as_output
 
     adapter_dir = Path(args.out)
@@ -573,15 +584,14 @@ def _add_demo(commands) -> None:
         ),
     )
     parser.add_argument("--out", default="oflsam2-demo", help="output folder (default ./oflsam2-demo)")
-    parser.add_argument("--method", choices=("ofl", "revsam2", "forward", "sam2"), default="ofl", help="method (default ofl)")
+    _add_method(parser, "method")
     _add_model_options(parser)
-    parser.add_argument("--epochs", type=_at_least(0), default=40, help="OFL-SAM2 training epochs (default 40)")
+    _add_method_options(parser, "epochs")
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
     from . import demo
-    from .api import MethodOptions
 
     settings = model_settings(args)
     result = demo.run(Path(args.out), args.method, settings, MethodOptions(epochs=args.epochs), progress_events())
@@ -712,8 +722,6 @@ def _is_drive_colon(text: str, i: int) -> bool:
 
 
 def _image_size(text: str) -> int:
-    from .api import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-
     try:
         value = int(text)
     except ValueError:

@@ -1,0 +1,62 @@
+"""One method registry and one set of defaults: the engine's runner table, ``settings.METHODS``
+and the CLI's ``--method`` choices name the same methods, and the CLI's option defaults are
+:class:`MethodOptions`'s own."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+import pytest
+
+from conftest import REPO
+from oflsam2 import cli
+from oflsam2.methods import RUNNERS
+from oflsam2.settings import DEFAULT_METHOD, DEFAULT_MODELS, METHOD_TITLES, METHODS, SLICER_METHODS, MethodOptions
+
+METHODS_DIR = REPO / "OFLSAM2Segment" / "oflsam2" / "methods"
+
+
+def test_runner_table_and_titles_name_the_registry_methods():
+    assert set(RUNNERS) == set(METHODS), f"runners {sorted(RUNNERS)} vs settings.METHODS {sorted(METHODS)}"
+    assert tuple(METHOD_TITLES) == METHODS and all(METHOD_TITLES.values())
+    assert set(DEFAULT_MODELS) == set(METHODS)
+    assert DEFAULT_METHOD in METHODS and set(SLICER_METHODS) <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_runner_is_a_function_of_its_module(method):
+    """Read from the source, so the check loads no torch."""
+    module, name = RUNNERS[method]
+    tree = ast.parse((METHODS_DIR / f"{module}.py").read_text(encoding="utf-8"))
+    assert name in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def _option(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    return next(a for a in parser._actions if a.dest == dest)
+
+
+@pytest.mark.parametrize("command", ["segment", "batch", "demo"])
+def test_cli_method_choices_come_from_the_registry(command):
+    method = _option(_subcommand(command), "method")
+    assert tuple(method.choices) == METHODS
+    assert method.default == DEFAULT_METHOD == "ofl" and not method.required
+
+
+@pytest.mark.parametrize("command", ["segment", "batch", "train", "demo"])
+def test_cli_option_defaults_are_method_options_defaults(command):
+    parser = _subcommand(command)
+    defaults = MethodOptions()
+    fields = [f for f in ("epochs", "gamma", "num_retrieved", "top_k", "revsam2_mode", "seed", "warm_start_epochs")
+              if any(a.dest == f for a in parser._actions)]
+    assert "epochs" in fields
+    shown = " ".join(parser.format_help().split())
+    for field in fields:
+        action = _option(parser, field)
+        assert action.default == getattr(defaults, field), field
+        assert f"{action.option_strings[0]} " in shown and f"(default {getattr(defaults, field)})" in shown, field
