@@ -1,0 +1,50 @@
+"""``oflsam2 experiment CONFIG``: the subcommand's options and handler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from ..pipeline import refuse_inputs_as_output
+from .config import load_config
+from .run import cached_volumes, run_experiment
+from .tables import results_markdown
+
+
+def register_experiment_command(subparsers) -> None:
+    """Add ``experiment CONFIG [--out DIR] [--data-root DIR] [--random-weights] [--device D] [--executor E]``."""
+    from ..executors import add_executor_options
+
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run a few-shot experiment described by a YAML file (resumable)",
+        description="Run every support group x query case x method of an experiment file, score the results and "
+        "write per-case files plus a table of mean ± std over groups. Finished cases are skipped on a re-run.",
+    )
+    parser.add_argument("config", help="experiment YAML file (see Resources/experiments/)")
+    parser.add_argument("--out", help="output folder (default: results/<name> in the working folder)")
+    parser.add_argument("--data-root", help="folder the case paths are relative to (replaces data_root of the file)")
+    parser.add_argument("--random-weights", action="store_true", default=None, help="untrained SAM2: smoke tests only")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="where to run SAM2 (default: the file's, else auto)")
+    parser.add_argument("--no-montage", action="store_true", help="skip the PNG montages")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_options(parser)
+    parser.set_defaults(func=run_experiment_command)
+
+
+def run_experiment_command(args) -> int:
+    """Handler of ``oflsam2 experiment``; raises :class:`InputError` for a bad config."""
+    from ..executors import make_executor
+
+    config = load_config(args.config, data_root=args.data_root, random_weights=args.random_weights, device=args.device)
+    if args.no_montage:
+        config.montage = False
+    out = Path(args.out) if args.out else Path("results") / config.name
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; the experiment writes a folder. Give a folder name.")
+    refuse_inputs_as_output(out, [config.path, *(p for case in config.cases.values() for p in (case.image, case.label))])
+    with make_executor(args.executor, config.model, max_cached_volumes=cached_volumes(config), address=args.address, workers=args.workers) as executor:
+        outcome = run_experiment(config, out, progress=not args.quiet, executor=executor)
+    print(results_markdown(config, outcome.results))
+    print(f"{outcome.computed} case run(s) computed, {outcome.skipped} found finished; results in {out}")
+    return 0
