@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .api import MethodOptions, ModelSettings
 from .errors import AdapterError, CheckpointError, InputError
 from .outputs import apply_destination_mode
+from .settings import MethodOptions, ModelSettings
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 OUTPUT_SUFFIX = "_seg.nii.gz"

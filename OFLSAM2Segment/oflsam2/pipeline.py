@@ -16,7 +16,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .api import METHODS, LabelSupport, MethodOptions, ModelSettings, Reference
 from .errors import AdapterError, InputError
 from .events import Events, RunEvents
 from .outputs import (
@@ -28,6 +27,7 @@ from .outputs import (
     write_label_volume,
     write_seg_nrrd,
 )
+from .settings import DEFAULT_METHOD, METHODS, LabelSupport, MethodOptions, ModelSettings, Reference
 from .volume import (
     AXIS_CHOICES,
     MAX_LABEL,
@@ -55,7 +55,7 @@ def segment_files(
     *,
     labels: Sequence[int] | None = None,
     support_slices: Sequence[int] | SliceRanges | None = None,
-    method: str = "ofl",
+    method: str = DEFAULT_METHOD,
     axis: str = "auto",
     preset: str = "auto",
     settings: ModelSettings,

@@ -170,7 +170,7 @@ def _edited_planes(support: np.ndarray, previous: np.ndarray, labels, axis: int,
 def prepare_update(state: dict, image_path, support_path, previous_path, labels, axis: str, method: str):
     """Check an update against its state; return (previous SegmentResult, annotated slices,
     edited slices, axis name). Nothing is written."""
-    from .api import SegmentResult
+    from .settings import SegmentResult
 
     if method != state["method"]:
         raise InputError(

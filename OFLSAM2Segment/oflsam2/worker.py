@@ -207,7 +207,7 @@ class Server:
         })
 
     def _segment(self, job, request: dict, token) -> dict:
-        from .api import LabelSupport, MethodOptions, ModelSettings, Reference
+        from .settings import LabelSupport, MethodOptions, ModelSettings, Reference
 
         folder = Path(request["folder"])
         settings = dataclass_from_dict(ModelSettings, request["settings"])
