@@ -47,9 +47,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..api import METHODS, MethodOptions, ModelSettings
 from ..errors import InputError
 from ..metrics import BOTH_EMPTY_CHOICES
+from ..settings import METHODS, MethodOptions, ModelSettings
 
 SUPPORT_MODES = ("slices", "volumes")
 

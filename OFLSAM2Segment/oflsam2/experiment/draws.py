@@ -3,7 +3,7 @@
 Group ``g`` draws with ``numpy.random.default_rng([seed, g])``: ``volumes`` cases from
 ``pool``; in slices mode, per label, ``slices_per_label`` planes holding that label, split as
 evenly as possible over the support volumes that contain it, drawn at random within each
-volume. Every plane handed to the engine as a :class:`~oflsam2.api.Reference` is support, so
+volume. Every plane handed to the engine as a :class:`~oflsam2.settings.Reference` is support, so
 each support volume becomes a Reference stacking only its drawn planes (one engine call per
 label, since labels draw different planes); in volumes mode whole volumes are passed and all
 labels share one call. Volumes are intensity-normalised whole (the preset's percentiles are
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..api import Reference
 from ..errors import InputError
 from ..evaluation import check_same_grid, natural_key, read_label_map
+from ..settings import Reference
 from .config import ExperimentConfig
 
 

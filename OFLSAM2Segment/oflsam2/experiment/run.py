@@ -16,10 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..api import LabelSupport, ModelSettings
 from ..errors import InputError
 from ..evaluation import read_csv, write_csv
 from ..metrics import case_metrics
+from ..settings import LabelSupport, ModelSettings
 from .config import ExperimentConfig, MethodRun
 from .draws import CaseLoader, LoadedCase, draw_groups, run_seeds, scan_cases, support_references
 from .tables import CASE_COLUMNS, ExperimentOutcome, write_tables
