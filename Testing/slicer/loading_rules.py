@@ -43,7 +43,7 @@ from unittest import mock
 
 import slicer
 
-OWN_MODULES = ("OFLSAM2Segment", "OFLSAM2SegmentLib", "SegmentEditorOFLSAM2Lib", "oflsam2")
+OWN_MODULES = ("OFLSAM2Segment", "OFLSAM2SegmentLib", "OFLSAM2SegmentTest", "SegmentEditorOFLSAM2Lib", "oflsam2")
 
 
 def load_source_as_module(module_name: str, file_path: str):

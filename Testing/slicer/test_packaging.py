@@ -111,12 +111,17 @@ def test_ui_parses_and_binds_existing_parameters():
 
 def test_module_and_effect_compile_and_have_the_template_shape():
     effect_path = MODULE / "SegmentEditorOFLSAM2Lib" / "SegmentEditorEffect.py"
-    for path in [MODULE / "OFLSAM2Segment.py", effect_path,
+    for path in [MODULE / "OFLSAM2Segment.py", effect_path, *(MODULE / "OFLSAM2SegmentLib").glob("*.py"),
                  *(MODULE / "Testing" / "Python").glob("*.py")]:
         py_compile.compile(str(path), doraise=True)
-    tree = ast.parse((MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
-    classes = {n.name: [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in n.bases]
-               for n in tree.body if isinstance(n, ast.ClassDef)}
+    # The module file defines the module, parameter node and logic classes and imports the widget
+    # and the self-test (test_slicer_loading checks that Slicer finds them on the module).
+    classes = {}
+    for path in (MODULE / "OFLSAM2Segment.py", MODULE / "OFLSAM2SegmentLib" / "widget.py",
+                 MODULE / "Testing" / "Python" / "OFLSAM2SegmentTest.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        classes.update({n.name: [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in n.bases]
+                        for n in tree.body if isinstance(n, ast.ClassDef)})
     assert "ScriptedLoadableModule" in classes["OFLSAM2Segment"]
     assert "ScriptedLoadableModuleWidget" in classes["OFLSAM2SegmentWidget"]
     assert "ScriptedLoadableModuleLogic" in classes["OFLSAM2SegmentLogic"]

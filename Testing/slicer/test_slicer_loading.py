@@ -198,7 +198,7 @@ def test_the_effect_inside_the_lib_package_breaks_process(slicer_core, tmp_path)
     Slicer's effect registration replaces the package and process() fails on its first lazy
     import. This keeps the fixture honest: it must reproduce the failure Slicer shows."""
     old = tmp_path / "OFLSAM2Segment"
-    shutil.copytree(MODULE_DIR, old, ignore=shutil.ignore_patterns("__pycache__", "Testing"))
+    shutil.copytree(MODULE_DIR, old, ignore=shutil.ignore_patterns("__pycache__"))  # Testing/ too: the self-test ships
     shutil.move(str(old / "SegmentEditorOFLSAM2Lib" / "SegmentEditorEffect.py"), old / "OFLSAM2SegmentLib" / "SegmentEditorEffect.py")
     shutil.rmtree(old / "SegmentEditorOFLSAM2Lib")
     module_file = old / "OFLSAM2Segment.py"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slicer
 from OFLSAM2SegmentLib import mrml_io  # noqa: E402
 from OFLSAM2SegmentLib.observers import SEGMENT_EVENTS, SegmentationObserver  # noqa: E402
 
-MODULE_FILE = Path(__file__).resolve().parents[2] / "OFLSAM2Segment" / "OFLSAM2Segment.py"
+WIDGET_FILE = Path(__file__).resolve().parents[2] / "OFLSAM2Segment" / "OFLSAM2SegmentLib" / "widget.py"
 
 
 def segmentation_case(scene, name="Segmentation"):
@@ -85,8 +85,8 @@ def test_switching_segmentation_moves_the_observers(scene):
 
 
 def method_calls(class_name, method_name):
-    """Attribute calls (``self.x.y(...)`` -> ``"x.y"``) inside a method of OFLSAM2Segment.py."""
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    """Attribute calls (``self.x.y(...)`` -> ``"x.y"``) inside a method of the module's widget."""
+    tree = ast.parse(WIDGET_FILE.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
