@@ -23,6 +23,7 @@ from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
 
+from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS, MethodOptions
 from oflsam2.volume import PRESETS
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
 from OFLSAM2SegmentLib.options import AXES, DEVICES
@@ -81,13 +82,16 @@ def shutdownWorker():
 #
 
 
-class Method(enum.Enum):
-    OFL = "ofl"
-    REVSAM2 = "revsam2"
-    SAM2 = "sam2"
+class _RegisteredMethod(enum.Enum):
+    def label(self) -> str:
+        """The method selector's text (parameterNodeWrapper's combo box calls ``label``)."""
+        return METHOD_TITLES[self.value]
 
-    def label(self):
-        return {"ofl": "OFL-SAM2", "revsam2": "RevSAM2", "sam2": "SAM2 propagation"}[self.value]
+
+# The engine's methods that the module offers (Method.OFL, Method.REVSAM2, Method.SAM2); scenes
+# store the member names.
+Method = _RegisteredMethod("Method", [(name.upper(), name) for name in SLICER_METHODS])
+METHOD_DEFAULTS = MethodOptions()
 
 
 @parameterNodeWrapper
@@ -97,17 +101,17 @@ class OFLSAM2SegmentParameterNode:
     segmentIds: list[str]
     referenceVolumes: list[vtkMRMLScalarVolumeNode]
     referenceSegmentations: list[vtkMRMLSegmentationNode]
-    method: Method = Method.OFL
+    method: Method = Method(DEFAULT_METHOD)
     model: str = "sam2.1-tiny"
     checkpoint: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     imageSize: Annotated[int, WithinRange(0, 2048)] = 0  # 0: the model's own size
     preset: Annotated[str, Choice(list(PRESETS))] = "auto"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
-    gamma: Annotated[float, WithinRange(0.0, 1.0)] = 0.8
-    numRetrieved: Annotated[int, WithinRange(1, 16)] = 2
-    epochs: Annotated[int, WithinRange(0, 1000)] = 40
-    topK: Annotated[int, WithinRange(1, 20)] = 3
+    gamma: Annotated[float, WithinRange(0.0, 1.0)] = METHOD_DEFAULTS.gamma
+    numRetrieved: Annotated[int, WithinRange(1, 16)] = METHOD_DEFAULTS.num_retrieved
+    epochs: Annotated[int, WithinRange(0, 1000)] = METHOD_DEFAULTS.epochs
+    topK: Annotated[int, WithinRange(1, 20)] = METHOD_DEFAULTS.top_k
     saveAdapter: str = ""
     useAdapter: str = ""
     randomWeights: bool = False

@@ -15,12 +15,11 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS
 from OFLSAM2SegmentLib.options import DEVICES, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
 
 __all__ = ["SegmentEditorEffect"]
-
-METHODS = (("ofl", "OFL-SAM2"), ("revsam2", "RevSAM2"), ("sam2", "SAM2 propagation"))
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -54,8 +53,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
 
     def setupOptionsFrame(self):
         self.methodComboBox = qt.QComboBox()
-        for value, label in METHODS:
-            self.methodComboBox.addItem(label, value)
+        for name in SLICER_METHODS:  # the module's methods, from the engine's registry
+            self.methodComboBox.addItem(METHOD_TITLES[name], name)
         self.methodComboBox.setToolTip("OFL-SAM2 trains a small adapter on your slices; SAM2 propagation is plain SAM2.")
         self.scriptedEffect.addLabeledOptionsWidget("Method:", self.methodComboBox)
 
@@ -111,7 +110,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         return slicer.util.mainWindow().cursor
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Method", "ofl")
+        self.scriptedEffect.setParameterDefault("Method", DEFAULT_METHOD)
         self.scriptedEffect.setParameterDefault("Model", "sam2.1-tiny")
         self.scriptedEffect.setParameterDefault("Device", "auto")
         self.scriptedEffect.setParameterDefault("ImageSize", 0)

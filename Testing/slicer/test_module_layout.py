@@ -2,15 +2,18 @@
 logic, and exposes the panel (``OFLSAM2SegmentLib/widget.py``) and the self-test
 (``Testing/Python/OFLSAM2SegmentTest.py``) under the names Slicer looks up. Loaded with Slicer's
 rules (``loading_rules``); Reload is followed step by step as ``slicer.util.reloadScriptedModule``
-does it (Slicer 583e9b37d5, ``Base/Python/slicer/util.py``)."""
+does it (Slicer 583e9b37d5, ``Base/Python/slicer/util.py``). The method selectors and the
+method defaults come from the engine's registry (``oflsam2.settings``)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import shutil
 import sys
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -20,6 +23,7 @@ slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
 from loading_rules import load_like_slicer, load_source_as_module  # noqa: E402
+from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS, MethodOptions  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "OFLSAM2Segment"
 
@@ -87,3 +91,41 @@ def test_reload_picks_up_a_changed_widget_and_self_test(slicer_core, tmp_path):
         assert not hasattr(old_test_class, "editedAfterStartUp")
         assert sys.modules["OFLSAM2SegmentLib.logic"] is not old_logic_module  # the rest of the Lib too
     scene.Clear(1)
+
+
+@pytest.fixture
+def session(slicer_core):
+    scene = editor_scene(slicer_core)
+    with load_like_slicer(MODULE_DIR, scene) as session:
+        yield session
+    scene.Clear(1)
+
+
+def test_the_module_offers_the_registry_methods_with_their_titles(session):
+    Method = session.module.Method
+    assert [m.value for m in Method] == list(SLICER_METHODS)
+    assert [m.label() for m in Method] == [METHOD_TITLES[name] for name in SLICER_METHODS]
+    assert [m.name for m in Method] == ["OFL", "REVSAM2", "SAM2"]  # what saved scenes hold
+    assert session.module.OFLSAM2SegmentParameterNode.method is Method(DEFAULT_METHOD)
+
+
+def test_the_parameter_node_takes_the_method_defaults_from_method_options(session):
+    defaults = MethodOptions()
+    parameters = session.module.OFLSAM2SegmentParameterNode
+    fields = {"gamma": "gamma", "numRetrieved": "num_retrieved", "epochs": "epochs", "topK": "top_k"}
+    assert {name: getattr(parameters, name) for name in fields} == {name: getattr(defaults, option) for name, option in fields.items()}
+    tree = ast.parse((MODULE_DIR / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OFLSAM2SegmentParameterNode")
+    typed = [item.target.id for item in node.body if isinstance(item, ast.AnnAssign) and item.target.id in fields
+             and isinstance(item.value, ast.Constant)]
+    assert not typed, f"defaults typed again instead of read from MethodOptions(): {typed}"
+
+
+def test_the_effect_offers_the_registry_methods(session, monkeypatch):
+    monkeypatch.setattr(sys.modules["qt"], "QComboBox", mock.MagicMock(side_effect=lambda *args: mock.MagicMock()))
+    (effect,) = session.registered_effects
+    effect.setMRMLDefaults()
+    effect.setupOptionsFrame()
+    items = [call.args for call in effect.methodComboBox.addItem.call_args_list]
+    assert items == [(METHOD_TITLES[name], name) for name in SLICER_METHODS]
+    assert effect.scriptedEffect.parameter("Method") == DEFAULT_METHOD
