@@ -472,7 +472,8 @@ class OFLSAM2Logic:
         if not waitForCompletion and self._pump is None and not hasattr(slicer, "app"):
             raise InputError("waitForCompletion=False needs the Slicer application's event loop; use waitForCompletion=True.")
         plan = self._update_plan(self._reviewable_run())
-        writer = _ReplacingSliceWriter(plan.segmentation_node, plan.geometry)
+        kept = (plan.axis, {i for t in plan.targets for i in t.slices})  # annotated and corrected: never written
+        writer = mrml_io.SegmentPlaneReplacer(plan.segmentation_node, plan.geometry, protected=kept)
         return self._start(plan, [plan.request], waitForCompletion, progressCallback, writer, None, whole_snapshot=True)
 
     def _start(self, plan: RunPlan, steps: list, waitForCompletion: bool, progressCallback, writer, saveUndoState,
@@ -854,36 +855,6 @@ class OFLSAM2Logic:
     def _default_pump(self) -> Pump:
         self._pump = QtTimerPump()
         return self._pump
-
-
-class _ReplacingSliceWriter(mrml_io.SegmentSliceWriter):
-    """Update path: a recomputed plane replaces what the previous run left on it (within the
-    plane's extent only, on the segment's own grid)."""
-
-    def write(self, segment_id: str, axis: int, index: int, plane: np.ndarray) -> bool:
-        plane = np.asarray(plane) > 0
-        if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
-            raise InputError(f"Segment {segment_id!r} was removed from {self.segmentation_node.GetName()!r} during the run.")
-        grid = self.grid(segment_id)
-        found = grid.plane_voxels(self.geometry, axis, index, plane)
-        if found is None:
-            return not plane.any()
-        extent, _, value = found
-        # MODE_REPLACE replaces the whole segment whatever the extent: set the plane's voxels in a
-        # copy of the segment on its own grid and write that back.
-        current_image = slicer.vtkOrientedImageData()
-        self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current_image)
-        voxels = grid.read(current_image)
-        k0, j0, i0 = grid.extent[4], grid.extent[2], grid.extent[0]
-        box = (slice(extent[4] - k0, extent[5] - k0 + 1), slice(extent[2] - j0, extent[3] - j0 + 1),
-               slice(extent[0] - i0, extent[1] - i0 + 1))
-        if np.array_equal(voxels[box], value):
-            return True
-        voxels[box] = value
-        logic = slicer.vtkSlicerSegmentationsModuleLogic
-        if not logic.SetBinaryLabelmapToSegment(grid.image(voxels), self.segmentation_node, segment_id, logic.MODE_REPLACE):
-            raise RuntimeError(f"Could not write plane {index} (axis {axis}) of segment {segment_id!r}.")
-        return True
 
 
 @dataclass
