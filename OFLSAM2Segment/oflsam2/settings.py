@@ -37,6 +37,10 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 256, 2048  # SAM2 input sizes that fit its desi
 REVSAM2_MODES = ("full", "forward", "forward_fifo", "random")
 RETRIEVALS = ("flat", "pooled")
 SUPPORT_SAMPLINGS = ("even", "random")
+INITIAL_FITS = ("episode", "even")
+CANDIDATE_LOSSES = ("predicted", "min", "all")
+OVERFIT_GUARDS = ("holdout", "none")
+ONLINE_SOLVERS = ("gram", "samples")
 
 
 @dataclass
@@ -220,6 +224,20 @@ def check_method_options(options: MethodOptions) -> None:
         _whole(options.max_supports, "max_supports", 1)
     _choice(options.support_sampling, SUPPORT_SAMPLINGS, "support sampling")
     _whole(options.forward_batch_size, "forward_batch_size", 1)
+    _choice(options.initial_fit, INITIAL_FITS, "initial fit")
+    _number(options.fit_empty_fraction, "fit_empty_fraction", 0.0, 1.0)
+    if options.empty_episodes_per_object is not None:
+        _number(options.empty_episodes_per_object, "empty_episodes_per_object", 0.0, None)
+    _choice(options.candidate_loss, CANDIDATE_LOSSES, "candidate loss")
+    _choice(options.overfit_guard, OVERFIT_GUARDS, "overfit guard")
+    _whole(options.holdout_below_episodes, "holdout_below_episodes", 0)
+    if options.learner_backprop_iters is not None:
+        _whole(options.learner_backprop_iters, "learner_backprop_iters", 1)
+    _choice(options.online_solver, ONLINE_SOLVERS, "online solver")
+    for name in ("use_learner", "use_afm", "online_update", "retrieval_object_guarantee", "episode_recent_memories",
+                 "accept_absent", "include_supports_in_propagation"):
+        if not isinstance(getattr(options, name), (bool, np.bool_)):
+            raise InputError(f"{name} must be True or False; got {getattr(options, name)!r}.")
     if not isinstance(options.lr_milestones, (list, tuple)):
         raise InputError(f"lr_milestones must be a list of epochs, e.g. (10, 30); got {options.lr_milestones!r}.")
     for milestone in options.lr_milestones:
