@@ -22,6 +22,7 @@ from .logic import shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, model_choices
 from .progress import progress_text, support_line
+from .review_view import QualityReview
 from .worker import GpuOutOfMemory
 
 
@@ -72,9 +73,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeReferenceButton.connect("clicked(bool)", self.onRemoveReference)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
-        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSliceButton)
         self.ui.updateButton.connect("clicked(bool)", self.onUpdateButton)
-        self.ui.qualityTableWidget.connect("cellClicked(int,int)", self.onQualityRowClicked)
+        self.review = QualityReview(self.ui.qualityTableWidget, self.ui.nextSliceButton, lambda: self.logic,
+                                    self._firstSelectedSegment, self._showStatus, volume=self._inputVolume)
 
         self.initializeParameterNode()
 
@@ -160,7 +161,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentSelectionChanged(self, selected=None, deselected=None) -> None:
         if self._parameterNode and not self._updatingGui:
             self._parameterNode.segmentIds = list(self.ui.segmentsTableView.selectedSegmentIDs())
-        self._fillQualityTable()
+        self.review.refresh_table()
         self.scheduleSupportUpdate()
 
     def scheduleSupportUpdate(self, caller=None, event=None) -> None:
@@ -265,9 +266,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         undoBlocked = self.logic.undoUnavailableReason() if self.logic is not None else ""
         self.ui.undoButton.enabled = not running and undoBlocked is None
         self.ui.undoButton.toolTip = _("Put the segments back as they were before the last run.") if undoBlocked is None else undoBlocked
-        reviewable = not running and self._reviewedSegment() is not None
-        self.ui.nextSliceButton.enabled = reviewable
-        self.ui.updateButton.enabled = reviewable
+        self.review.update_button(running)
+        self.ui.updateButton.enabled = not running and self.review.reviewed_segment() is not None
 
     # -----------------------------------------------------------------------------------------
     # Run
@@ -312,7 +312,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warnings = (run.summary or {}).get("warnings", []) if run is not None else []
         self.ui.statusLabel.text = "\n".join([text, *warnings])
         self._updateButtons()
-        self._fillQualityTable()
+        self.review.refresh_table()
         self.scheduleSupportUpdate()
         if stage != "failed":
             return
@@ -339,48 +339,18 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.imageSize = 512
 
     # -----------------------------------------------------------------------------------------
-    # Review and correct (the logic does the work: lastRunQuality, nextSliceToCheck, update)
+    # Review and correct (the logic does the work: lastRunQuality, nextSliceToCheck, update; the
+    # quality table and "Next slice to check" are review_view.QualityReview, shared with the effect)
 
-    def _reviewedSegment(self):
-        """The first selected segment if the last completed run segmented it, else None."""
+    def _firstSelectedSegment(self):
         parameters = self._parameterNode
-        if self.logic is None or parameters is None or not parameters.segmentIds:
-            return None
-        segmentId = parameters.segmentIds[0]
-        return segmentId if segmentId in self.logic.reviewedSegmentIds() else None
+        return parameters.segmentIds[0] if parameters is not None and parameters.segmentIds else None
 
-    def _fillQualityTable(self) -> None:
-        table = self.ui.qualityTableWidget
-        table.setRowCount(0)
-        segmentId = self._reviewedSegment()
-        if segmentId is None:
-            return
-        rows = self.logic.lastRunQuality(segmentId)
-        table.setRowCount(len(rows))
-        for row, (index, quality) in enumerate(rows):
-            table.setItem(row, 0, qt.QTableWidgetItem(str(index)))
-            table.setItem(row, 1, qt.QTableWidgetItem(f"{quality:.2f}"))
+    def _inputVolume(self):
+        return self._parameterNode.inputVolume if self._parameterNode is not None else None
 
-    def onQualityRowClicked(self, row, column) -> None:
-        segmentId = self._reviewedSegment()
-        if segmentId is not None:
-            index = int(self.ui.qualityTableWidget.item(row, 0).text())
-            self._jumpTo(self.logic.reviewedPlaneCenterRas(index))
-
-    def onNextSliceButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("No slice to suggest."), waitCursor=True):
-            suggestion = self.logic.nextSliceToCheck(self._reviewedSegment())
-            if suggestion is None:
-                self.ui.statusLabel.text = _("No slice to suggest: every slice of the object is annotated or near one.")
-                return
-            index, ras = suggestion
-            self.ui.statusLabel.text = _("Check slice {index}.").format(index=index)
-            self._jumpTo(ras)
-
-    def _jumpTo(self, ras) -> None:
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
-        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
-            sliceNode.JumpSliceByCentering(*ras)
+    def _showStatus(self, text) -> None:
+        self.ui.statusLabel.text = text
 
     def onUpdateButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("OFLSAM2 could not update."), waitCursor=True):

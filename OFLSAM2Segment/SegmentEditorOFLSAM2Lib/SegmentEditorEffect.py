@@ -18,6 +18,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS
 from OFLSAM2SegmentLib.options import DEVICES, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
+from OFLSAM2SegmentLib.review_view import QualityReview, new_quality_table
 
 __all__ = ["SegmentEditorEffect"]
 
@@ -33,6 +34,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.runBlocking = False  # the module's self-test runs the effect to completion
         self._logic = None
         self._restoreIntensityMask = None
+        self.review = None  # the last run's quality table and "Next slice to check", once the frame is set up
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -48,7 +50,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return """<html>Segment the selected segment in the whole source volume from a few painted slices.<br>
 Paint the structure on a few slices (e.g. every 5-10 slices), then click Apply: SAM2 fills the other
-slices one by one. <b>Cancel</b> puts the segment back as it was; <b>Undo</b> reverts a finished run.
+slices one by one. <b>Cancel</b> puts the segment back as it was; <b>Undo</b> reverts a finished run.<br>
+After a run, the table lists each slice's quality for the selected segment (click a row to show that slice), and
+<b>Next slice to check</b> shows the slice whose correction would most likely help.
 More options (several segments at once, extra support volumes, adapters) are in the OFL-SAM2 Segment module.</html>"""
 
     def setupOptionsFrame(self):
@@ -90,6 +94,18 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
+        # The review of the last run, as in the module panel (OFLSAM2SegmentLib.review_view).
+        self.qualityTable = new_quality_table()
+        self.qualityTable.hide()  # until a run of the selected segment has ended
+        self.scriptedEffect.addOptionsWidget(self.qualityTable)
+        self.nextSliceButton = qt.QPushButton("Next slice to check")
+        self.nextSliceButton.objectName = self.__class__.__name__ + "NextSlice"
+        self.nextSliceButton.setToolTip(
+            "Show the slice whose annotation would most likely help: low quality, inside the object, away from annotated slices.")
+        self.scriptedEffect.addOptionsWidget(self.nextSliceButton)
+        self.review = QualityReview(self.qualityTable, self.nextSliceButton, lambda: self._logic, self._selectedSegmentId,
+                                    self._showStatus)
+
         for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.imageSizeSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
@@ -105,6 +121,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
             for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
                 combo.disconnect("currentIndexChanged(int)", self.updateMRMLFromGUI)
             self.imageSizeSpinBox.disconnect("valueChanged(int)", self.updateMRMLFromGUI)
+        if self.review is not None:
+            self.review.disconnect()
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
@@ -125,6 +143,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.imageSizeSpinBox.value = self.scriptedEffect.integerParameter("ImageSize")
         self.imageSizeSpinBox.blockSignals(wasBlocked)
         self._updateApplyButton()
+        self._refreshReview()  # the selected segment may have changed
 
     def updateMRMLFromGUI(self):
         for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
@@ -189,6 +208,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
                 self._runEnded()
                 raise
         self._updateApplyButton()
+        self._refreshReview()
 
     def _runEnded(self):
         restore, self._restoreIntensityMask = self._restoreIntensityMask, None
@@ -201,6 +221,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
             self.progressBar.hide()
             self.statusLabel.text = text
             self._updateApplyButton()
+            self._refreshReview()
             if stage == "failed" and not self.runBlocking:  # blocking runs raise into onApply's error display
                 slicer.util.errorDisplay(text, detailedText=self._logic.lastRun.traceback_text)
             return
@@ -211,6 +232,20 @@ More options (several segments at once, extra support volumes, adapters) are in 
     def _updateApplyButton(self):
         running = self._logic is not None and self._logic.isRunning()
         self.applyButton.text = "Cancel" if running else "Apply"
+
+    def _selectedSegmentId(self):
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        return parameterSetNode.GetSelectedSegmentID() if parameterSetNode is not None else None
+
+    def _showStatus(self, text):
+        self.statusLabel.text = text
+
+    def _refreshReview(self):
+        """Show the selected segment's quality after this effect's last run (hidden when that run did not segment it)."""
+        if self.review is None:
+            return
+        self.qualityTable.setVisible(self.review.refresh_table() > 0)
+        self.review.update_button(self._logic is not None and self._logic.isRunning())
 
 
 def suspendIntensityMask(editorNode):
