@@ -2,7 +2,8 @@
 
 This file holds what Slicer looks up by name: the module class (which registers the Segment
 Editor effect), the parameter node, the logic, and the names of the panel
-(``OFLSAM2SegmentLib/widget.py``) and the self-test (``Testing/Python/OFLSAM2SegmentTest.py``).
+(``OFLSAM2SegmentLib/widget.py``; ``qSlicerScriptedLoadableModuleWidget::setPythonSource`` takes
+``OFLSAM2SegmentWidget`` from this module) and the self-test (``Testing/Python/OFLSAM2SegmentTest.py``).
 The work is done by ``OFLSAM2SegmentLib`` (run logic, worker process, MRML bridge, installs) and
 the Slicer-free engine ``oflsam2``. Batch use from the Python console::
 
@@ -27,10 +28,7 @@ from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS, Meth
 from oflsam2.volume import PRESETS
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
 from OFLSAM2SegmentLib.options import AXES, DEVICES
-
-# Slicer builds the module panel from ``OFLSAM2Segment.OFLSAM2SegmentWidget``
-# (qSlicerScriptedLoadableModuleWidget::setPythonSource looks the name up on this module).
-from OFLSAM2SegmentLib.widget import OFLSAM2SegmentWidget  # noqa: F401
+from OFLSAM2SegmentLib.widget import OFLSAM2SegmentWidget  # noqa: F401  (Slicer looks the panel up here)
 
 # The effect lives in a folder that nothing imports: Slicer loads it as a module named after that
 # folder (qSlicerSegmentEditorScriptedEffect::setPythonSource), which must not be this module's Lib.
