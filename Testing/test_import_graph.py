@@ -14,10 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "oflsam2"
 PACKAGE_DIR = REPO / "OFLSAM2Segment" / PACKAGE
 

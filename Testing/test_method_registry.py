@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from oflsam2 import cli
 from oflsam2.methods import RUNNERS
 from oflsam2.settings import DEFAULT_METHOD, DEFAULT_MODELS, METHOD_TITLES, METHODS, SLICER_METHODS, MethodOptions
 
-METHODS_DIR = REPO / "OFLSAM2Segment" / "oflsam2" / "methods"
+METHODS_DIR = Path(__file__).resolve().parents[1] / "OFLSAM2Segment" / "oflsam2" / "methods"
 
 
 def test_runner_table_and_titles_name_the_registry_methods():

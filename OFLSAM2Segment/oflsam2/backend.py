@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import ModelSettings
 from .errors import CheckpointError, InputError
+from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..settings import MethodOptions
 from ..backend import Sam2Model
 from ..driver import Sam2Driver
 from ..events import RunEvents
 from ..features import FeatureCache
+from ..settings import MethodOptions
 from .sweep import PreviousRun, Sweep
 
 
