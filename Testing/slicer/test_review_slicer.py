@@ -256,6 +256,49 @@ def test_a_cancelled_update_puts_back_every_replaced_plane(scene):
         logic.worker.shutdown()
 
 
+class OverwritingUpdateEngine(CopyEngine):
+    """First run: :class:`CopyEngine`. Update: sends an empty plane for every slice, the annotated
+    and corrected ones included (what an engine must never do)."""
+
+    def segment(self, image, supports, *, previous=None, **run):
+        if previous is None:
+            result = super().segment(image, supports, **run)
+            result.info.update({"annotated": sorted({i for s in supports for i in s.slices}), "quality": {}})
+            return result
+        from oflsam2.api import SegmentResult
+
+        events, axis = run["events"], run["axis"]
+        for support in supports:
+            for index in range(image.shape[axis]):
+                events.slice_done(support.label, axis, index, np.zeros(np.delete(image.shape, axis), bool))
+        every = list(range(image.shape[axis]))
+        return SegmentResult({s.label: np.zeros(image.shape, bool) for s in supports}, axis, previous.method,
+                             {"annotated": every, "quality": {}, "edited": [], "recomputed": {s.label: every for s in supports}})
+
+
+def test_an_update_that_would_overwrite_an_annotated_or_corrected_plane_is_stopped_and_undone(scene):
+    from OFLSAM2SegmentLib import mrml_io
+
+    volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 32, 32))
+    logic = OFLSAM2Logic(worker=Worker(lambda settings: OverwritingUpdateEngine()), pump=ManualPump())
+    try:
+        logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
+        corrected = np.zeros((32, 32), bool)
+        corrected[8:20, 8:20] = True
+        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
+        before = read_segments(segmentation, volume)
+
+        with pytest.raises(RuntimeError, match="annotated or corrected plane"):
+            logic.update()
+
+        assert logic.lastRun.state == "failed" and logic.lastRun.restored
+        after = read_segments(segmentation, volume)
+        for segment_id in ids:
+            np.testing.assert_array_equal(after[segment_id], before[segment_id])
+    finally:
+        logic.worker.shutdown()
+
+
 def test_an_ofl_update_warm_starts_the_head_the_worker_kept(scene, tiny_model):
     """OFL-SAM2 through the worker loop with the real engine (random-weight SAM2.1-tiny): the
     update trains only the warm-start epochs, from the head the first run left in the worker."""
