@@ -168,7 +168,9 @@ def test_a_dicom_series_folder_is_one_case(shared_data, tmp_path):
     support = sitk.GetImageFromArray(annotated)
     support.CopyInformation(liver)
     sitk.WriteImage(support, str(supports / "ct.nrrd"))
-    code, _, _ = run_cli(["batch", str(images), "--out", str(out), "--support-dir", str(supports), "--method", "sam2", "--axis", "axial", *COMMON])
+    code, _, _ = run_cli(
+        ["batch", str(images), "--out", str(out), "--support-dir", str(supports), "--method", "sam2", "--axis", "axial", *COMMON]
+    )
     assert code == 0
     assert read_table(out / "cases.csv")["ct"]["status"] == "done"
     result = sitk.ReadImage(str(out / "ct_seg.nii.gz"))

@@ -4,13 +4,13 @@ unreachable cluster address is refused at once. Every Ray process is gone afterw
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import json
 import threading
 import time
 from pathlib import Path

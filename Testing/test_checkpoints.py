@@ -363,10 +363,9 @@ def test_version_detection_on_synthetic_state_dicts():
 @pytest.mark.parametrize("name", ["sam2.1-tiny", "sam2-tiny"])
 def test_version_detection_on_the_real_architectures(name):
     """The keys sam2's own configs produce are told apart as the manifest says."""
+    import sam2  # noqa: F401  (registers sam2's configs with Hydra)
     from hydra import compose
     from hydra.utils import instantiate
-
-    import sam2  # noqa: F401  (registers sam2's configs with Hydra)
 
     entry = load_manifest()[name]
     net = instantiate(compose(config_name=entry["config"]).model, _recursive_=True)

@@ -168,9 +168,12 @@ def test_two_files_naming_one_case_are_refused(tmp_path):
 
 def test_summary_means_and_pooled_dice():
     rows = [
-        {"case": "a", "label": 1, "dice": 0.5, "hd95_voxel": 2.0, "hd95_mm": math.nan, "assd_mm": 1.0, "nsd": 0.4, "tp": 10, "pred_voxels": 20, "ref_voxels": 20},
-        {"case": "b", "label": 1, "dice": 1.0, "hd95_voxel": 0.0, "hd95_mm": 3.0, "assd_mm": 3.0, "nsd": 0.8, "tp": 30, "pred_voxels": 30, "ref_voxels": 30},
-        {"case": "a", "label": 2, "dice": 0.0, "hd95_voxel": 0.0, "hd95_mm": math.nan, "assd_mm": math.nan, "nsd": 0.0, "tp": 0, "pred_voxels": 0, "ref_voxels": 5},
+        {"case": "a", "label": 1, "dice": 0.5, "hd95_voxel": 2.0, "hd95_mm": math.nan, "assd_mm": 1.0, "nsd": 0.4,
+         "tp": 10, "pred_voxels": 20, "ref_voxels": 20},
+        {"case": "b", "label": 1, "dice": 1.0, "hd95_voxel": 0.0, "hd95_mm": 3.0, "assd_mm": 3.0, "nsd": 0.8,
+         "tp": 30, "pred_voxels": 30, "ref_voxels": 30},
+        {"case": "a", "label": 2, "dice": 0.0, "hd95_voxel": 0.0, "hd95_mm": math.nan, "assd_mm": math.nan, "nsd": 0.0,
+         "tp": 0, "pred_voxels": 0, "ref_voxels": 5},
     ]
     summary = {s["label"]: s for s in evaluation.summarize(rows)}
     assert summary[1]["dice_mean"] == 0.75 and summary[1]["dice_std"] == 0.25

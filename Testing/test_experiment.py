@@ -148,7 +148,10 @@ def test_slices_protocol_files_and_tables(dataset):
         per_group = [[r["dice"] for r in rows if r["method"] == method and r["group"] == g and r["label"] == 1] for g in (0, 1)]
         assert results[(method, 1)]["dice_mean"] == pytest.approx(np.mean([np.mean(v) for v in per_group]))
         assert results[(method, 1)]["dice_std"] == pytest.approx(np.std([np.mean(v) for v in per_group]))
-        label_means = [np.mean([r["dice"] for r in rows if r["method"] == method and r["group"] == g and r["label"] == k]) for g in (0, 1) for k in (1, 2)]
+        label_means = [
+            np.mean([r["dice"] for r in rows if r["method"] == method and r["group"] == g and r["label"] == k])
+            for g in (0, 1) for k in (1, 2)
+        ]
         assert results[(method, "mean")]["dice_mean"] == pytest.approx(np.mean(label_means))
         assert results[(method, 1)]["groups"] == 2 and results[(method, 1)]["cases"] == 6
     assert 0.5 < results[("fwd", 1)]["dice_mean"] < 1.0  # dilated boxes: imperfect, not random
@@ -184,7 +187,8 @@ def write_yaml_without_slices(folder: Path, changes: dict) -> Path:
 
 
 def test_volumes_mode_passes_whole_volumes_in_one_call(dataset):
-    config = experiment.load_config(write_yaml_without_slices(dataset, {"methods": [{"method": "ofl", "options": {"epochs": 3, "lr": "1e-4"}}]}))
+    methods = {"methods": [{"method": "ofl", "options": {"epochs": 3, "lr": "1e-4"}}]}
+    config = experiment.load_config(write_yaml_without_slices(dataset, methods))
     assert config.methods[0].options.lr == 1e-4 and config.methods[0].options.epochs == 3
     factory = Factory()
     experiment.run_experiment(config, dataset / "out", engine_factory=factory, progress=False)

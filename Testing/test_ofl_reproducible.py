@@ -93,7 +93,8 @@ def test_training_twice_gives_byte_identical_adapter_tensors(engine, chaos_crop,
 
 def test_deterministic_mode_restores_the_callers_torch_settings(tiny_model, chaos_crop):
     image, labels = chaos_crop
-    engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=tiny_model.image_size, deterministic=True), model=tiny_model)
+    settings = ModelSettings(random_weights=True, device="cpu", image_size=tiny_model.image_size, deterministic=True)
+    engine = Engine(settings, model=tiny_model)
     threads = torch.get_num_threads()
     seen = []
     result = engine.segment(

@@ -37,7 +37,8 @@ def case(chaos_case):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return Engine(ModelSettings(random_weights=True, device="cpu", image_size=tiny_model.image_size), max_cached_volumes=4, model=tiny_model)
+    settings = ModelSettings(random_weights=True, device="cpu", image_size=tiny_model.image_size)
+    return Engine(settings, max_cached_volumes=4, model=tiny_model)
 
 
 class Recorder(Events):

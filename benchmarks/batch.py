@@ -26,11 +26,11 @@ CASES = (1, 2, 3, 5, 8, 10)
 
 
 def train_adapter(data: Path, folder: Path, settings, epochs: int) -> Path:
-    from oflsam2 import pipeline
-    from oflsam2.api import MethodOptions
-
     import numpy as np
     import SimpleITK as sitk
+
+    from oflsam2 import pipeline
+    from oflsam2.api import MethodOptions
 
     adapter = folder / "adapter"
     liver = np.flatnonzero((np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "label_1.nii.gz")))) == 1).any(axis=(1, 2)))

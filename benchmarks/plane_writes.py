@@ -42,8 +42,8 @@ def register_converter_rules(slicer) -> None:
 def make_scene(image, labels, liver_planes):
     """A scene with the volume and a segmentation: Liver on ``liver_planes`` only (all: None),
     the other organs whole; all on one layer."""
-    import slicer
     import SimpleITK as sitk
+    import slicer
 
     from OFLSAM2SegmentLib import mrml_io
 

@@ -42,7 +42,6 @@ def load_case(folder: Path):
 
 
 def run_variant(variant: str, image_size: int, folder: Path) -> dict:
-    import numpy as np
     import torch
 
     from oflsam2.api import Engine, LabelSupport, ModelSettings

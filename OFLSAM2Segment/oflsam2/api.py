@@ -133,7 +133,10 @@ class Engine:
         if previous is not None and not isinstance(previous, SegmentResult):
             raise InputError(f"previous must be the SegmentResult of an earlier run; got {type(previous).__name__}.")
         if events is not None and not all(callable(getattr(events, name, None)) for name in ("progress", "slice_done", "is_cancelled")):
-            raise InputError(f"events must have progress, slice_done and is_cancelled methods (see oflsam2.events.Events); got {type(events).__name__}.")
+            raise InputError(
+                "events must have progress, slice_done and is_cancelled methods (see oflsam2.events.Events); "
+                f"got {type(events).__name__}."
+            )
         options = options or MethodOptions()
         events = events or Events()
         image = validate_run(

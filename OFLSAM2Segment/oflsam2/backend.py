@@ -85,11 +85,10 @@ def check_image_size(image_size: int) -> None:
 
 def load_sam2(settings: ModelSettings) -> Sam2Model:
     """Build the model named in ``settings`` with its checkpoint (or random weights)."""
+    import sam2  # noqa: F401  (initialises Hydra's config search path)
     from hydra import compose
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    import sam2  # noqa: F401  (initialises Hydra's config search path)
 
     from .checkpoints import checkpoint_version, load_manifest, read_state_dict, resolve_checkpoint, sha256_file
 

@@ -176,7 +176,10 @@ def _add_inputs(parser, support_required: bool) -> None:
         help="another image and its label map used as extra support (repeatable)",
     )
     parser.add_argument("--axis", choices=("auto", "axial", "coronal", "sagittal"), default="auto", help="slice axis (default auto)")
-    parser.add_argument("--preset", default="auto", help="intensity preset: auto, ct-abdomen, ct-soft, ct-lung, ct-bone, mr, minmax, window:LO,HI, percentile:A,B")
+    parser.add_argument(
+        "--preset", default="auto",
+        help="intensity preset: auto, ct-abdomen, ct-soft, ct-lung, ct-bone, mr, minmax, window:LO,HI, percentile:A,B",
+    )
 
 
 def _add_method(parser, what: str) -> None:
@@ -194,7 +197,9 @@ def _add_method_options(parser, *fields: str) -> None:
         "revsam2_mode": (REVSAM2_MODES, "RevSAM2 variant"),
         "seed": (int, "random seed"),
         "warm_start_epochs": (
-            _at_least(0), "OFL-SAM2 epochs when a trained adapter is refined (--adapter with support, or an update)",
+            _at_least(0), "OFL-SAM2 epochs when a trained adapter is refined (--adapter with support, or an update), "
+            "scaled by the share of support slices that are new to it and rounded up: an update with 1 corrected "
+            "slice among 4 annotated trains a quarter of them",
         ),
     }
     defaults = MethodOptions()
@@ -217,7 +222,10 @@ def _add_model_options(parser) -> None:
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="local checkpoint file (default: the verified cached download)")
     weights.add_argument("--random-weights", action="store_true", help="untrained SAM2 (tests and smoke runs only: masks are meaningless)")
-    group.add_argument("--image-size", type=_image_size, help="SAM2 input size, a multiple of 32 from 256 to 2048 (default: the model's own, 1024; 512 for medsam2)")
+    group.add_argument(
+        "--image-size", type=_image_size,
+        help="SAM2 input size, a multiple of 32 from 256 to 2048 (default: the model's own, 1024; 512 for medsam2)",
+    )
     group.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default %(default)s)")
     group.add_argument(
         "--deterministic", action="store_true",
@@ -454,7 +462,8 @@ def run_batch_command(args) -> int:
         for row in outcome.rows:
             if row["status"] == "failed":
                 print(f"failed {row['case']}: {row['error']}")
-        print(f"{counts['done']} case(s) done, {counts['skipped']} skipped (already done), {counts['failed']} failed; see {outcome.cases_file}")
+        print(f"{counts['done']} case(s) done, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
+              f"see {outcome.cases_file}")
         if job.settings.random_weights:
             print(random_weights_banner())
     return EXIT_SOME_FAILED if outcome.failed else 0

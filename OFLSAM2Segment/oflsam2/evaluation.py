@@ -22,9 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OFLSAM2Error
+from .metrics import METRIC_LIBRARIES, METRIC_NAMES, case_metrics, pooled_dice
 from .outputs import apply_destination_mode, same_file
 from .volume import MAX_DISTINCT_LABELS, check_nifti_file
-from .metrics import BOTH_EMPTY_CHOICES, METRIC_LIBRARIES, METRIC_NAMES, case_metrics, pooled_dice
 
 LABEL_FILE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Words that name a file's role rather than its case; stripped (with a separator) from both

@@ -79,7 +79,13 @@ class LocalExecutor:
         self._engine_factory = engine_factory
         self._engine = None
 
-    def run(self, tasks: Sequence, on_done: Callable[[TaskOutcome], None], events_for: Callable[[int], object] | None = None, catch_errors: bool = True) -> None:
+    def run(
+        self,
+        tasks: Sequence,
+        on_done: Callable[[TaskOutcome], None],
+        events_for: Callable[[int], object] | None = None,
+        catch_errors: bool = True,
+    ) -> None:
         """``events_for(index)`` gives the events of a task (progress of the case being run)."""
         for index, task in enumerate(tasks):
             if self._engine is None:
@@ -115,7 +121,9 @@ def make_executor(kind: str, settings, *, max_cached_volumes: int, address: str 
 def add_executor_options(parser) -> None:
     """``--executor``, ``--address``, ``--workers`` (shared by ``batch`` and ``experiment``)."""
     group = parser.add_argument_group("executor")
-    group.add_argument("--executor", choices=EXECUTORS, default="local", help="run cases in this process (local, default) or on Ray actors (ray)")
+    group.add_argument(
+        "--executor", choices=EXECUTORS, default="local", help="run cases in this process (local, default) or on Ray actors (ray)"
+    )
     group.add_argument("--address", help="Ray cluster to join, e.g. 10.0.0.5:6379 (default: start a local Ray instance)")
     group.add_argument("--workers", type=int, help="Ray actors: default one per GPU, else CPU cores // 2 (at least 1)")
 

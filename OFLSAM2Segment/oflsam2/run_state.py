@@ -224,7 +224,9 @@ def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, ou
         "output": str(output_path),
         "output_digest": label_digest(output),
         "quality": {str(label): {str(i): e for i, e in entries.items()} for label, entries in result.info["quality"].items()},
-        "label_stats": {str(label): {"selected": stats["selected"]} for label, stats in result.info["labels"].items() if "selected" in stats},
+        "label_stats": {
+            str(label): {"selected": stats["selected"]} for label, stats in result.info["labels"].items() if "selected" in stats
+        },
     }
     folder = Path(state_dir)
     folder.mkdir(parents=True, exist_ok=True)

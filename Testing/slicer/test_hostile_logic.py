@@ -13,17 +13,15 @@ import time
 
 import numpy as np
 import pytest
-
 from fakes import CopyEngine, ManualPump
 from mrml_helpers import add_segmentation, add_volume, read_segments, require_slicer
 
 slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
-from test_segmentation_safety import (grid_image, grid_matrix, make_logic, nodes_unchanged, rotation,  # noqa: E402
-                                      saved_adapter, stored_segments)
-
 import vtk  # noqa: E402
+from test_segmentation_safety import grid_image, grid_matrix, make_logic, nodes_unchanged, rotation, saved_adapter, stored_segments  # noqa: E402
+
 from oflsam2.errors import InputError  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.worker import Worker  # noqa: E402

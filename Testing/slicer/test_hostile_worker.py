@@ -21,11 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fakes import CopyEngine
+
 from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
 from OFLSAM2SegmentLib.worker import (
-    DownloadRequest, MessageKind, SegmentRequest, Worker, WorkerDied, WorkerStartError,
+    DownloadRequest,
+    MessageKind,
+    SegmentRequest,
+    Worker,
+    WorkerDied,
+    WorkerStartError,
 )
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell scripts as fake interpreters")
@@ -107,6 +112,7 @@ def test_process_with_a_missing_interpreter_raises_it_and_leaves_the_segmentatio
     slicer = require_slicer()
 
     from fakes import ManualPump
+
     from OFLSAM2SegmentLib.logic import OFLSAM2Logic
     from OFLSAM2SegmentLib.testing import make_annotated_volume
 

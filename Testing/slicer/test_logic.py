@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fakes import CopyEngine, ManualPump, RaisingEngine
 from mrml_helpers import add_segmentation, add_volume, read_segments, require_slicer
 
@@ -335,6 +334,7 @@ def test_reference_pairs_are_matched_by_segment_name(scene):
 
 def test_cohort_segmentation_with_an_adapter(scene, tmp_path):
     import torch
+
     from oflsam2.ofl.adapter import save_adapter
 
     adapter = tmp_path / "adapter"

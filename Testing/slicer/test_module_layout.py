@@ -16,13 +16,13 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 from mrml_helpers import require_slicer
 
 slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
 from loading_rules import load_like_slicer, load_source_as_module  # noqa: E402
+
 from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS, MethodOptions  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "OFLSAM2Segment"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from mrml_helpers import add_segmentation, add_volume, add_volume_from_sitk, read_segments, require_slicer
 
 slicer = require_slicer()
@@ -278,7 +277,8 @@ def test_undo_recorder_reverts_a_whole_run(scene):
     after = read_segments(segmentation, volume, ids)
     np.testing.assert_array_equal(after[ids[0]], masks["A"])
     np.testing.assert_array_equal(after[ids[1]], masks["B"])
-    editor_nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentEditorNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode"))]
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode")
+    editor_nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentEditorNode") for i in range(count)]
     assert len(editor_nodes) == 1 and not editor_nodes[0].GetSaveWithScene()
 
 

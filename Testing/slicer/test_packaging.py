@@ -40,7 +40,8 @@ def module_cmake_entries():
     listed = set()
     for block in re.findall(r"set\((?:MODULE_PYTHON_SCRIPTS|MODULE_PYTHON_RESOURCES)\s+(.*?)\)", text, re.S):
         listed.update(token for token in block.split() if not token.startswith("$"))
-    globs = [g.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "") for g in re.findall(r"file\(GLOB_RECURSE\s+\w+.*?(\$\{CMAKE_CURRENT_SOURCE_DIR\}/\S+)\)", text, re.S)]
+    pattern = r"file\(GLOB_RECURSE\s+\w+.*?(\$\{CMAKE_CURRENT_SOURCE_DIR\}/\S+)\)"
+    globs = [g.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "") for g in re.findall(pattern, text, re.S)]
     return listed, globs
 
 

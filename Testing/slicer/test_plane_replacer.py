@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from mrml_helpers import add_segmentation, add_volume, add_volume_from_sitk, read_segments, require_slicer
 
 slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
 from test_segmentation_safety import GRIDS, grid_image, grid_matrix, layer_matrices, stored_segments  # noqa: E402
+
+from OFLSAM2SegmentLib import mrml_io  # noqa: E402
 
 SHAPE = (6, 9, 10)  # z, y, x
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fakes import ManualPump
 from mrml_helpers import add_segmentation, add_volume_from_sitk, read_segments, require_slicer
 
@@ -74,4 +73,5 @@ def test_ofl_adapter_is_saved_and_segments_a_cohort(scene, logic, tmp_path):
     (created,) = logic.segmentVolumesWithAdapter([cohort], str(adapter), **FAST)
     names = [created.GetSegmentation().GetNthSegment(i).GetName() for i in range(created.GetSegmentation().GetNumberOfSegments())]
     assert names == ["Target"]
-    assert logic.lastRun.state == "completed" and logic.lastRun.summary["segments"][created.GetSegmentation().GetNthSegmentID(0)]["written"] == 6
+    assert logic.lastRun.state == "completed"
+    assert logic.lastRun.summary["segments"][created.GetSegmentation().GetNthSegmentID(0)]["written"] == 6

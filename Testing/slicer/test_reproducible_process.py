@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fakes import ManualPump
 from mrml_helpers import add_segmentation, add_volume_from_sitk, read_segments, require_slicer
 

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fakes import CopyEngine, ManualPump, RaisingEngine
 from mrml_helpers import add_segmentation, add_volume, read_segments, require_slicer
 
@@ -120,7 +119,8 @@ def stored_segments(segmentation, matrix, extent):
         e = image.GetExtent()
         if e[0] <= e[1] and e[2] <= e[3] and e[4] <= e[5]:
             resampled = slicer.vtkOrientedImageData()
-            assert slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled, False, True)
+            resample = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage
+            assert resample(image, reference, resampled, False, True)
             r = resampled.GetExtent()
             values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
             values = values.reshape(r[5] - r[4] + 1, r[3] - r[2] + 1, r[1] - r[0] + 1) > 0
@@ -490,6 +490,7 @@ def test_paint_during_a_run_survives_cancel(scene):
 def paint_segment(segmentation, volume, segment_id, mask):
     """A user's stroke: the Segment Editor adds voxels the same way (merge with the label value)."""
     from mrml_helpers import whole_image
+
     from OFLSAM2SegmentLib import mrml_io
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -547,6 +548,7 @@ def test_undo_is_offered_only_for_a_run_that_changed_something(scene):
 
 def saved_adapter(tmp_path, label_name="Liver"):
     import torch
+
     from oflsam2.ofl.adapter import save_adapter
 
     adapter = tmp_path / "adapter"

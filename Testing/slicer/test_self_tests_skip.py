@@ -10,7 +10,6 @@ import unittest
 from pathlib import Path
 
 import pytest
-
 from mrml_helpers import require_slicer
 
 slicer = require_slicer()

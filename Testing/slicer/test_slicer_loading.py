@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from mrml_helpers import add_segmentation, add_volume_from_sitk, read_segments, require_slicer
 
 slicer = require_slicer()  # before loading_rules, which imports slicer at its top

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mrml_helpers import add_segmentation, add_volume, require_slicer, whole_image
 
 slicer = require_slicer()

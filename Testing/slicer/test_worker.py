@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from fakes import CopyEngine, RaisingEngine
+
 from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
 from OFLSAM2SegmentLib.worker import GpuOutOfMemory, MessageKind, SegmentRequest, Worker, is_out_of_memory
 

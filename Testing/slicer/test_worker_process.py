@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fakes import ManualPump
 from mrml_helpers import read_segments, require_slicer
 

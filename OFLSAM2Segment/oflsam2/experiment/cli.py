@@ -43,7 +43,10 @@ def run_experiment_command(args) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; the experiment writes a folder. Give a folder name.")
     refuse_inputs_as_output(out, [config.path, *(p for case in config.cases.values() for p in (case.image, case.label))])
-    with make_executor(args.executor, config.model, max_cached_volumes=cached_volumes(config), address=args.address, workers=args.workers) as executor:
+    executor = make_executor(
+        args.executor, config.model, max_cached_volumes=cached_volumes(config), address=args.address, workers=args.workers
+    )
+    with executor:
         outcome = run_experiment(config, out, progress=not args.quiet, executor=executor)
     print(results_markdown(config, outcome.results))
     print(f"{outcome.computed} case run(s) computed, {outcome.skipped} found finished; results in {out}")

@@ -238,7 +238,10 @@ def _parse_cases(raw, root: Path, where: _Where) -> dict[str, Case]:
         for key in ("image", "label"):
             if "{id}" not in str(raw[key]):
                 raise where.fail(f"cases.{key}", f"must contain {{id}}; got {raw[key]!r}.")
-        entries = [{"id": i, "image": str(raw["image"]).replace("{id}", str(i)), "label": str(raw["label"]).replace("{id}", str(i))} for i in raw["ids"]]
+        entries = [
+            {"id": i, "image": str(raw["image"]).replace("{id}", str(i)), "label": str(raw["label"]).replace("{id}", str(i))}
+            for i in raw["ids"]
+        ]
     elif isinstance(raw, list) and raw:
         entries = raw
         for n, entry in enumerate(entries):

@@ -12,7 +12,9 @@ from ..evaluation import SUMMARY_METRICS, mean_std, summarize, summary_markdown,
 from ..metrics import METRIC_LIBRARIES, METRIC_NAMES
 from .config import ExperimentConfig
 
-CASE_COLUMNS = ("group", "method", "case", "label", "name", *METRIC_NAMES, "pred_empty", "ref_empty", "tp", "pred_voxels", "ref_voxels", "seconds")
+CASE_COLUMNS = (
+    "group", "method", "case", "label", "name", *METRIC_NAMES, "pred_empty", "ref_empty", "tp", "pred_voxels", "ref_voxels", "seconds"
+)
 RESULT_KEYS = ("method", "label", "name", "groups", "cases")
 
 
@@ -61,7 +63,9 @@ def write_tables(config: ExperimentConfig, rows: list[dict], out_dir: Path, comp
     results = summarize_groups(rows, config)
     files = {
         "cases": write_csv(rows, out_dir / "cases.csv", CASE_COLUMNS),
-        "results": write_csv(results, out_dir / "results.csv", [*RESULT_KEYS, *(f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "std"))]),
+        "results": write_csv(
+            results, out_dir / "results.csv", [*RESULT_KEYS, *(f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "std"))]
+        ),
     }
     markdown = out_dir / "results.md"
     markdown.write_text(results_markdown(config, results))
@@ -70,10 +74,13 @@ def write_tables(config: ExperimentConfig, rows: list[dict], out_dir: Path, comp
     for run in config.methods:
         keys = sorted({(r["group"], r["case"]) for r in rows if r["method"] == run.name})
         per_case[run.name] = [
-            float(np.nanmean([r["dice"] for r in rows if r["method"] == run.name and (r["group"], r["case"]) == k] or [math.nan])) for k in keys
+            float(np.nanmean([r["dice"] for r in rows if r["method"] == run.name and (r["group"], r["case"]) == k] or [math.nan]))
+            for k in keys
         ]
     if any(per_case.values()):
-        files["boxplot"] = write_dice_boxplot(out_dir / "dice_boxplot.png", per_case, title=f"{config.name}: Dice per query case (mean over labels)")
+        files["boxplot"] = write_dice_boxplot(
+            out_dir / "dice_boxplot.png", per_case, title=f"{config.name}: Dice per query case (mean over labels)"
+        )
     return ExperimentOutcome(rows, results, computed, skipped, files)
 
 
@@ -81,8 +88,14 @@ def results_markdown(config: ExperimentConfig, results: list[dict]) -> str:
     """The results table with a header saying how it was made."""
     protocol = config.support
     volumes = protocol.volumes if isinstance(protocol.volumes, int) else f"{len(protocol.volumes)} fixed ({', '.join(protocol.volumes)})"
-    draw = f"{protocol.slices_per_label} planes per label from {volumes} support volume(s)" if protocol.mode == "slices" else f"every plane of {volumes} support volume(s)"
-    annotated = [f"- {r.name}: also given {r.annotate_query} annotated plane(s) per label of the query itself (kept in its output)" for r in config.methods if r.annotate_query]
+    if protocol.mode == "slices":
+        draw = f"{protocol.slices_per_label} planes per label from {volumes} support volume(s)"
+    else:
+        draw = f"every plane of {volumes} support volume(s)"
+    annotated = [
+        f"- {r.name}: also given {r.annotate_query} annotated plane(s) per label of the query itself (kept in its output)"
+        for r in config.methods if r.annotate_query
+    ]
     weights = "RANDOM WEIGHTS (smoke test, meaningless scores)" if config.model.random_weights else "pretrained weights"
     return "\n".join(
         [

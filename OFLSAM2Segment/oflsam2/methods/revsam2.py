@@ -136,7 +136,8 @@ def forward_predictions(
     predictions = {}
     for start in range(0, len(queries), batch):
         check_cancel(ctx.events)
-        ctx.events.progress("forward", start, len(queries), f"query slices {start + 1}-{min(start + batch, len(queries))} of {len(queries)}")
+        last = min(start + batch, len(queries))
+        ctx.events.progress("forward", start, len(queries), f"query slices {start + 1}-{last} of {len(queries)}")
         indices = queries[start : start + batch]
         backbone = ctx.target.backbone(indices)
         prediction = driver.decode(driver.attend(backbone, spatial, pointers, n_s + 1), backbone)
