@@ -221,19 +221,27 @@ def episode_loss(ctx: RunContext, head: FusionHead, bank: Bank, episode: Episode
     return segmentation_loss(candidates, ious, object_score, episode.target, opts.candidate_loss)
 
 
-def held_out_split(episodes: list[Episode], opts, rng: np.random.Generator) -> np.ndarray:
+def held_out_split(episodes: list[Episode], opts, rng: np.random.Generator, keep_training=()) -> np.ndarray:
     """Indices of the episodes held out to watch for overfitting (none when the guard is off or
-    there are enough episodes): a third, at least one, preferably holding the object."""
+    there are enough episodes): a third, at least one, preferably holding the object. Episodes
+    whose query is in ``keep_training`` (bank indices: a warm start's new slices) are held out
+    only when nothing else can be."""
     if opts.overfit_guard != "holdout" or len(episodes) >= opts.holdout_below_episodes or len(episodes) < 2:
         return np.zeros(0, dtype=int)
-    has_object = np.array([e.has_object for e in episodes])
-    candidates = np.flatnonzero(has_object) if has_object.any() else np.arange(len(episodes))
+    keep = {int(i) for i in keep_training}
+    eligible = np.array([e.query not in keep for e in episodes])
+    if not eligible.any():
+        eligible[:] = True
+    has_object = np.array([e.has_object for e in episodes]) & eligible
+    candidates = np.flatnonzero(has_object) if has_object.any() else np.flatnonzero(eligible)
     count = min(max(1, len(episodes) // 3), candidates.size)
     return np.sort(rng.choice(candidates, size=count, replace=False))
 
 
-def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str, seed: int = 0) -> dict:
-    """Fit the head on episodes drawn from the bank (their order and draws from ``seed``).
+def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name: str, seed: int = 0,
+          keep_training=()) -> dict:
+    """Fit the head on episodes drawn from the bank (their order and draws from ``seed``);
+    ``keep_training``: bank slices the overfit guard holds out last (:func:`held_out_split`).
 
     Returns the training report: ``loss_history`` (mean training loss per epoch),
     ``heldout_loss`` (held-out loss before training and after each epoch, when the overfit guard
@@ -249,7 +257,7 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
     if not episodes:
         return report
     rng = np.random.default_rng(seed)
-    held_out = held_out_split(episodes, opts, rng)
+    held_out = held_out_split(episodes, opts, rng, keep_training)
     training = [e for i, e in enumerate(episodes) if i not in held_out]
     has_object = np.array([e.has_object for e in training], dtype=bool)
     report["episodes"] = {
@@ -464,6 +472,24 @@ def build_head(opts, seed: int, device) -> FusionHead:
     return head.to(device)
 
 
+def warm_start(ctx: RunContext, bank: Bank) -> tuple[int, np.ndarray]:
+    """How a loaded head is refined on ``bank``: ``(epochs, new)``, ``new`` the bank indices of the
+    slices it was not trained on.
+
+    Rule: ``warm_start_epochs`` x (new support slices / all support slices), rounded up, so the
+    refinement grows with how much of the support is new. In an update the new slices are the
+    corrected ones (the head was trained on the others): one corrected slice among four
+    annotated trains ceil(10 x 1/4) = 3 epochs. An adapter refined on another volume's slices
+    (all new to it) trains all ``warm_start_epochs``. The overfit guard holds out slices the head
+    already knows, whose loss tells whether refining it made them worse, rather than new ones.
+    """
+    if ctx.previous is None:
+        new = np.arange(len(bank))
+    else:
+        new = np.flatnonzero(bank.in_target & np.isin(bank.index, list(ctx.previous.edited)))
+    return math.ceil(ctx.options.warm_start_epochs * new.size / max(len(bank), 1)), new
+
+
 def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
     """Train (or load) the fusion head for one label, then propagate it through the volume."""
     opts = ctx.options
@@ -479,8 +505,12 @@ def run(ctx: RunContext, support: SupportSet) -> np.ndarray:
                 "--reference volumes, or a trained --adapter."
             )
         bank = build_bank(ctx, support)
-        epochs = opts.warm_start_epochs if loaded is not None else opts.epochs
-        report = train(ctx, head, bank, epochs, support.name, seed)
+        if loaded is None:
+            report = train(ctx, head, bank, opts.epochs, support.name, seed)
+        else:
+            epochs, new = warm_start(ctx, bank)
+            report = train(ctx, head, bank, epochs, support.name, seed, keep_training=new)
+            report["warm_start"] = {"epochs": epochs, "new_slices": int(new.size), "support_slices": len(bank)}
     with torch.no_grad():
         masks, stats = propagate(ctx, head, bank, support.label, support.in_volume)
     stats.update(report, seed=seed)
