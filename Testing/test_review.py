@@ -189,11 +189,16 @@ def test_update_keeps_every_annotation_and_the_previous_result_outside_the_recom
     first_options = quick(save_adapter=str(tmp_path / "adapter")) if method == "ofl" else quick()
     first = engine.segment(image, supports(labels, ANNOTATED, values), method=method, preset="mr", options=first_options)
     corrected = supports(labels, sorted(ANNOTATED + [NEW_SLICE]), values)
-    options = quick(adapter=str(tmp_path / "adapter")) if method == "ofl" else quick()
+    options = quick(adapter=str(tmp_path / "adapter"), warm_start_epochs=6) if method == "ofl" else quick()
     before = engine.feature_cache  # the update reuses the volume's cached features
     updated = engine.update(image, corrected, first, method=method, preset="mr", options=options)
     assert engine.feature_cache == before
     assert updated.info["edited"] == [NEW_SLICE]
+    if method == "ofl":  # 1 corrected of 3 annotated slices: ceil(6 x 1/3) warm-start epochs
+        for value in values:
+            stats = updated.info["labels"][value]
+            assert stats["warm_start"] == {"epochs": 2, "new_slices": 1, "support_slices": 3}
+            assert len(stats["loss_history"]) == 2
     changed = set()
     for value, support in zip(values, corrected):
         recomputed = updated.info["recomputed"][value]
@@ -210,6 +215,51 @@ def test_update_keeps_every_annotation_and_the_previous_result_outside_the_recom
         for index in set(range(len(image))) - set(recomputed) - set(support.slices):
             assert quality[index] == first.info["quality"][value][index]  # carried over
     assert changed
+
+
+class FakeBank:
+    """What :func:`warm_start` reads of a bank: target slice indices, then reference slices."""
+
+    def __init__(self, target_slices, references=0):
+        self.index = np.array(list(target_slices) + list(range(references)))
+        self.in_target = np.array([True] * len(target_slices) + [False] * references)
+
+    def __len__(self):
+        return len(self.index)
+
+
+def test_warm_start_epochs_grow_with_the_share_of_new_support():
+    from types import SimpleNamespace
+
+    from oflsam2.methods.ofl import warm_start
+    from oflsam2.methods.sweep import PreviousRun
+
+    options = MethodOptions(warm_start_epochs=10)
+    update = SimpleNamespace(options=options, previous=PreviousRun({}, edited=[5]))
+    epochs, new = warm_start(update, FakeBank([2, 5, 9, 14]))
+    assert epochs == 3 and new.tolist() == [1]  # ceil(10 x 1/4)
+    epochs, new = warm_start(update, FakeBank([2, 5, 9, 14], references=4))  # slice 5 of a reference is not new
+    assert epochs == 2 and new.tolist() == [1]
+    epochs, new = warm_start(SimpleNamespace(options=options, previous=PreviousRun({}, edited=[2, 5, 9])), FakeBank([2, 5, 9, 14]))
+    assert epochs == 8 and new.tolist() == [0, 1, 2]
+    epochs, new = warm_start(SimpleNamespace(options=options, previous=None), FakeBank([2, 5, 9]))  # adapter on new support
+    assert epochs == 10 and new.tolist() == [0, 1, 2]
+    assert warm_start(SimpleNamespace(options=options, previous=PreviousRun({}, edited=[])), FakeBank([2, 9]))[0] == 0
+
+
+def test_a_warm_start_holds_out_slices_the_head_knows_not_the_new_ones():
+    from types import SimpleNamespace
+
+    from oflsam2.methods.ofl import held_out_split
+
+    episodes = [SimpleNamespace(query=q, has_object=True) for q in range(4)]
+    options = MethodOptions()
+    for seed in range(20):
+        assert 2 not in held_out_split(episodes, options, np.random.default_rng(seed), keep_training=[2])
+        assert held_out_split(episodes, options, np.random.default_rng(seed), keep_training=[2]).size == 1
+        without = held_out_split(episodes, options, np.random.default_rng(seed))
+        every = held_out_split(episodes, options, np.random.default_rng(seed), keep_training=range(4))
+        assert without.tolist() == every.tolist()  # nothing else to hold out: as a full run does
 
 
 def test_update_with_nothing_edited_returns_the_previous_result(engine, crop, first_run):

@@ -5,14 +5,16 @@ On a real CHAOS T2 volume with a random-weight SAM2.1-tiny on this CPU, per meth
 
 1. a full run with 3 annotated slices of the liver (at 15 %, 35 % and 85 % of its extent);
 2. one more slice annotated in the middle of the liver and an update of that result
-   (:meth:`Engine.update`): ``ofl`` warm-starts the head saved by the first run for
-   --warm-start-epochs epochs; propagation restarts from the new slice only.
+   (:meth:`Engine.update`): ``ofl`` warm-starts the head saved by the first run
+   (``--warm-start-epochs`` x new slices / annotated slices, rounded up: 3 of the default 10
+   here); propagation restarts from the new slice only.
 
 Printed per method: seconds of both, ``update_over_full=<ratio>`` (target <= 0.35) with the
 update on the same Engine (features cached, as in Slicer), ``cold_update_over_full`` with a new
 Engine that must encode the slices it visits (as a separate CLI process; model build
-excluded), and how many slices the update recomputed. Masks of random weights are meaningless,
-and the machine is shared: timings are single runs, measured side by side.
+excluded), how many slices the update recomputed and, for ``ofl``, the warm-start epochs it
+trained. Masks of random weights are meaningless, and the machine is shared: timings are single
+runs, measured side by side. The defaults are the engine's (``MethodOptions()``).
 
     python benchmarks/repropagate.py [--case 1] [--epochs 40] [--warm-start-epochs 10] [--image-size 256]
 """
@@ -58,11 +60,15 @@ def timed(function):
 
 
 def main() -> None:
+    from oflsam2.settings import MethodOptions
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--case", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=40, help="OFL-SAM2 epochs of the full run")
-    parser.add_argument("--warm-start-epochs", type=int, default=10, help="OFL-SAM2 epochs of the update")
+    defaults = MethodOptions()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="OFL-SAM2 epochs of the full run")
+    parser.add_argument("--warm-start-epochs", type=int, default=defaults.warm_start_epochs,
+                        help="OFL-SAM2 warm-start epochs for an all-new support (the update scales them)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["ofl", "sam2"])
@@ -70,7 +76,7 @@ def main() -> None:
 
     import torch
 
-    from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings
+    from oflsam2.api import Engine, LabelSupport, ModelSettings
     from oflsam2.backend import load_sam2
 
     torch.set_num_threads(args.threads)
@@ -88,18 +94,21 @@ def main() -> None:
             update_options = MethodOptions(warm_start_epochs=args.warm_start_epochs, adapter=adapter if method == "ofl" else None)
             run = dict(method=method, preset="mr")
             engine = Engine(settings, model=model)
-            first, full_seconds = timed(lambda: engine.segment(image, [LabelSupport(LIVER, "liver", liver, annotated)], options=full_options, **run))
+            given = [LabelSupport(LIVER, "liver", liver, annotated)]
+            first, full_seconds = timed(lambda: engine.segment(image, given, options=full_options, **run))
             corrected = [LabelSupport(LIVER, "liver", liver, sorted(annotated + [middle]))]
             updated, update_seconds = timed(lambda: engine.update(image, corrected, first, options=update_options, **run))
             cold = Engine(settings, model=model)
             cold_updated, cold_seconds = timed(lambda: cold.update(image, corrected, first, options=update_options, **run))
         recomputed = updated.info["recomputed"][LIVER]
         propagated = image.shape[0] - len(annotated)
+        warm = updated.info["labels"][LIVER].get("warm_start")
+        trained = f" warm_start_epochs_trained={warm['epochs']} (cap {args.warm_start_epochs})" if warm else ""
         print(f"method={method} full_s={full_seconds:.1f} update_s={update_seconds:.1f} "
               f"update_over_full={update_seconds / full_seconds:.3f} cold_update_s={cold_seconds:.1f} "
               f"cold_update_over_full={cold_seconds / full_seconds:.3f} "
               f"slices_recomputed={len(recomputed)} of {propagated} propagated (slices {recomputed}); "
-              f"cold encoded {cold_updated.info['slices_encoded']} slices")
+              f"cold encoded {cold_updated.info['slices_encoded']} slices{trained}")
 
 
 if __name__ == "__main__":

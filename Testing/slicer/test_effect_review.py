@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
-
 from mrml_helpers import require_slicer
 
 slicer = require_slicer()

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fakes import CopyEngine, ManualPump
 from mrml_helpers import read_segments, require_slicer
 
