@@ -80,10 +80,24 @@ def test_module_cmake_registers_the_tests_with_known_keywords_only():
     assert "WITH_GENERIC_TESTS" in keywords
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     testing = cmake_text(MODULE / "Testing" / "Python" / "CMakeLists.txt")
-    for script in re.findall(r"SCRIPT\s+(\S+?)\)", testing):
+    direct = re.findall(r"slicer_add_python_unittest\(\s*SCRIPT\s+(\S+?)\s*\)", testing)
+    for script in direct:
         assert (MODULE / "Testing" / "Python" / script).is_file(), script
+    # A module file registered in the module's CMakeLists.txt runs the test files it loads.
+    name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
+    module_scripts = re.findall(r"slicer_add_python_unittest\(\s*SCRIPT\s+(\S+?)\s*\)", text.replace("${MODULE_NAME}", name))
+    through_module = [loaded for script in module_scripts for loaded in self_test_files_of(MODULE / script)]
+    assert "OFLSAM2SegmentTest.py" in through_module
     for script in (MODULE / "Testing" / "Python").glob("*.py"):
-        assert script.name in testing, f"{script.name} is not registered as a test"
+        registrations = direct.count(script.name) + through_module.count(script.name)
+        assert registrations == 1, f"{script.name} is registered as a test {registrations} times; register it once"
+
+
+def self_test_files_of(module_file: Path) -> list[str]:
+    """The files of Testing/Python that ``module_file`` names (and so loads, e.g. its self-test)."""
+    tree = ast.parse(module_file.read_text(encoding="utf-8"))
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.endswith(".py") and (MODULE / "Testing" / "Python" / node.value).is_file()]
 
 
 def parameter_fields() -> set[str]:
