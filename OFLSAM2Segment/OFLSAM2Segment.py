@@ -24,10 +24,10 @@ from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
 
-from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS, MethodOptions
+from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS, MethodOptions
 from oflsam2.volume import PRESETS
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
-from OFLSAM2SegmentLib.options import AXES, DEVICES
+from OFLSAM2SegmentLib.options import AXES, METHOD_DEFAULT_MODEL
 from OFLSAM2SegmentLib.widget import OFLSAM2SegmentWidget  # noqa: F401  (Slicer looks the panel up here)
 
 # The effect lives in a folder that nothing imports: Slicer loads it as a module named after that
@@ -100,10 +100,10 @@ class OFLSAM2SegmentParameterNode:
     referenceVolumes: list[vtkMRMLScalarVolumeNode]
     referenceSegmentations: list[vtkMRMLSegmentationNode]
     method: Method = Method(DEFAULT_METHOD)
-    model: str = "sam2.1-tiny"
+    model: str = METHOD_DEFAULT_MODEL  # "": the method's own model (oflsam2.settings.default_model)
     checkpoint: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    imageSize: Annotated[int, WithinRange(0, 2048)] = 0  # 0: the model's own size
+    imageSize: Annotated[int, WithinRange(0, MAX_IMAGE_SIZE)] = 0  # 0: the model's own size
     preset: Annotated[str, Choice(list(PRESETS))] = "auto"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     gamma: Annotated[float, WithinRange(0.0, 1.0)] = METHOD_DEFAULTS.gamma

@@ -214,8 +214,10 @@ class Run:
             self.job = self._worker.submit(self._steps.pop(0))
             return
         plan = self.plan
+        engine_info = summary.get("info", {})
         self.summary = {
             "method": plan.config.method,
+            "model": engine_info.get("model", plan.config.settings.model),  # the engine's word for what it ran
             "axis": plan.axis,
             "axisName": plan.axis_name,
             "seconds": time.perf_counter() - self._started,
@@ -225,7 +227,7 @@ class Run:
                 for t in plan.targets
             },
             "warnings": plan.warnings + ignored_stroke_warnings(plan.targets) + self._outside_warnings(),
-            "engine": summary.get("info", {}),
+            "engine": engine_info,
         }
         recomputed = self.summary["engine"].get("recomputed")
         if recomputed is not None:  # an update: JSON made the label keys strings
@@ -260,11 +262,11 @@ class Run:
         self._steps = []
         self._on_end(self)
         restored = " The segments were restored." if self._segmentation_alive else ""
-        text = {
-            "completed": f"Done: {sum(self._written.values())} slices written along the {self.plan.axis_name} axis.",
-            "cancelled": self.cancel_reason + restored,
-            "failed": f"Failed: {self.error}{restored}",
-        }[state]
+        if state == "completed":
+            text = (f"Done: {sum(self._written.values())} slices written along the {self.plan.axis_name} axis "
+                    f"with {self.summary['model']}.")
+        else:
+            text = self.cancel_reason + restored if state == "cancelled" else f"Failed: {self.error}{restored}"
         self._report(state, 1, 1, text)
 
     def _outside_warnings(self) -> list[str]:
@@ -438,6 +440,8 @@ class OFLSAM2Logic:
         - ``options``: model and method options (``model``, ``checkpoint``, ``device``,
           ``imageSize``, ``randomWeights``, ``axis``, ``preset``, ``gamma``, ``numRetrieved``,
           ``epochs``, ``topK``, ``adapter``, ``saveAdapter``...; see ``options.option_names()``).
+          No ``model`` (or ``""``) runs the method's own (``oflsam2.settings.default_model``) or an
+          adapter's; ``summary["model"]`` and the final progress text name the model used.
 
         Blocking: returns the summary dict, raises the run's error, or :class:`Cancelled`.
         Non-blocking: returns the :class:`Run`.

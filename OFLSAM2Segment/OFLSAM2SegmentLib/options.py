@@ -1,7 +1,7 @@
 """Run options as the Slicer logic receives them (``process(..., **options)``) -> engine objects.
 
-Option names are the fields of :class:`oflsam2.api.ModelSettings` and
-:class:`oflsam2.api.MethodOptions`, plus ``axis`` and ``preset``; each may be written in
+Option names are the fields of :class:`oflsam2.settings.ModelSettings` and
+:class:`oflsam2.settings.MethodOptions`, plus ``axis`` and ``preset``; each may be written in
 snake_case (``image_size``) or Slicer's camelCase (``imageSize``). No slicer, qt or torch here.
 """
 
@@ -13,13 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from oflsam2.api import METHODS, MethodOptions, ModelSettings
 from oflsam2.errors import InputError
+from oflsam2.settings import METHOD_TITLES, METHODS, MethodOptions, ModelSettings, default_model
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
 AXES = ("auto", "axial", "coronal", "sagittal")
 LOCAL_MODEL = "local"  # the model selector's "Local file..." entry: identify the file by its hash
-MIN_IMAGE_SIZE = 256
+METHOD_DEFAULT_MODEL = ""  # the model selector's "Method's default" entry: the method's paper's model
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSettings)}
 _METHOD_FIELDS = {f.name: f for f in dataclasses.fields(MethodOptions)}
@@ -48,8 +47,11 @@ def option_names() -> list[str]:
 def parse_options(method: str, options: dict) -> RunConfig:
     """Validate ``options`` and split them into model settings, method options, axis and preset.
 
-    ``image_size`` 0 or None means the selected model's own training size (from the manifest).
-    ``model="local"`` takes the model from the SHA256 of ``checkpoint`` (an official file).
+    ``model`` empty or None (the selector's "Method's default") means the method's model
+    (:func:`oflsam2.settings.default_model`), or, when ``adapter`` names an adapter folder, the
+    model its adapters were trained with, as in the CLI. ``image_size`` 0 or None means the
+    adapter's size, else the model's own training size (from the manifest). ``model="local"``
+    takes the model from the SHA256 of ``checkpoint`` (an official file).
     """
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
@@ -68,8 +70,8 @@ def parse_options(method: str, options: dict) -> RunConfig:
             run_values[name] = str(value)
         else:
             raise InputError(f"Unknown option {key!r}. Known options: {', '.join(option_names())}.")
-    settings = _model_settings(model_values)
     method_options = MethodOptions(**method_values)  # checks itself: the engine's messages, as in the CLI
+    settings = _model_settings(model_values, method, method_options.adapter)
     axis = run_values["axis"].lower()
     if axis not in AXES:
         raise InputError(f"Unknown slice axis {run_values['axis']!r}; choose one of: {', '.join(AXES)}.")
@@ -158,30 +160,33 @@ def model_choices() -> list[tuple[str, str]]:
     return [(name, entry.get("description", "")) for name, entry in load_manifest().items()]
 
 
-def _model_settings(values: dict) -> ModelSettings:
+def default_model_entry(method: str) -> tuple[str, str]:
+    """Text and tooltip of the model selector's "Method's default" entry while ``method`` is chosen."""
+    model = default_model(method)
+    return (f"Method's default ({model})",
+            f"{METHOD_TITLES.get(method, method)} runs {model} unless you choose another model (with an adapter: "
+            "the model the adapter was trained with).")
+
+
+def _model_settings(values: dict, method: str, adapter) -> ModelSettings:
+    """ModelSettings from the model options; ModelSettings checks the device and image size itself."""
     from oflsam2.checkpoints import model_entry
+    from oflsam2.cli import adapter_settings
 
     checkpoint = values.get("checkpoint") or None
     values["checkpoint"] = str(checkpoint) if checkpoint else None
-    model = str(values.get("model") or ModelSettings.model)
+    trained = adapter_settings(adapter)  # empty without an adapter folder
+    model = str(values.get("model") or trained.get("model") or default_model(method))
     if model == LOCAL_MODEL:
         model = _identify_local(values["checkpoint"])
     entry = model_entry(model)
     values["model"] = model
     if not values.get("image_size"):
-        values["image_size"] = int(entry.get("image_size") or ModelSettings.image_size)
+        values["image_size"] = int(trained.get("image_size") or entry.get("image_size") or ModelSettings.image_size)
     for name in list(values):
         if name != "checkpoint":
             values[name] = _coerce(name, values[name], _MODEL_FIELDS[name])
-    settings = ModelSettings(**values)
-    if settings.device not in DEVICES:
-        raise InputError(f"Unknown device {settings.device!r}; choose one of: {', '.join(DEVICES)}.")
-    if settings.image_size < MIN_IMAGE_SIZE or settings.image_size % 32:
-        raise InputError(
-            f"Image size {settings.image_size} is not supported: use a multiple of 32, at least {MIN_IMAGE_SIZE} "
-            "(1024 is SAM2's training size; 512 halves memory and time)."
-        )
-    return settings
+    return ModelSettings(**values)
 
 
 def _identify_local(checkpoint: str | None) -> str:

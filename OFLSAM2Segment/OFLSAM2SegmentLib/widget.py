@@ -20,7 +20,7 @@ from slicer.util import VTKObservationMixin
 from . import device as devices
 from .logic import shutdown_shared_worker
 from .observers import SegmentationObserver
-from .options import LOCAL_MODEL, model_choices
+from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from .progress import progress_text, support_line
 from .review_view import QualityReview
 from .worker import GpuOutOfMemory
@@ -112,7 +112,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParametersModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -131,15 +131,19 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParametersModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # .ui widgets with the dynamic property "SlicerParameterName" are bound here; the
             # model list, paths, segment selection and references are synchronized by hand.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParametersModified)
             self._updateManualWidgets()
             self.onSegmentationChanged(self._parameterNode.segmentation)
+        self._onParametersModified()
+
+    def _onParametersModified(self, caller=None, event=None) -> None:
+        self._showMethodDefaultModel()
         self._updateButtons()
 
     # -----------------------------------------------------------------------------------------
@@ -208,6 +212,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillModelSelector(self) -> None:
         self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem(_("Method's default"), METHOD_DEFAULT_MODEL)  # named per method, see below
         try:
             choices = model_choices()
         except Exception as exc:  # a broken manifest must not break the module
@@ -225,6 +230,13 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("{gpus} found").format(gpus=", ".join(names[d] for d in found)) if found
             else _("none found: runs on the CPU (slow; use a small model and image size)")
         )
+
+    def _showMethodDefaultModel(self) -> None:
+        """Name the chosen method's model on the model selector's "Method's default" entry."""
+        if self._parameterNode:
+            text, tooltip = default_model_entry(self._parameterNode.method.value)
+            self.ui.modelComboBox.setItemText(0, text)
+            self.ui.modelComboBox.setItemData(0, tooltip, qt.Qt.ToolTipRole)
 
     def onModelChanged(self, index) -> None:
         if self._parameterNode and not self._updatingGui:

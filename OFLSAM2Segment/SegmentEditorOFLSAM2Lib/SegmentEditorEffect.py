@@ -15,8 +15,8 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from oflsam2.settings import DEFAULT_METHOD, METHOD_TITLES, SLICER_METHODS
-from OFLSAM2SegmentLib.options import DEVICES, model_choices
+from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS
+from OFLSAM2SegmentLib.options import METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
 from OFLSAM2SegmentLib.review_view import QualityReview, new_quality_table
 
@@ -63,11 +63,13 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.scriptedEffect.addLabeledOptionsWidget("Method:", self.methodComboBox)
 
         self.modelComboBox = qt.QComboBox()
+        self.modelComboBox.addItem(default_model_entry(DEFAULT_METHOD)[0], METHOD_DEFAULT_MODEL)  # named per method
         for name, description in _safe_model_choices():
             self.modelComboBox.addItem(name, name)
             self.modelComboBox.setItemData(self.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
         self.modelComboBox.setToolTip(
-            "SAM2 weights, downloaded once after asking. A local file is set in the OFL-SAM2 Segment module.")
+            "SAM2 weights, downloaded once after asking. \"Method's default\" is the model of the method's paper. "
+            "A local file is set in the OFL-SAM2 Segment module.")
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
 
         self.deviceComboBox = qt.QComboBox()
@@ -76,7 +78,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
 
         self.imageSizeSpinBox = qt.QSpinBox()
-        self.imageSizeSpinBox.setRange(0, 2048)
+        self.imageSizeSpinBox.setRange(0, MAX_IMAGE_SIZE)
         self.imageSizeSpinBox.setSingleStep(32)
         self.imageSizeSpinBox.setSpecialValueText("model default")
         self.imageSizeSpinBox.setToolTip(
@@ -129,7 +131,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Method", DEFAULT_METHOD)
-        self.scriptedEffect.setParameterDefault("Model", "sam2.1-tiny")
+        self.scriptedEffect.setParameterDefault("Model", METHOD_DEFAULT_MODEL)  # an explicit choice is kept
         self.scriptedEffect.setParameterDefault("Device", "auto")
         self.scriptedEffect.setParameterDefault("ImageSize", 0)
         self.scriptedEffect.setParameterDefault("RandomWeights", "false")  # tests only; no GUI
@@ -142,6 +144,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         wasBlocked = self.imageSizeSpinBox.blockSignals(True)
         self.imageSizeSpinBox.value = self.scriptedEffect.integerParameter("ImageSize")
         self.imageSizeSpinBox.blockSignals(wasBlocked)
+        self._showMethodDefaultModel()
         self._updateApplyButton()
         self._refreshReview()  # the selected segment may have changed
 
@@ -149,6 +152,13 @@ More options (several segments at once, extra support volumes, adapters) are in 
         for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
             self.scriptedEffect.setParameter(name, combo.itemData(combo.currentIndex))
         self.scriptedEffect.setParameter("ImageSize", self.imageSizeSpinBox.value)
+        self._showMethodDefaultModel()  # the method may have changed
+
+    def _showMethodDefaultModel(self):
+        """Name the chosen method's model on the model selector's "Method's default" entry."""
+        text, tooltip = default_model_entry(self.scriptedEffect.parameter("Method") or DEFAULT_METHOD)
+        self.modelComboBox.setItemText(0, text)
+        self.modelComboBox.setItemData(0, tooltip, qt.Qt.ToolTipRole)
 
     def logic(self):
         """The run logic; its worker (and SAM2 model) is the one the module uses."""
@@ -268,5 +278,5 @@ def _safe_model_choices():
         import logging
 
         logging.error(f"OFL-SAM2 effect: cannot read the model manifest: {exc}")
-        return [("sam2.1-tiny", "")]
+        return []  # "Method's default" stays
 

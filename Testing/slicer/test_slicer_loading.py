@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slicer
 
 from loading_rules import load_like_slicer  # noqa: E402
 
+from oflsam2.settings import default_model  # noqa: E402
+
 FAST = {"randomWeights": True, "device": "cpu", "model": "sam2.1-tiny", "imageSize": 256}
 # OFLSAM2_LOADING_MODULE_DIR: load another copy of the module folder (e.g. an older commit's,
 # exported with git archive) to see how it fares under Slicer's rules.
@@ -94,6 +96,7 @@ def test_process_runs_the_real_engine_in_the_worker_process(session, shared_data
 
     assert summary["segments"][ids[0]]["written"] == 2
     assert summary["engine"]["random_weights"] is True
+    assert summary["model"] == summary["engine"]["model"] == "sam2.1-tiny"  # the engine's word for the model it ran
     assert logic.worker.pid is not None and logic.worker.pid != os.getpid()  # the engine ran in the worker process
     assert session.app.processed_events > 0  # the blocking wait let Slicer process its events
     after = read_segments(segmentation, volume)
@@ -140,6 +143,9 @@ def test_the_effect_writes_whole_planes_with_the_editable_intensity_range_on(ses
     after = segment_arrays(segmentation, volume)
     run = effect.logic().lastRun
     assert run.state == "completed" and run.summary["segments"][ids[0]]["written"] == 4
+    # no model chosen in the effect: the method's own, named in the effect's status
+    assert run.summary["model"] == run.summary["engine"]["model"] == default_model("sam2")
+    assert effect.statusLabel.text.endswith(f" with {default_model('sam2')}."), effect.statusLabel.text
     changed = [i for i in range(6) if not np.array_equal(after[ids[0]][i], before[ids[0]][i])]
     assert changed, "the effect wrote nothing"
     assert (after[ids[1]] == before[ids[1]]).all(), "the effect changed another segment"

@@ -38,6 +38,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         self.test_widget_review_and_update()
 
     def test_process_writes_slices_and_undo_restores(self):
+        from oflsam2.settings import default_model
         from OFLSAM2Segment import OFLSAM2SegmentLogic
         from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
 
@@ -48,6 +49,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
 
         summary = logic.process(volume, segmentation, ids[:1], method="sam2", randomWeights=True, imageSize=256, device="cpu")
 
+        self.assertEqual(summary["model"], default_model("sam2"))  # no model named: the method's own
         after = segment_arrays(segmentation, volume)
         annotated = summary["segments"][ids[0]]["annotated"]
         self.assertEqual(summary["segments"][ids[0]]["written"], before[ids[0]].shape[0] - len(annotated))
@@ -159,6 +161,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("GUI passed")
 
     def test_widget_review_and_update(self):
+        from oflsam2.settings import default_model
         from OFLSAM2SegmentLib import mrml_io
         from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
 
@@ -169,6 +172,8 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
         widget.ui.applyButton.click()
         self._waitUntilDone(widget, 600)
         self.assertEqual(widget.logic.lastRun.state, "completed", widget.ui.statusLabel.text)
+        self.assertIn(f"with {default_model('sam2')}.", widget.ui.statusLabel.text)  # the model the run used
+        self.assertEqual(widget.ui.modelComboBox.itemText(0), f"Method's default ({default_model('sam2')})")
         self.assertEqual(widget.ui.qualityTableWidget.rowCount, 12)
         self.assertTrue(widget.ui.nextSliceButton.enabled and widget.ui.updateButton.enabled)
         suggestion = widget.logic.nextSliceToCheck(ids[0])
