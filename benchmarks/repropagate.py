@@ -102,7 +102,7 @@ def main() -> None:
             cold_updated, cold_seconds = timed(lambda: cold.update(image, corrected, first, options=update_options, **run))
         recomputed = updated.info["recomputed"][LIVER]
         propagated = image.shape[0] - len(annotated)
-        warm = updated.info["labels"][LIVER].get("warm_start")
+        warm = updated.info.get("labels", {}).get(LIVER, {}).get("warm_start")  # ofl only
         trained = f" warm_start_epochs_trained={warm['epochs']} (cap {args.warm_start_epochs})" if warm else ""
         print(f"method={method} full_s={full_seconds:.1f} update_s={update_seconds:.1f} "
               f"update_over_full={update_seconds / full_seconds:.3f} cold_update_s={cold_seconds:.1f} "
