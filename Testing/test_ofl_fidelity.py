@@ -8,8 +8,9 @@ quality, which random weights cannot give.
 
 from __future__ import annotations
 
+import io
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -316,28 +317,53 @@ def test_recent_memories_are_encoded_by_their_distance(engine, target):
 # -- what a run did, from outside -------------------------------------------------------------------
 
 
-def test_segment_json_reports_the_per_label_info(target, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("OFLSAM2_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def segment_json(target, tmp_path_factory):
+    """``oflsam2 segment --json`` on the target with its 3 annotated slices: (status, stdout, stderr)."""
+    tmp_path = tmp_path_factory.mktemp("segment_json")
     image, labels = target
     annotated = np.zeros_like(labels)
     for index in ANNOTATED:
         annotated[index] = labels[index] == LIVER
     for name, array in (("image", image), ("support", annotated)):
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nii.gz"))
-    status = cli.main([
-        "segment", "--image", str(tmp_path / "image.nii.gz"), "--support", str(tmp_path / "support.nii.gz"),
-        "--out", str(tmp_path / "out.nii.gz"), "--method", "ofl", "--random-weights", "--image-size", "256",
-        "--device", "cpu", "--epochs", "1", "--preset", "mr", "--model", "sam2.1-tiny", "--json",
-    ])
-    captured = capsys.readouterr()
-    assert status == 0, captured.err
-    engine_info = json.loads(captured.out)["engine"]
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(io.StringIO()) as out, redirect_stderr(io.StringIO()) as err:
+        patch.setenv("OFLSAM2_CACHE_DIR", str(tmp_path / "cache"))
+        status = cli.main([
+            "segment", "--image", str(tmp_path / "image.nii.gz"), "--support", str(tmp_path / "support.nii.gz"),
+            "--out", str(tmp_path / "out.nii.gz"), "--method", "ofl", "--random-weights", "--image-size", "256",
+            "--device", "cpu", "--epochs", "1", "--preset", "mr", "--model", "sam2.1-tiny", "--json",
+        ])
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_segment_json_reports_the_per_label_info(target, segment_json):
+    image, labels = target
+    status, out, err = segment_json
+    assert status == 0, err
+    engine_info = json.loads(out)["engine"]
     assert engine_info["model"] == "sam2.1-tiny"  # the run says which model it used
     info = engine_info["labels"][str(LIVER)]
     assert info["initial_fit"]["target_slices"] == ANNOTATED and info["initial_fit"]["iterations"] == 10
     assert info["retrieval_with_object"] == 1.0
     assert info["accepted"] + info["rejected"] == len(image) - len(ANNOTATED)
     assert 0 < info["gate_mean_w"] < 1
+
+
+def test_segment_json_puts_each_labels_info_under_labels(target, segment_json):
+    """``labels.<value>`` holds one label's name, slices, voxels and the engine's figures."""
+    image, _ = target
+    status, out, err = segment_json
+    assert status == 0, err
+    summary = json.loads(out)
+    liver = summary["labels"][str(LIVER)]
+    assert list(summary["labels"]) == [str(LIVER)]
+    assert liver["initial_fit"]["target_slices"] == ANNOTATED and liver["initial_fit"]["iterations"] == 10
+    assert liver["retrieval_with_object"] == 1.0 and 0 < liver["gate_mean_w"] < 1
+    assert liver["accepted"] + liver["rejected"] == len(image) - len(ANNOTATED)
+    assert liver["slices"] == ANNOTATED and liver["voxels"] == summary["voxels"][str(LIVER)] > 0
+    assert liver["name"] == summary["label_names"][str(LIVER)]
+    assert liver["accepted"] == summary["engine"]["labels"][str(LIVER)]["accepted"]  # the engine's own place stays
 
 
 # -- item 9: each method's default model is its paper's ------------------------------------------
@@ -385,6 +411,46 @@ def test_gram_online_update_takes_the_same_steps_as_the_samples(engine, target):
     assert gram.count == len(slices)
     assert (got - expected).norm() / expected.norm() < 1e-3
     assert (got - start).norm() / (expected - start).norm() > 0.99  # the steps moved τ as far
+
+
+def test_krylov_training_fit_takes_the_same_steps_and_gradient_as_the_samples(engine, target):
+    """Real features and ground-truth memories of 9 CHAOS slices, a 10th as the query: τ fitted
+    in the episode's Krylov space and the outer gradient in λ equal those of the unrolled fit."""
+    image, labels = target
+    cache = engine.feature_cache(apply_preset(image, "mr"), 0)
+    driver = Sam2Driver(engine.model, cache.position_encoding())
+    slices = list(range(4, 14))
+    backbone = cache.backbone(slices)
+    _, memory = driver.condition_on_mask(backbone, driver.mask_to_model(labels[slices] == LIVER), dtype=torch.float32)
+    vision, targets = backbone.vision, memory.features
+    learner = FewShotLearner()
+    space = learner.krylov_space(vision[1:], targets[1:], 10)
+    results = []
+    for statistics in (None, space):
+        learner.zero_grad()
+        tau = learner.fit(vision[1:], targets[1:], num_iters=10, create_graph=True, statistics=statistics)
+        (learner.apply(tau, vision[:1]) - targets[:1]).pow(2).mean().backward()
+        results.append((tau.detach(), learner.ridge_lambda.grad.item()))
+    (tau_samples, grad_samples), (tau_space, grad_space) = results
+    assert (tau_space - tau_samples).norm() / tau_samples.norm() < 1e-4
+    assert grad_samples != 0.0 and grad_space == pytest.approx(grad_samples, rel=1e-3)
+
+
+def test_training_in_krylov_spaces_is_the_training_on_the_samples(engine, target):
+    """Two epochs on the real volume: the same losses, held-out losses and kept epoch."""
+    image, labels = target
+    slices = [4, 8, 12, 16, 20]
+    reports = [
+        engine.segment(image, liver_support(labels, slices), method="ofl", preset="mr",
+                       options=options(epochs=2, lr=1e-2, lr_milestones=(5,), gamma=1.0, train_solver=solver)).info["labels"][LIVER]
+        for solver in ("krylov", "samples")
+    ]
+    krylov, samples = reports
+    assert krylov["episodes"] == samples["episodes"] and samples["episodes"]["held_out"] > 0
+    assert krylov["loss_history"] == pytest.approx(samples["loss_history"], rel=1e-4)
+    assert krylov["heldout_loss"] == pytest.approx(samples["heldout_loss"], rel=1e-4)
+    assert krylov["best_epoch"] == samples["best_epoch"]
+    assert krylov["loss_history"][0] != krylov["loss_history"][1]  # training moved
 
 
 def test_adapters_do_not_import_the_method():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-from oflsam2.ofl.learner import FewShotLearner
+from oflsam2.ofl.learner import FewShotLearner, GramFit
 
 C, D, K = 4, 2, 3
 
@@ -219,3 +219,89 @@ def test_bad_settings_are_refused():
         FewShotLearner(C, D).fit(torch.randn(1, C, 4, 4), torch.randn(1, D, 4, 4), tau_init=torch.zeros(D, C, 1, 1))
     with pytest.raises(ValueError, match="num_iters"):
         FewShotLearner(C, D).fit(torch.randn(1, C, 4, 4), torch.randn(1, D, 4, 4), num_iters=-1)
+
+
+# -- precomputed statistics take the same steps ----------------------------------------------------
+
+
+def query_loss(model, tau, seed=21):
+    query_features, query_targets = problem(samples=1, size=6, seed=seed, noise=1.0)
+    return (model.apply(tau, query_features) - query_targets).pow(2).mean()
+
+
+@pytest.mark.parametrize("num_iters, backprop_iters", [(10, None), (10, 3), (4, None), (1, None)])
+def test_krylov_space_takes_the_unrolled_steps_and_gives_their_gradient(num_iters, backprop_iters):
+    features, targets = problem(samples=5, size=6, seed=20, noise=1.0)
+    model = learner(ridge_lambda=0.5)
+    space = model.krylov_space(features, targets, 10)
+    assert space.basis.shape == (10, D, C, K, K)
+    flat = space.basis.flatten(1)
+    assert torch.allclose(flat @ flat.T, torch.eye(10, dtype=torch.float64), atol=1e-12)  # orthonormal
+    with torch.no_grad():
+        model.ridge_lambda.fill_(0.2)  # λ moved after the space was built: the space still holds
+    results = []
+    for statistics in (None, space):
+        model.zero_grad()
+        tau = model.fit(features, targets, num_iters=num_iters, backprop_iters=backprop_iters, statistics=statistics)
+        query_loss(model, tau).backward()
+        results.append((tau.detach(), model.ridge_lambda.grad.item()))
+    (tau_samples, grad_samples), (tau_space, grad_space) = results
+    assert (tau_space - tau_samples).norm() <= 1e-10 * tau_samples.norm()
+    assert grad_samples != 0.0 and grad_space == pytest.approx(grad_samples, rel=1e-8)
+
+
+def test_krylov_space_that_stops_growing_still_takes_every_step():
+    # one position of a 1×1 map: B = Xᵀ X has rank one along each output, so R spans the space
+    features, targets = problem(samples=1, size=1, seed=22)
+    model = learner()
+    space = model.krylov_space(features, targets, 10)
+    assert space.basis.shape[0] == 1 and space.built_for == 10
+    with torch.no_grad():
+        expected = model.fit(features, targets, num_iters=10)
+        assert torch.allclose(model.fit(features, targets, num_iters=10, statistics=space), expected, atol=1e-12)
+    zero_targets = torch.zeros_like(targets)  # R = 0: nothing to move towards
+    empty = model.krylov_space(features, zero_targets, 10)
+    assert empty.basis.shape[0] == 0
+    assert torch.equal(model.fit(features, zero_targets, num_iters=10, statistics=empty), torch.zeros(D, C, K, K, dtype=torch.float64))
+
+
+def test_gram_statistics_take_the_sample_steps_across_updates_and_drops():
+    """Online use: warm-started steps after each added sample, the oldest dropped past a
+    window of 5, equal the steps on the samples in the window; G t is carried, not recomputed."""
+    features, targets = problem(samples=9, size=6, seed=30, noise=1.0)
+    model = learner(ridge_lambda=0.2)
+    gram = GramFit(model, "cpu", torch.float64)
+    window = [0, 1, 2]
+    gram.update(features[window], targets[window])
+    with torch.no_grad():
+        tau = model.fit(features[window], targets[window], num_iters=10, statistics=gram)
+        expected = model.fit(features[window], targets[window], num_iters=10)
+        assert (tau - expected).norm() <= 1e-10 * expected.norm()
+        for i in range(3, 9):
+            gram.update(features[i : i + 1], targets[i : i + 1])
+            window.append(i)
+            if len(window) > 5:
+                gram.update(features[window[0] : window[0] + 1], targets[window[0] : window[0] + 1], sign=-1.0)
+                window.pop(0)
+            tau = gram.fit(tau, 5)
+            expected = model.fit(features[window], targets[window], tau_init=expected, num_iters=5)
+            assert gram.count == len(window)
+            assert (tau - expected).norm() <= 1e-10 * expected.norm(), i
+        # a warm start from a τ the statistics did not produce
+        other = torch.randn(D, C, K, K, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+        assert torch.allclose(gram.fit(other, 3), model.fit(features[window], targets[window], tau_init=other, num_iters=3), atol=1e-10)
+    patches = F.unfold(features[window], K, padding=K // 2)  # (N, C·k², P)
+    assert torch.allclose(gram.gram, torch.einsum("nap,nbp->ab", patches, patches), atol=1e-10)
+    assert torch.equal(gram.gram, gram.gram.T)  # the upper block triangle mirrored
+
+
+def test_statistics_are_refused_where_they_cannot_take_the_steps():
+    features, targets = problem(samples=3, seed=32)
+    model = learner()
+    space = model.krylov_space(features, targets, 4)
+    with pytest.raises(ValueError, match="built for 4"):
+        model.fit(features, targets, num_iters=5, statistics=space)
+    with pytest.raises(ValueError, match="starts from zero"):
+        model.fit(features, targets, tau_init=torch.zeros(D, C, K, K, dtype=torch.float64), num_iters=2, statistics=space)
+    with pytest.raises(ValueError, match="default weights"):
+        model.fit(features, targets, torch.full((3,), 1 / 3, dtype=torch.float64), num_iters=2, statistics=space)

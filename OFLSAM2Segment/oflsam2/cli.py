@@ -374,9 +374,27 @@ def random_weights_banner() -> str:
     )
 
 
+def json_summary(summary: dict) -> dict:
+    """The summary as ``--json`` prints it: ``labels`` maps each label value to its name,
+    annotated slices, voxel count and what the engine did for it (for ``ofl``: ``initial_fit``,
+    ``retrieval_with_object``, ``accepted``, ``rejected``, ``gate_mean_w``, ...), so that
+    ``labels.1.accepted`` reads one label's figures; ``engine.labels`` keeps the engine's own."""
+    engine_labels = summary.get("engine", {}).get("labels", {})
+    per_label = {}
+    for value in summary["labels"]:
+        entry = {
+            "name": summary.get("label_names", {}).get(value),
+            "slices": summary.get("slices", {}).get(value),
+            "voxels": summary.get("voxels", {}).get(value),
+        }
+        entry.update(engine_labels.get(value, {}))
+        per_label[str(value)] = entry
+    return {**summary, "labels": per_label}
+
+
 def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(json_summary(summary), indent=2, default=str))
         return
     print(f"method {summary['method']} along the {summary['axis_name']} axis (array axis {summary['axis']}), preset {summary['preset']}")
     for label in summary["labels"]:

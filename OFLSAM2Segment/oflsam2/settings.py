@@ -41,6 +41,7 @@ INITIAL_FITS = ("episode", "even")
 CANDIDATE_LOSSES = ("predicted", "min", "all")
 OVERFIT_GUARDS = ("holdout", "none")
 ONLINE_SOLVERS = ("gram", "samples")
+TRAIN_SOLVERS = ("krylov", "samples")
 
 
 @dataclass
@@ -162,6 +163,7 @@ class MethodOptions:
     accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
     learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
     online_solver: str = "gram"  # online tau updates on Gram statistics (fixed cost) | samples (same steps)
+    train_solver: str = "krylov"  # training fits in each episode's Krylov space (built once) | samples (autograd on the samples; same steps and gradient)
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -234,6 +236,7 @@ def check_method_options(options: MethodOptions) -> None:
     if options.learner_backprop_iters is not None:
         _whole(options.learner_backprop_iters, "learner_backprop_iters", 1)
     _choice(options.online_solver, ONLINE_SOLVERS, "online solver")
+    _choice(options.train_solver, TRAIN_SOLVERS, "training solver")
     for name in ("use_learner", "use_afm", "online_update", "retrieval_object_guarantee", "episode_recent_memories",
                  "accept_absent", "include_supports_in_propagation"):
         if not isinstance(getattr(options, name), (bool, np.bool_)):

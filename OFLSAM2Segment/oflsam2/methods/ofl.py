@@ -27,12 +27,15 @@ from ..driver import Memory
 from ..errors import InputError
 from ..events import check_cancel
 from ..ofl.fusion import AdaptiveFusion, ChannelLift, sum_fusion
-from ..ofl.learner import FewShotLearner, GramFit
+from ..ofl.learner import FewShotLearner, GramFit, KrylovSpace
 from .base import RunContext, SupportSet
 from .ofl_adapters import load_for_run, save_after_run
 from .ofl_bank import Bank, fit_set, retrieval_key, retrieve
 
 MAX_ONLINE_SAMPLES = 32  # learner samples added while propagating (oldest dropped first)
+# Training keeps each episode's Krylov space across epochs up to this many bytes (6 MB per
+# episode at 10 iterations, C = 256, D = 64, k = 3, whatever the image size); past it, rebuilt.
+TRAIN_SPACE_CACHE_BYTES = 1 << 30
 
 
 class FusionHead(nn.Module):
@@ -56,9 +59,11 @@ class FusionHead(nn.Module):
         e2 = self.lift(self.learner.apply(tau, vision))
         if not self.use_afm:
             return sum_fusion(e1, e2)
-        if gate_means is not None and not self.afm.force_memory_only:
-            gate_means.append(float(self.afm.weight_map(e1, e2).mean()))
-        return self.afm(e1, e2)
+        if gate_means is None or self.afm.force_memory_only:
+            return self.afm(e1, e2)
+        weights = self.afm.weight_map(e1, e2)  # computed once for the fusion and the report
+        gate_means.append(float(weights.mean()))
+        return self.afm.mix(weights, e1, e2)
 
 
 def build_bank(ctx: RunContext, support: SupportSet) -> Bank:
@@ -210,11 +215,40 @@ def epoch_order(has_object: np.ndarray, empty_per_object: float | None, rng: np.
     return rng.permutation(np.concatenate([objects, empties]))
 
 
-def episode_loss(ctx: RunContext, head: FusionHead, bank: Bank, episode: Episode, create_graph: bool) -> torch.Tensor:
+class EpisodeSpaces:
+    """Each training episode's :class:`~oflsam2.ofl.learner.KrylovSpace` (the space its τ fit
+    moves in), built on first use and kept across epochs while they fit in ``budget`` bytes:
+    an episode's fit set never changes, only λ does, and the space does not depend on λ."""
+
+    def __init__(self, learner: FewShotLearner, bank: Bank, num_iters: int, budget: int = TRAIN_SPACE_CACHE_BYTES):
+        self.learner, self.bank, self.num_iters, self.budget = learner, bank, num_iters, budget
+        self.kept: dict[int, KrylovSpace] = {}
+        self.used = 0
+
+    def __call__(self, episode: Episode) -> KrylovSpace:
+        space = self.kept.get(episode.query)
+        if space is None:
+            with torch.no_grad():
+                space = self.learner.krylov_space(self.bank.vision[episode.fit], self.bank.targets[episode.fit], self.num_iters)
+            size = space.basis.numel() * space.basis.element_size()
+            if self.used + size <= self.budget:
+                self.kept[episode.query], self.used = space, self.used + size
+        return space
+
+
+def episode_loss(
+    ctx: RunContext, head: FusionHead, bank: Bank, episode: Episode, create_graph: bool, spaces: EpisodeSpaces | None = None
+) -> torch.Tensor:
+    """The episode's segmentation loss with τ fitted on its fit set: in its Krylov space
+    (``train_solver="krylov"``, from ``spaces``) or through autograd on the samples; both take
+    the same steps and give the same gradient in λ."""
     opts = ctx.options
+    space = None
+    if opts.train_solver == "krylov":
+        space = (spaces or EpisodeSpaces(head.learner, bank, opts.learner_iters_train, budget=0))(episode)
     tau = head.learner.fit(
         bank.vision[episode.fit], bank.targets[episode.fit], num_iters=opts.learner_iters_train,
-        create_graph=create_graph, backprop_iters=opts.learner_backprop_iters,
+        create_graph=create_graph, backprop_iters=opts.learner_backprop_iters, statistics=space,
     )
     e_tar = head.fuse(episode.e1, tau, bank.vision[episode.query : episode.query + 1])
     candidates, ious, object_score = ctx.driver.decode_candidates(e_tar, bank.backbones[episode.query])
@@ -273,10 +307,11 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
         (no_decay if name.startswith("learner.") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(opts.lr_milestones), gamma=0.1)
+    spaces = EpisodeSpaces(head.learner, bank, opts.learner_iters_train)
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([episode_loss(ctx, head, bank, episodes[i], create_graph=False).item() for i in held_out]))
+            return float(np.mean([episode_loss(ctx, head, bank, episodes[i], False, spaces).item() for i in held_out]))
 
     best_state = None
     if held_out.size:
@@ -288,7 +323,7 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
         for e in epoch_order(has_object, opts.empty_episodes_per_object, rng):
             check_cancel(ctx.events)
             with torch.enable_grad():
-                loss = episode_loss(ctx, head, bank, training[e], create_graph=True)
+                loss = episode_loss(ctx, head, bank, training[e], True, spaces)
                 if loss.requires_grad:  # False only when the AFM is forced to W = 1
                     optimizer.zero_grad()
                     loss.backward()
@@ -323,10 +358,11 @@ class OnlineLearner:
     ``initial_fit="episode"`` builds the first fit set as a training episode does (every
     annotated slice of the target, object slices first, by similarity to ``first_key``) and
     fits it with ``learner_iters_train`` iterations; ``"even"`` takes evenly spaced bank slices
-    and ``learner_iters_online`` iterations (the behaviour before issue 10). Online updates
-    (``learner_iters_online`` steps warm-started from the current τ) run on the samples' Gram
-    statistics (``online_solver="gram"``, :class:`GramFit`: a fixed cost per update) or on the
-    samples themselves (``"samples"``: a cost growing with the fit set); both take the same steps.
+    and ``learner_iters_online`` iterations (the behaviour before issue 10). The first fit and
+    the online updates (``learner_iters_online`` steps warm-started from the current τ) run on
+    the samples' Gram statistics (``online_solver="gram"``, :class:`GramFit`: a fixed cost per
+    update) or on the samples themselves (``"samples"``: a cost growing with the fit set); both
+    take the same steps.
     """
 
     def __init__(self, head: FusionHead, bank: Bank, opts, first_key: torch.Tensor):
@@ -345,8 +381,14 @@ class OnlineLearner:
         keep = torch.from_numpy(keep).to(bank.vision.device)
         self.base = (bank.vision[keep], bank.targets[keep])
         self.online: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.gram: GramFit | None = None  # built at the first online update
-        self.tau = self._fit(None, iterations) if head.use_learner else None
+        self.gram: GramFit | None = None
+        self.tau = None
+        if not head.use_learner:
+            return
+        if opts.online_solver == "gram":
+            self.gram = GramFit(head.learner, bank.vision.device)
+            self.gram.update(*self.base)
+        self.tau = self.head.learner.fit(*self.base, num_iters=iterations, statistics=self.gram).detach()
 
     def _fit(self, tau_init, iterations: int):
         vision = torch.cat([self.base[0]] + [v for v, _ in self.online])
@@ -359,18 +401,12 @@ class OnlineLearner:
         self.online = (self.online + [sample])[-MAX_ONLINE_SAMPLES:]
         if not self.head.use_learner:
             return
-        if self.opts.online_solver == "samples":
+        if self.gram is None:
             self.tau = self._fit(self.tau, self.opts.learner_iters_online)
             return
-        if self.gram is None:
-            self.gram = GramFit(self.head.learner, vision.device)
-            self.gram.update(*self.base)
-            for online in self.online:
-                self.gram.update(*online)
-        else:
-            for old in dropped:
-                self.gram.update(*old, sign=-1.0)
-            self.gram.update(*sample)
+        for old in dropped:
+            self.gram.update(*old, sign=-1.0)
+        self.gram.update(*sample)
         self.tau = self.gram.fit(self.tau, self.opts.learner_iters_online)
 
 

@@ -57,7 +57,11 @@ class AdaptiveFusion(nn.Module):
         """E_tar = W ⊙ E1 + (1 − W) ⊙ E2′, (B, C, H, W)."""
         if self.force_memory_only:
             return e1
-        w = self.weight_map(e1, e2_lifted)
+        return self.mix(self.weight_map(e1, e2_lifted), e1, e2_lifted)
+
+    @staticmethod
+    def mix(w: torch.Tensor, e1: torch.Tensor, e2_lifted: torch.Tensor) -> torch.Tensor:
+        """W ⊙ E1 + (1 − W) ⊙ E2′ for a weight map W from :meth:`weight_map`."""
         return w * e1 + (1 - w) * e2_lifted
 
 

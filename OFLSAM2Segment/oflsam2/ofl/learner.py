@@ -15,12 +15,27 @@ Several episodes (independent fits, each with its own τ and α) can be fitted a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MIN_RIDGE_WEIGHT = 1e-6
 MIN_STEP_DENOMINATOR = 1e-8
+KRYLOV_BREAKDOWN = 1e-6  # a Lanczos residual this small relative to its product: the space is invariant
+
+
+@dataclass
+class KrylovSpace:
+    """Where steepest descent from τ0 = 0 moves on one fit set (see :meth:`FewShotLearner.krylov_space`):
+    basis (m, D, C, k, k) orthonormal, projected (m, m) fp64 = basisᵀ B basis, norm = ‖R‖.
+    ``built_for``: the steps it was built for (m is fewer when the space became invariant)."""
+
+    basis: torch.Tensor
+    projected: torch.Tensor
+    norm: torch.Tensor
+    built_for: int = 0
 
 
 class FewShotLearner(nn.Module):
@@ -63,6 +78,7 @@ class FewShotLearner(nn.Module):
         num_iters: int = 10,
         create_graph: bool | None = None,
         backprop_iters: int | None = None,
+        statistics: KrylovSpace | GramFit | None = None,
     ) -> torch.Tensor:
         """Run ``num_iters`` steepest-descent steps from τ0 = 0 (or ``tau_init``) and return τ.
 
@@ -77,12 +93,29 @@ class FewShotLearner(nn.Module):
         ``backprop_iters`` (with ``create_graph``): keep the graph of the last this many steps
         only (truncated unrolling: the earlier steps are run detached, which saves most of the
         backward pass; ``tau_init``'s graph is then cut). None keeps every step.
+
+        ``statistics``: what these same samples reduce to, computed once, which takes the same
+        steps without going through the samples again: a :class:`KrylovSpace` from
+        :meth:`krylov_space` (from τ0 = 0, with the graph to λ: training episodes) or a
+        :class:`GramFit` holding them (detached, warm starts allowed). Single fits with the
+        default weights only; the samples are then checked but not read.
         """
         if num_iters < 0:
             raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
         if create_graph is None:
             create_graph = torch.is_grad_enabled()
         episodic = features.dim() == 5
+        if statistics is not None:
+            if episodic or weights is not None:
+                raise ValueError("A fit from precomputed statistics takes one episode with the default weights.")
+            self._episodes(features, targets, None)
+            if isinstance(statistics, GramFit):
+                if create_graph and (tau_init is not None and tau_init.requires_grad):
+                    raise ValueError("A fit on Gram statistics is detached: it cannot carry tau_init's graph.")
+                return statistics.fit(tau_init, num_iters)
+            if tau_init is not None:
+                raise ValueError("A fit in a Krylov space starts from zero; tau_init must be None.")
+            return self._fit_in_space(statistics, num_iters, create_graph, backprop_iters)
         features, targets, weights = self._episodes(features, targets, weights)
         dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
         targets, weights = targets.to(dtype), weights.to(dtype)
@@ -131,6 +164,76 @@ class FewShotLearner(nn.Module):
         if tau.dim() == 4:
             return _grouped_conv(features[None].to(tau.dtype), tau[None])[0]
         return _grouped_conv(features.to(tau.dtype), tau)
+
+    def krylov_space(self, features: torch.Tensor, targets: torch.Tensor, num_iters: int, weights: torch.Tensor | None = None) -> KrylovSpace:
+        """The space in which ``num_iters`` steps from τ0 = 0 on these samples move, for any λ.
+
+        From τ0 = 0 the k-th iterate lies in the Krylov space span{R, BR, …, B^(k−1) R} of the
+        data term B v = Σ_i w_i X_iᵀ X_i v and R = Σ_i w_i X_iᵀ M_i (the negative first
+        gradient), and the ridge term only shifts B by β·I, which leaves that space unchanged.
+        ``num_iters`` products with B (Lanczos, orthogonalised twice) give an orthonormal basis
+        Q and the projection Qᵀ B Q; :meth:`fit` given this space then takes the same steps at a
+        negligible cost per fit, for whatever λ is at the time, with the same graph to λ.
+        Features (N, C, H, W), targets (N, D, H, W); no graph is kept.
+        """
+        if num_iters < 0:
+            raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
+        features, targets, weights = self._episodes(features, targets, weights)
+        dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
+        targets, weights = targets.to(dtype), weights.to(dtype)
+        shape = (1, self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
+        zero_tau = torch.zeros(shape, dtype=dtype, device=features.device)
+        zero_targets = torch.zeros_like(targets)
+        no_ridge = torch.zeros((), dtype=dtype, device=features.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            targets, weights = _autograd_usable(targets), _autograd_usable(weights)
+            residual = -self._gradient(zero_tau.requires_grad_(True), features, targets, weights, no_ridge, False).detach()
+            norm = residual.double().norm()
+            basis, products = [], []
+            vector = residual
+            for _ in range(num_iters):
+                length = vector.double().norm()
+                scale = products[-1].double().norm() if products else norm
+                if length == 0 or length <= KRYLOV_BREAKDOWN * scale:  # the space is invariant: the steps stay in it
+                    break
+                basis.append(vector / length.to(vector.dtype))
+                leaf = basis[-1].detach().requires_grad_(True)
+                products.append(self._gradient(leaf, features, zero_targets, weights, no_ridge, False).detach())
+                vector = products[-1]
+                for _ in range(2):  # twice is enough (Giraud et al.), and the basis has ≤ num_iters vectors
+                    for q in basis:
+                        vector = vector - (vector * q).sum() * q
+        stacked = torch.cat(basis) if basis else zero_tau[:0]  # (m, D, C, k, k)
+        flat_basis = stacked.flatten(1).double()
+        projected = flat_basis @ (torch.cat(products).flatten(1).double().T if products else flat_basis.T)
+        return KrylovSpace(stacked, (0.5 * (projected + projected.T)).cpu(), norm.cpu(), num_iters)
+
+    def _fit_in_space(self, space: KrylovSpace, num_iters: int, create_graph: bool, backprop_iters: int | None) -> torch.Tensor:
+        """τ (D, C, k, k) after ``num_iters`` steps from τ0 = 0 in ``space``'s coordinates: the
+        value and, with ``create_graph``, the graph to λ of the steps on the samples."""
+        if num_iters > space.built_for:
+            raise ValueError(f"The Krylov space was built for {space.built_for} steps; {num_iters} were asked for.")
+        size = space.basis.shape[0]
+        beta = self.ridge_weight().double().cpu()
+        detached_steps = 0 if backprop_iters is None or not create_graph else max(num_iters - backprop_iters, 0)
+        first = torch.zeros(size, dtype=torch.float64)
+        if size:
+            first[0] = space.norm
+        coordinates = torch.zeros(size, dtype=torch.float64)
+        with torch.inference_mode(False), torch.enable_grad() if create_graph else torch.no_grad():
+            for iteration in range(num_iters):
+                graph = create_graph and iteration >= detached_steps
+                step_beta = beta if graph else beta.detach()
+                hessian = space.projected + step_beta * torch.eye(size, dtype=torch.float64)
+                gradient = hessian @ coordinates - first
+                squared_norm = gradient.pow(2).sum()
+                curvature = gradient @ hessian @ gradient
+                coordinates = coordinates - squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR) * gradient
+                if not graph:
+                    coordinates = coordinates.detach()
+            coordinates = coordinates.to(device=space.basis.device, dtype=space.basis.dtype)
+            tau = torch.einsum("m,mdcij->dcij", coordinates, space.basis)
+        return tau if create_graph else tau.detach()
 
     def _episodes(self, features, targets, weights):
         """Validate shapes and return (E, N, C, H, W) features, (E, N, D, H, W) targets, (E, N) weights."""
@@ -213,15 +316,24 @@ def _grouped_conv(features: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return out.view(samples, episodes, out_channels, height, width).transpose(0, 1)
 
 
+GRAM_ROW_BLOCKS = 9  # row blocks of the Gram update: only the blocks on and above the diagonal are multiplied
+GRAM_CHUNK_POSITIONS = 4096  # feature-map positions (samples × H × W) per Gram update product
+
+
 class GramFit:
-    """The learner's ridge problem kept as sufficient statistics, for fast online updates.
+    """The learner's ridge problem kept as sufficient statistics, for fast fits.
 
     With X_i = im2col(F_i) (P, C·k²), t = τ as a (C·k², D) matrix and equal weights 1/N, the
     inner loss ½ Σ_i (1/N) ‖X_i t − M_i‖² + ½ β ‖t‖² depends on the samples only through
     G = Σ X_iᵀ X_i (C·k², C·k²), H = Σ X_iᵀ M_i (C·k², D) and N. Steepest descent with the exact
     line search on (G, H, N) takes the same steps as :meth:`FewShotLearner.fit` on the samples
-    (up to rounding), but an iteration costs two (C·k²)² × D products whatever N is, and adding
-    or dropping a sample one P × (C·k²)² update: the online update becomes fixed-size.
+    (up to rounding) at a cost that does not grow with N:
+
+    - an iteration needs one (C·k²)² × D product, G g: the gradient's own product G t is carried
+      along the steps (G t_{k+1} = G t_k − α G g_k) and across fits, where adding or dropping a
+      sample changes it by X_iᵀ (X_i t), a P × C·k² × D product;
+    - adding or dropping a sample costs one P × (C·k²)² update, of which only the blocks on and
+      above the diagonal are multiplied (G is symmetric).
     """
 
     def __init__(self, learner: FewShotLearner, device, dtype=torch.float32):
@@ -230,32 +342,64 @@ class GramFit:
         self.gram = torch.zeros(size, size, device=device, dtype=dtype)
         self.cross = torch.zeros(size, learner.target_channels, device=device, dtype=dtype)
         self.count = 0
+        self._tau: torch.Tensor | None = None  # the last fit's t, (C·k², D)
+        self._gram_tau: torch.Tensor | None = None  # G t for it, kept current by update()
+        bounds = torch.linspace(0, size, GRAM_ROW_BLOCKS + 1).round().long().unique().tolist()
+        self._blocks = list(zip(bounds[:-1], bounds[1:]))
 
     def _columns(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C·k², H·W) patches, in the order of τ's (D, C, k, k) weights."""
+        """(N, C, H, W) -> (C·k², N·H·W) patches, rows in the order of τ's (D, C, k, k) weights."""
         k = self.learner.kernel_size
-        return F.unfold(features.to(self.gram.dtype), kernel_size=k, padding=k // 2)
+        columns = F.unfold(features.to(self.gram.dtype), kernel_size=k, padding=k // 2)  # (N, Ck², P)
+        return columns.transpose(0, 1).reshape(columns.shape[1], -1)
 
     def update(self, features: torch.Tensor, targets: torch.Tensor, sign: float = 1.0) -> None:
         """Add (sign +1) or remove (sign −1) samples: features (N, C, H, W), targets (N, D, H, W)."""
-        for start in range(0, features.shape[0], self.learner.chunk_size):
-            columns = self._columns(features[start : start + self.learner.chunk_size])  # (n, Ck², P)
-            values = targets[start : start + self.learner.chunk_size].to(self.gram.dtype).flatten(2)  # (n, D, P)
-            self.gram += sign * torch.einsum("nap,nbp->ab", columns, columns)
-            self.cross += sign * torch.einsum("nap,ndp->ad", columns, values)
-            self.count += int(sign) * columns.shape[0]
+        # samples per product: up to chunk_size, fewer on large maps (the patches of one 64×64
+        # map are already 38 MB, and a product over 4096 positions runs near full speed)
+        per_chunk = max(1, min(self.learner.chunk_size, GRAM_CHUNK_POSITIONS // (features.shape[-2] * features.shape[-1])))
+        with torch.no_grad():
+            for start in range(0, features.shape[0], per_chunk):
+                chunk = slice(start, start + per_chunk)
+                columns = self._columns(features[chunk])  # (Ck², nP)
+                values = targets[chunk].to(self.gram.dtype).transpose(0, 1).flatten(1).T  # (nP, D)
+                for low, high in self._blocks:  # the upper block triangle; mirrored below
+                    self.gram[low:high, low:].addmm_(columns[low:high], columns[low:].T, alpha=sign)
+                self.cross.addmm_(columns, values, alpha=sign)
+                if self._gram_tau is not None:  # keep G t exact for the carried t
+                    self._gram_tau.addmm_(columns, columns.T @ self._tau, alpha=sign)
+                self.count += int(sign) * features[chunk].shape[0]
+            for i, (low, high) in enumerate(self._blocks):
+                for lower_low, lower_high in self._blocks[i + 1 :]:
+                    self.gram[lower_low:lower_high, low:high] = self.gram[low:high, lower_low:lower_high].T
 
-    def fit(self, tau_init: torch.Tensor, num_iters: int) -> torch.Tensor:
-        """``num_iters`` steepest-descent steps from ``tau_init`` (D, C, k, k); returns τ (detached)."""
+    def _start(self, tau_init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (C·k², D) from τ (D, C, k, k) and G t: carried when τ is the last fit's result."""
+        if tau_init is None:
+            return torch.zeros_like(self.cross), torch.zeros_like(self.cross)
+        t = tau_init.detach().to(self.gram.dtype).reshape(tau_init.shape[0], -1).T.contiguous()
+        if self._tau is not None and torch.equal(t, self._tau):
+            return self._tau, self._gram_tau
+        return t, self.gram @ t
+
+    def fit(self, tau_init: torch.Tensor | None, num_iters: int) -> torch.Tensor:
+        """``num_iters`` steepest-descent steps from ``tau_init`` (D, C, k, k; None: zero);
+        returns τ (detached, in ``tau_init``'s dtype or the statistics')."""
         if self.count <= 0:
             raise ValueError("The learner needs at least one support sample to fit.")
-        shape = tau_init.shape
+        learner = self.learner
+        shape = (learner.target_channels, learner.feature_channels, learner.kernel_size, learner.kernel_size)
         with torch.no_grad():
             beta = self.learner.ridge_weight().detach().to(self.gram.dtype)
-            t = tau_init.detach().to(self.gram.dtype).reshape(shape[0], -1).T.contiguous()  # (Ck², D)
+            scale = 1.0 / self.count
+            t, gram_t = self._start(tau_init)
             for _ in range(num_iters):
-                gradient = (self.gram @ t - self.cross) / self.count + beta * t
+                gradient = (gram_t - self.cross) * scale + beta * t
+                gram_gradient = self.gram @ gradient
                 squared_norm = gradient.pow(2).sum()
-                curvature = (gradient * (self.gram @ gradient)).sum() / self.count + beta * squared_norm
-                t = t - squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR) * gradient
-        return t.T.reshape(shape).to(tau_init.dtype)
+                curvature = (gradient * gram_gradient).sum() * scale + beta * squared_norm
+                step = squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR)
+                t = t - step * gradient
+                gram_t = gram_t - step * gram_gradient
+            self._tau, self._gram_tau = t, gram_t
+        return t.T.reshape(shape).to(self.gram.dtype if tau_init is None else tau_init.dtype)
