@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import shutil
+import subprocess
 import sys
 import unittest
 from pathlib import Path
@@ -129,3 +130,19 @@ def test_the_effect_offers_the_registry_methods(session, monkeypatch):
     items = [call.args for call in effect.methodComboBox.addItem.call_args_list]
     assert items == [(METHOD_TITLES[name], name) for name in SLICER_METHODS]
     assert effect.scriptedEffect.parameter("Method") == DEFAULT_METHOD
+
+
+def test_importing_slicer_beside_the_tests_imports_no_test_module():
+    """slicer-core's ``slicer/__init__`` extends its ``__path__`` with every ``slicer/`` folder on
+    ``sys.path`` and imports each module it finds there. These tests lived in ``Testing/slicer/``:
+    with ``Testing/`` on ``sys.path`` (as pytest puts it), ``import slicer`` imported every test
+    module, and a test file run on its own failed at collection with a circular import."""
+    testing = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import slicer; "
+        "print(sorted(m for m, v in list(sys.modules.items()) "
+        "if getattr(v, '__file__', None) and v.__file__.startswith(sys.argv[1])))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(testing)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
