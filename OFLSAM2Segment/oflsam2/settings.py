@@ -150,7 +150,7 @@ class MethodOptions:
     seed: int = 0
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
-    warm_start_epochs: int = 10  # epochs when --adapter and new support are given together
+    warm_start_epochs: int = 10  # --adapter with new support; scaled by the share of support new to it (an update: corrected slices)
     # OFL-SAM2 choices (issue 10); the value after "|" restores the behaviour before it
     initial_fit: str = "episode"  # episode (as training fits: own slices, objects first, 10 iters) | even
     fit_empty_fraction: float = 0.25  # share of a fit set kept for empty slices (negatives)
