@@ -165,7 +165,7 @@ class FewShotLearner(nn.Module):
             return _grouped_conv(features[None].to(tau.dtype), tau[None])[0]
         return _grouped_conv(features.to(tau.dtype), tau)
 
-    def krylov_space(self, features: torch.Tensor, targets: torch.Tensor, num_iters: int, weights: torch.Tensor | None = None) -> KrylovSpace:
+    def krylov_space(self, features: torch.Tensor, targets: torch.Tensor, num_iters: int) -> KrylovSpace:
         """The space in which ``num_iters`` steps from τ0 = 0 on these samples move, for any λ.
 
         From τ0 = 0 the k-th iterate lies in the Krylov space span{R, BR, …, B^(k−1) R} of the
@@ -174,11 +174,13 @@ class FewShotLearner(nn.Module):
         ``num_iters`` products with B (Lanczos, orthogonalised twice) give an orthonormal basis
         Q and the projection Qᵀ B Q; :meth:`fit` given this space then takes the same steps at a
         negligible cost per fit, for whatever λ is at the time, with the same graph to λ.
-        Features (N, C, H, W), targets (N, D, H, W); no graph is kept.
+        Features (N, C, H, W), targets (N, D, H, W), the default weights 1/N; no graph is kept.
         """
         if num_iters < 0:
             raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
-        features, targets, weights = self._episodes(features, targets, weights)
+        if features.dim() != 4:
+            raise ValueError(f"A Krylov space is built for one fit: features (N, C, H, W); got {tuple(features.shape)}.")
+        features, targets, weights = self._episodes(features, targets, None)
         dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
         targets, weights = targets.to(dtype), weights.to(dtype)
         shape = (1, self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
@@ -200,7 +202,7 @@ class FewShotLearner(nn.Module):
                 leaf = basis[-1].detach().requires_grad_(True)
                 products.append(self._gradient(leaf, features, zero_targets, weights, no_ridge, False).detach())
                 vector = products[-1]
-                for _ in range(2):  # twice is enough (Giraud et al.), and the basis has ≤ num_iters vectors
+                for _ in range(2):  # once loses orthogonality in floating point; twice is enough
                     for q in basis:
                         vector = vector - (vector * q).sum() * q
         stacked = torch.cat(basis) if basis else zero_tau[:0]  # (m, D, C, k, k)
@@ -220,7 +222,7 @@ class FewShotLearner(nn.Module):
         if size:
             first[0] = space.norm
         coordinates = torch.zeros(size, dtype=torch.float64)
-        with torch.inference_mode(False), torch.enable_grad() if create_graph else torch.no_grad():
+        with torch.inference_mode(False), (torch.enable_grad() if create_graph else torch.no_grad()):
             for iteration in range(num_iters):
                 graph = create_graph and iteration >= detached_steps
                 step_beta = beta if graph else beta.detach()
