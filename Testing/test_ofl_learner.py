@@ -305,3 +305,5 @@ def test_statistics_are_refused_where_they_cannot_take_the_steps():
         model.fit(features, targets, tau_init=torch.zeros(D, C, K, K, dtype=torch.float64), num_iters=2, statistics=space)
     with pytest.raises(ValueError, match="default weights"):
         model.fit(features, targets, torch.full((3,), 1 / 3, dtype=torch.float64), num_iters=2, statistics=space)
+    with pytest.raises(ValueError, match="one fit"):
+        model.krylov_space(features[None], targets[None], 4)
