@@ -329,7 +329,7 @@ class Case:
 CASES = [
     # --- already right: keep it so
     Case("missing-image", "held", segment(image="{nope.nii.gz}"), 2, r"image .*nope.nii.gz does not exist"),
-    Case("empty-file", "held", segment(image="{bad.nii.gz}"), 2, r"Cannot read the image", empty_file),
+    Case("empty-file", "held", segment(image="{bad.nii.gz}"), 2, r"The image .*bad.nii.gz is an empty file \(0 bytes\)", empty_file),
     Case("text-file", "held", segment(image="{bad.nii.gz}"), 2, r"Cannot read the image", text_file),
     Case("2d-image", "held", segment(image="{bad.nii.gz}"), 2, r"is a 2-D image", image_2d),
     Case("4d-image", "held", segment(image="{bad.nii.gz}"), 2, r"is 4-D", image_4d),

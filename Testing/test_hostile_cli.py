@@ -11,6 +11,7 @@ is built, so none of them loads it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -363,6 +364,103 @@ def test_a_real_image_gets_no_label_map_warning(ws, fake_engine, capsys):
     assert code == 0 and "looks like a label map" not in err
 
 
+def test_an_output_that_is_a_loop_of_links_is_refused_before_the_model(ws, fake_engine, capsys):
+    """--out naming a loop of symbolic links passed the checks: the run went through the model and
+    failed when moving the result into place ('[Errno 40] Too many levels of symbolic links')."""
+    (ws / "a.nii.gz").symlink_to(ws / "b.nii.gz")
+    (ws / "b.nii.gz").symlink_to(ws / "a.nii.gz")
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "a.nii.gz", *FAST],
+        capsys,
+    )
+    assert code == cli.EXIT_USER_ERROR and "Too many levels of symbolic links" in err and "remove the link" in err
+    assert not fake_engine.built and "Errno" not in err
+
+
+def test_a_negative_seed_is_refused_before_the_model(ws, fake_engine, capsys):
+    """--seed -1 ran the model and ended in numpy's 'expected non-negative integer' traceback."""
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+                            "--out", ws / "out.nii.gz", *FAST, "--seed", "-1"], capsys)
+    assert code == cli.EXIT_USER_ERROR and "seed must be a whole number of at least 0" in err
+    assert not fake_engine.built and not (ws / "out.nii.gz").exists()
+
+
+# --- review and correct: --previous and --save-state ----------------------------------------------
+
+
+class ReviewFakeEngine(FakeEngine):
+    """:class:`FakeEngine` with what a run's state records (annotated slices, quality)."""
+
+    def segment(self, image, supports, **run):
+        result = super().segment(image, supports, **run)
+        result.info.update(annotated=sorted({i for s in supports for i in s.slices}), quality={}, labels={})
+        return result
+
+
+@pytest.fixture
+def reviewed(ws, fake_engine, monkeypatch, capsys):
+    """A first run with --save-state ws/state: its output ws/v1.nii.gz and a copy with slice 3
+    corrected, ws/v1_fixed.nii.gz."""
+    monkeypatch.setattr(api, "Engine", ReviewFakeEngine)
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+                            "--out", ws / "v1.nii.gz", "--save-state", ws / "state", *FAST], capsys)
+    assert code == 0, err
+    first = sitk.ReadImage(str(ws / "v1.nii.gz"))
+    fixed = sitk.GetArrayFromImage(first)
+    fixed[3, 60:80, 60:80] = 1
+    corrected = sitk.GetImageFromArray(fixed)
+    corrected.CopyInformation(first)
+    sitk.WriteImage(corrected, str(ws / "v1_fixed.nii.gz"))
+    FakeEngine.built = []
+    return ws
+
+
+def _update(ws, previous, capsys, state="state"):
+    return run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "v1_fixed.nii.gz", "--previous", previous,
+                    "--out", ws / "v2.nii.gz", "--save-state", ws / state, *FAST], capsys)
+
+
+def test_a_previous_result_that_cannot_be_read_is_refused_clearly(reviewed, capsys):
+    """An empty or damaged --previous ended in SimpleITK's RuntimeError traceback (exit 1); a
+    folder was said not to exist; another spacing was reported as 'size (..) vs (..)', the same size."""
+    ws = reviewed
+    (ws / "empty.nii.gz").write_bytes(b"")
+    (ws / "folder").mkdir()
+    other = sitk.ReadImage(str(ws / "v1.nii.gz"))
+    other.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(other, str(ws / "respaced.nii.gz"))
+    before = digests(ws)
+    for previous, fragment in (("empty.nii.gz", "previous result {} is an empty file"),
+                               ("folder", "previous result {} is a folder"),
+                               ("respaced.nii.gz", "spacing (2.0000, 2.0000, 2.0000)")):
+        code, _, err = _update(ws, ws / previous, capsys)
+        assert code == cli.EXIT_USER_ERROR and fragment.format(ws / previous) in err and "Traceback" not in err, err
+    assert not FakeEngine.built and digests(ws) == before
+
+
+def test_a_state_file_without_its_fields_is_refused_clearly(reviewed, capsys):
+    """A truncated or hand-edited state.json ended in a KeyError traceback."""
+    ws = reviewed
+    state = json.loads((ws / "state" / "state.json").read_text())
+    del state["axis_name"], state["grid"]
+    (ws / "state" / "state.json").write_text(json.dumps(state))
+    code, _, err = _update(ws, ws / "v1.nii.gz", capsys)
+    assert code == cli.EXIT_USER_ERROR and "is not a run state this version reads" in err and "Traceback" not in err
+    assert not FakeEngine.built and not (ws / "v2.nii.gz").exists()
+
+
+def test_a_full_disk_for_the_state_says_the_outputs_were_written(ws, full_disk, fake_engine, monkeypatch, capsys):
+    """The state could not be saved after the outputs were in place: the message was a bare
+    'No space left on device.', as if nothing had been written."""
+    monkeypatch.setattr(api, "Engine", ReviewFakeEngine)
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+                            "--out", ws / "v1.nii.gz", "--save-state", full_disk / "state", *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "Traceback" not in err
+    assert f"{ws / 'v1.nii.gz'} was written, but the state in {full_disk / 'state'} could not be: No space left" in err
+    assert (ws / "v1.nii.gz").is_file() and not (full_disk / "state" / "state.json").exists()
+    assert sorted(p.name for p in (full_disk / "state").iterdir()) == []  # no temporary left
+
+
 # --- Python API: wrong types are InputErrors before any model work ------------------------------
 
 
@@ -408,6 +506,10 @@ API_CASES = {
     "Engine given a dict": (lambda: Engine({"image_size": 256}), "ModelSettings"),
     "Engine given a model name": (lambda: Engine("sam2.1-tiny"), "ModelSettings"),
     "lr_milestones a number": (lambda: MethodOptions(lr_milestones=10), "lr_milestones"),
+    # numpy's SeedSequence raised ValueError after the slices were encoded
+    "negative seed": (lambda: MethodOptions(seed=-1), "seed must be a whole number of at least 0"),
+    # the driver raised ValueError mid-propagation: SAM2's memory bank has 7 slots
+    "num_maskmem beyond the model's": (lambda: MethodOptions(num_maskmem=8), "num_maskmem must be at most 7"),
 }
 
 

@@ -645,8 +645,12 @@ class OFLSAM2Logic:
         mrml_io.check_segments(segmentation, ids)
         masks = mrml_io.segment_masks(segmentation, ids, volume)
         axis = base.plan.axis
-        if any(masks[s].shape != base.result_masks[s].shape for s in ids):
-            raise InputError("The volume's grid changed since the last run; run a fresh segmentation.")
+        now = mrml_io.volume_geometry(volume)
+        if (now.shape != base.plan.geometry.shape or not np.allclose(now.ijk_to_ras, base.plan.geometry.ijk_to_ras, atol=1e-4)
+                or any(masks[s].shape != base.result_masks[s].shape for s in ids)):
+            # read on a moved grid, every plane would differ from the result and count as corrected
+            raise InputError("The volume's grid (size, spacing, origin or orientation) changed since the last run, "
+                             "e.g. a transform was hardened; run a fresh segmentation.")
         edited = set()
         for segment_id in ids:
             changed = np.moveaxis(masks[segment_id] != base.result_masks[segment_id], axis, 0).any(axis=(1, 2))

@@ -96,6 +96,12 @@ def check_writable(path, suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
     if path.is_dir():
         raise InputError(f"Cannot write {path}: it is a folder; give a file name.")
     try:
+        os.stat(path)
+    except FileNotFoundError:  # a new file, or a link to one not made yet: it is replaced by the new file
+        pass
+    except OSError as error:  # a loop of symbolic links, a link through a file
+        raise InputError(f"Cannot write {path}: {error.strerror}. Give another name, or remove the link.") from None
+    try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
             pass
     except OSError as error:

@@ -19,15 +19,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, OFLSAM2Error
 from .review import quality_rows, suggest, write_quality_csv, write_text_atomic
-from .volume import format_indices, read_image, read_labels
+from .volume import format_indices, grid_text, read_image, read_label_image, read_labels
 
 STATE_FILE = "state.json"
 ADAPTER_FOLDER = "adapter"
 KIND = "oflsam2-run-state"
 FORMAT_VERSION = 1
 _GRID_TOLERANCE = 1e-4  # relative, on spacing, origin and direction
+# what an update reads from the state (a hand-edited or truncated state lacks some)
+_REQUIRED_STATE_KEYS = frozenset({"method", "axis", "axis_name", "preset", "labels", "annotated", "grid", "output_digest"})
 
 
 class _RecordingEngine:
@@ -77,7 +79,8 @@ def load_state(state_dir, settings) -> dict:
         ) from None
     except (OSError, ValueError) as error:
         raise InputError(f"{path} cannot be read ({error}); run a fresh segmentation with --save-state.") from None
-    if not isinstance(state, dict) or state.get("kind") != KIND or state.get("format_version") != FORMAT_VERSION:
+    if (not isinstance(state, dict) or state.get("kind") != KIND or state.get("format_version") != FORMAT_VERSION
+            or not _REQUIRED_STATE_KEYS <= state.keys()):
         raise InputError(f"{path} is not a run state this version reads; run a fresh segmentation with --save-state.")
     current = {"model": settings.model, "image_size": settings.image_size, "random_weights": settings.random_weights}
     problems = [f"{key} is {state.get(key)!r} there but {value!r} now" for key, value in current.items() if state.get(key) != value]
@@ -116,13 +119,15 @@ def _same_grid(grid: dict, image: sitk.Image) -> bool:
 def _read_previous(previous_path, image: sitk.Image, state: dict) -> np.ndarray:
     """PREV as an integer array; refused unless it lies on the image's grid and is the output
     the state's run wrote."""
-    previous = sitk.ReadImage(str(previous_path)) if Path(previous_path).is_file() else None
-    if previous is None:
-        raise InputError(f"The previous result {previous_path} does not exist.")
+    if Path(previous_path).is_dir():
+        raise InputError(f"The previous result {previous_path} is a folder; give the label file the run wrote (its --out).")
+    previous = read_label_image(previous_path, "previous result")
     if not _same_grid(_grid(image), previous):
         raise InputError(
-            f"The previous result {previous_path} lies on another grid than the image (size {previous.GetSize()} vs "
-            f"{image.GetSize()}, or spacing/origin/direction): give the output of a run on this image."
+            f"The previous result {previous_path} lies on another grid than the image:\n"
+            f"  image:           {grid_text(image)}\n"
+            f"  previous result: {grid_text(previous)}\n"
+            "Give the output of a run on this image."
         )
     labels = sitk.GetArrayFromImage(previous).astype(np.int32)
     if label_digest(labels) != state.get("output_digest"):
@@ -280,13 +285,30 @@ def segment_reviewed(
     result = recording.result
     if edited is not None:
         summary["edited"] = edited
-    if quality_out is not None:
-        summary["quality_out"] = str(write_quality_csv(quality_rows(result), quality_out))
     if suggest_count is not None:
         summary["suggested"] = suggest(result, suggest_count)
+    if quality_out is not None:
+        summary["quality_out"] = _write_after_outputs(
+            summary, str(quality_out), lambda: write_quality_csv(quality_rows(result), quality_out)
+        )
     if state_dir is not None:
-        summary["state"] = str(save_state(state_dir, summary, result, settings, read_image(image_path), out_path))
+        summary["state"] = _write_after_outputs(
+            summary, f"the state in {state_dir}",
+            lambda: save_state(state_dir, summary, result, settings, read_image(image_path), out_path),
+        )
     return summary
+
+
+def _write_after_outputs(summary: dict, what: str, write) -> str:
+    """``write()``'s path; a system error (a full disk) says that the outputs are in place already."""
+    try:
+        return str(write())
+    except OSError as error:
+        outputs = summary["outputs"]
+        raise OFLSAM2Error(
+            f"{' and '.join(outputs)} {'were' if len(outputs) > 1 else 'was'} written, but {what} could not be: "
+            f"{error.strerror or error}. Make room (or fix the folder) and run the same command again."
+        ) from None
 
 
 def describe(summary: dict) -> list[str]:

@@ -42,6 +42,7 @@ CANDIDATE_LOSSES = ("predicted", "min", "all")
 OVERFIT_GUARDS = ("holdout", "none")
 ONLINE_SOLVERS = ("gram", "samples")
 TRAIN_SOLVERS = ("krylov", "samples")
+MODEL_MEMORY_SLOTS = 7  # num_maskmem of every SAM2 and SAM2.1 config: the memory bank cannot hold more
 
 
 @dataclass
@@ -163,7 +164,7 @@ class MethodOptions:
     accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
     learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
     online_solver: str = "gram"  # online tau updates on Gram statistics (fixed cost) | samples (same steps)
-    train_solver: str = "krylov"  # training fits in each episode's Krylov space (built once) | samples (autograd on the samples; same steps and gradient)
+    train_solver: str = "krylov"  # training fits in each episode's Krylov space (built once) | samples (autograd; same steps, gradient)
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -209,6 +210,11 @@ def check_method_options(options: MethodOptions) -> None:
     """Raise :class:`InputError` for a field of ``options`` that cannot work."""
     if options.num_maskmem is not None:
         _whole(options.num_maskmem, "num_maskmem", 1)
+        if options.num_maskmem > MODEL_MEMORY_SLOTS:
+            raise InputError(
+                f"num_maskmem must be at most {MODEL_MEMORY_SLOTS}, the memory slots of the SAM2 models; "
+                f"got {options.num_maskmem}."
+            )
     _whole(options.epochs, "epochs", 0)
     _whole(options.warm_start_epochs, "warm_start_epochs", 0)
     _number(options.lr, "lr", 0.0, None, open_low=True)
@@ -219,7 +225,7 @@ def check_method_options(options: MethodOptions) -> None:
     _whole(options.learner_iters_online, "learner_iters_online", 0)
     _whole(options.exclude_radius, "exclude_radius", 0)
     _whole(options.max_fit_slices, "max_fit_slices", 1)
-    _whole(options.seed, "seed", None)
+    _whole(options.seed, "seed", 0)
     _whole(options.top_k, "top_k", 1)
     _choice(options.revsam2_mode, REVSAM2_MODES, "RevSAM2 mode")
     if options.max_supports is not None:
@@ -251,12 +257,9 @@ def check_method_options(options: MethodOptions) -> None:
             raise InputError(f"{name} must be a folder path; got {value!r}.")
 
 
-def _whole(value, name: str, minimum: int | None) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
-        minimum is not None and value < minimum
-    ):
-        at_least = "" if minimum is None else f" of at least {minimum}"
-        raise InputError(f"{name} must be a whole number{at_least}; got {value!r}.")
+def _whole(value, name: str, minimum: int) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be a whole number of at least {minimum}; got {value!r}.")
 
 
 def _number(value, name: str, low: float, high: float | None, open_low: bool = False) -> None:

@@ -87,12 +87,18 @@ def read_labels(path, reference: sitk.Image) -> np.ndarray:
     neighbour; anything else is refused with the geometry of both.
     """
     path = Path(path)
-    labels = _as_3d_scalar(_read_any(path, "label map"), path, "label map")
-    labels = _integer_labels(labels, path)
+    labels = read_label_image(path, "label map")
     if not _same_grid(labels, reference):
         _check_aligned(labels, reference, path)
         labels = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     return sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
+
+
+def read_label_image(path, role: str) -> sitk.Image:
+    """Read a 3-D label map as it is stored (no resampling); ``role`` names it in messages.
+    Raises :class:`InputError` for what cannot be read or is not whole non-negative labels."""
+    path = Path(path)
+    return _integer_labels(_as_3d_scalar(_read_any(path, role), path, role), path)
 
 
 def to_array(image: sitk.Image) -> np.ndarray:
@@ -114,6 +120,10 @@ def _read_any(path: Path, role: str) -> sitk.Image:
     if not path.exists():
         raise InputError(f"The {role} {path} does not exist.")
     _check_readable(path, role)
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(
+            f"The {role} {path} is an empty file (0 bytes): it was not saved or copied completely. Save or copy it again."
+        )
     if path.is_dir():
         return _read_dicom_folder(path, role)
     check_nifti_file(path, role)
@@ -397,14 +407,15 @@ def _check_aligned(labels: sitk.Image, image: sitk.Image, path: Path) -> None:
     )
     raise InputError(
         f"The label map {path} is not on this image's grid and {reason}.\n"
-        f"  image:     {_geometry_text(image)}\n"
-        f"  label map: {_geometry_text(labels)}\n"
+        f"  image:     {grid_text(image)}\n"
+        f"  label map: {grid_text(labels)}\n"
         "The support must be drawn on this image (or saved on its grid, e.g. exported from Slicer "
         "with this volume as the reference geometry)."
     )
 
 
-def _geometry_text(image: sitk.Image) -> str:
+def grid_text(image: sitk.Image) -> str:
+    """The grid of ``image`` (size, origin, spacing, direction) for a message."""
     def numbers(values, digits):
         return "(" + ", ".join(f"{v:.{digits}f}" for v in values) + ")"
 

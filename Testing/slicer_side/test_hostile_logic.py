@@ -293,6 +293,24 @@ def test_removing_the_target_segment_during_a_run_fails_with_the_reason(scene):
     assert not logic.canUndo()
 
 
+@pytest.mark.parametrize("change", ["origin", "spacing"])
+def test_update_after_the_volume_moved_is_refused_and_changes_nothing(scene, change):
+    """The volume's origin or spacing changed after a run (a hardened transform): Update read the
+    segment on the moved grid, found every plane different, took every plane as a correction and
+    'succeeded' recomputing nothing. Only the shape was compared."""
+    volume, segmentation, ids = painted_case(scene)
+    logic, worker = make_logic(CopyEngine)
+    try:
+        logic.process(volume, segmentation, ids[:1], "sam2", **FAST)
+        if change == "origin":
+            volume.SetOrigin(5.0, 3.0, 2.0)
+        else:
+            volume.SetSpacing(2.0, 1.0, 3.0)
+        assert_refused(scene, volume, segmentation, logic.update, r"grid \(size, spacing, origin or orientation\) changed")
+    finally:
+        worker.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapters
 
