@@ -112,7 +112,8 @@ def test_cancel_leaves_no_adapter(engine, chaos1, tmp_path, stage):
 
     events = Events(on_progress=on_progress, on_slice=lambda *a: seen.append(a), cancel=token)
     with pytest.raises(Cancelled):
-        engine.segment(image, [liver_support(labels)], method="ofl", preset="mr", options=quick(save_adapter=str(tmp_path / "adapter")), events=events)
+        options = quick(save_adapter=str(tmp_path / "adapter"))
+        engine.segment(image, [liver_support(labels)], method="ofl", preset="mr", options=options, events=events)
     assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())
 
 

@@ -76,7 +76,9 @@ def recording():
         return record["bank"]
 
     def recording_fit(self, features, targets, weights=None, tau_init=None, num_iters=10, **kwargs):
-        record["fits"].append({"phase": record["phase"], "features": features.detach().clone(), "iters": num_iters, "warm": tau_init is not None})
+        record["fits"].append(
+            {"phase": record["phase"], "features": features.detach().clone(), "iters": num_iters, "warm": tau_init is not None}
+        )
         return fit(self, features, targets, weights, tau_init, num_iters, **kwargs)
 
     def recording_attend(self, backbone, spatial, pointers, num_frames):

@@ -164,7 +164,8 @@ def test_batched_episodes_equal_one_by_one_fits():
         alone = torch.stack([model.fit(features[e], targets[e], weights[e], num_iters=6) for e in range(3)])
         assert together.shape == (3, D, C, K, K)
         assert torch.allclose(together, alone, atol=1e-10)
-        assert torch.allclose(model.loss(together, features, targets, weights), torch.stack([model.loss(alone[e], features[e], targets[e], weights[e]) for e in range(3)]))
+        separately = torch.stack([model.loss(alone[e], features[e], targets[e], weights[e]) for e in range(3)])
+        assert torch.allclose(model.loss(together, features, targets, weights), separately)
         applied = model.apply(together, features[:, :2])
         assert torch.allclose(applied[1], model.apply(alone[1], features[1, :2]), atol=1e-10)
 

@@ -337,7 +337,8 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
             report["heldout_loss"].append(held_out_loss())
             if report["heldout_loss"][-1] < report["heldout_loss"][report["best_epoch"]]:
                 report["best_epoch"], best_state = epoch + 1, copy.deepcopy(head.state_dict())
-        ctx.events.progress("training", epoch + 1, epochs, f"{label_name}: epoch {epoch + 1}/{epochs}, loss {report['loss_history'][-1]:.4f}")
+        mean_loss = report["loss_history"][-1]
+        ctx.events.progress("training", epoch + 1, epochs, f"{label_name}: epoch {epoch + 1}/{epochs}, loss {mean_loss:.4f}")
     if best_state is not None:  # keep the weights that did best on the held-out episodes
         head.load_state_dict(best_state)
     head.eval()
@@ -454,7 +455,8 @@ def propagate(ctx: RunContext, head: FusionHead, bank: Bank, label: int, given: 
         ctx.events.progress("propagating", min(done, sweep.bound), sweep.bound, f"slice {done + 1}/{sweep.bound}")
         check_cancel(ctx.events)  # after reporting: a cancel asked for now stops here
         backbone = cache.backbone([index])
-        retrieved = retrieve(retrieval_key(backbone.vision, opts.retrieval), bank.keys, opts.num_retrieved, has_object=guarantee)[0].tolist()
+        key = retrieval_key(backbone.vision, opts.retrieval)
+        retrieved = retrieve(key, bank.keys, opts.num_retrieved, has_object=guarantee)[0].tolist()
         with_object += bool(support_has_object[retrieved].any())
         spatial = [(0, bank.memory(i)) for i in retrieved]
         pointers = [(1, bank.obj_ptr[i : i + 1]) for i in retrieved]
