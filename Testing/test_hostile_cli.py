@@ -356,6 +356,16 @@ def test_a_label_map_given_as_the_image_is_named_in_a_warning(ws, fake_engine, c
     assert code == 0 and "looks like a label map" in err and "--image" in err
 
 
+def test_a_label_map_given_as_a_reference_image_is_named_in_a_warning(ws, fake_engine, capsys):
+    """--reference labels.nii.gz:labels.nii.gz used the label map as the reference's image without a word."""
+    code, _, err = run_cli(
+        ["segment", "--image", ws / "image.nii.gz", "--out", ws / "out.nii.gz", *FAST, "--method", "forward",
+         "--reference", f"{ws / 'labels.nii.gz'}:{ws / 'labels.nii.gz'}", "--labels", "1"],
+        capsys,
+    )
+    assert code == 0 and f"reference image {ws / 'labels.nii.gz'} holds only the values" in err and "IMAGE:LABELS" in err
+
+
 def test_a_real_image_gets_no_label_map_warning(ws, fake_engine, capsys):
     code, _, err = run_cli(
         ["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz", "--out", ws / "out.nii.gz", *FAST],

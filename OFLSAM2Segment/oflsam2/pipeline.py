@@ -106,6 +106,13 @@ def segment_files(
     direction = np.array(image.GetDirection()).reshape(3, 3)
     support = read_labels(support_path, image) if support_path is not None else None
     reference_list = [_read_reference(pair, image) for pair in references]
+    for (reference_path, _), reference in zip(references, reference_list):
+        if _looks_like_labels(reference.image):
+            warnings.append(
+                f"The reference image {reference_path} holds only the values "
+                f"{np.unique(reference.image).astype(int).tolist()}: it looks like a label map. Write each reference "
+                "as IMAGE:LABELS, the CT/MR volume first."
+            )
     chosen = _choose_labels(support, labels, support_path, adapters, reference_list)
     names = _label_names(chosen, label_names)
     axis_index = resolve_axis(axis, direction, image.GetSpacing(), _restrict(support, chosen))
