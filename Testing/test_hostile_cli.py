@@ -387,6 +387,19 @@ def test_an_output_that_is_a_loop_of_links_is_refused_before_the_model(ws, fake_
     assert not fake_engine.built and "Errno" not in err
 
 
+@pytest.mark.parametrize("axis", ["sagittal", "coronal"])
+def test_an_axis_the_annotation_only_crosses_as_lines_is_refused(ws, fake_engine, capsys, axis):
+    """--axis sagittal with slices annotated on axial planes took every sagittal plane crossing the
+    strokes (97 of 128) as an annotated slice holding two lines, and ran 7 minutes to return them."""
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+                            "--out", ws / "out.nii.gz", *FAST, "--axis", axis], capsys)
+    assert code == cli.EXIT_USER_ERROR and f"crosses the {axis} slices only as lines" in err and "--axis axial" in err
+    assert not fake_engine.built and not (ws / "out.nii.gz").exists()
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",
+                            "--out", ws / "out.nii.gz", *FAST, "--axis", "axial"], capsys)
+    assert code == 0, err
+
+
 def test_a_negative_seed_is_refused_before_the_model(ws, fake_engine, capsys):
     """--seed -1 ran the model and ended in numpy's 'expected non-negative integer' traceback."""
     code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "support.nii.gz",

@@ -138,9 +138,16 @@ def test_requested_slices_restrict_the_support(chaos, sparse_support, tmp_path):
     assert summary["slices"] == {1: [8, 20]} and engine.calls[0]["supports"][0].slices == [8, 20]
 
 
-def test_explicit_axis_and_method_reach_the_engine(chaos, sparse_support, tmp_path):
-    image_path, _, _ = chaos
-    support_path, _ = sparse_support
+def test_explicit_axis_and_method_reach_the_engine(chaos, tmp_path):
+    image_path, labels, reference = chaos
+    rows = np.flatnonzero((labels == 1).any(axis=(0, 2)))
+    drawn = sorted(int(y) for y in rows[[len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4]])
+    coronal = np.zeros_like(labels)  # the liver annotated on three coronal planes
+    coronal[:, drawn] = labels[:, drawn]
+    support = sitk.GetImageFromArray(coronal)
+    support.CopyInformation(reference)
+    support_path = tmp_path / "coronal_support.nii.gz"
+    sitk.WriteImage(support, str(support_path))
     engine = RecordingEngine()
     options = MethodOptions(top_k=2)
     summary = run(
@@ -161,7 +168,7 @@ def test_explicit_axis_and_method_reach_the_engine(chaos, sparse_support, tmp_pa
         and call["preset"] == "window:0,600"
         and call["options"] is options
     )
-    assert summary["axis_name"] == "coronal" and summary["slices"][1]  # coronal planes holding the liver
+    assert summary["axis_name"] == "coronal" and summary["slices"][1] == drawn
 
 
 def test_dicom_series_with_nrrd_support(shared_data, tmp_path):

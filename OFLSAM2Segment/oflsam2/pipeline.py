@@ -116,6 +116,8 @@ def segment_files(
     chosen = _choose_labels(support, labels, support_path, adapters, reference_list)
     names = _label_names(chosen, label_names)
     axis_index = resolve_axis(axis, direction, image.GetSpacing(), _restrict(support, chosen))
+    if axis != "auto" and support is not None:
+        _check_drawn_across(_restrict(support, chosen), axis_index, direction, image.GetSpacing())
     check_plane_size(volume.shape, axis_index)
     slices = _choose_slices(support, chosen, axis_index, support_slices, volume.shape, bool(reference_list))
     supports = [_label_support(support, value, names[value], slices, volume.shape) for value in chosen]
@@ -375,6 +377,21 @@ def _restrict(support, chosen) -> np.ndarray | None:
     if support is None:
         return None
     return np.where(np.isin(support, chosen), support, 0)
+
+
+def _check_drawn_across(annotation: np.ndarray, axis: int, direction, spacing) -> None:
+    """Refuse a requested axis whose planes the annotation only crosses as lines one voxel wide:
+    it was drawn on another axis, and each crossed plane would count as annotated with a line."""
+    planes = np.moveaxis(annotation != 0, axis, 0)
+    if not planes.any() or (planes[:, :-1, :-1] & planes[:, 1:, :-1] & planes[:, :-1, 1:] & planes[:, 1:, 1:]).any():
+        return
+    drawn = resolve_axis("auto", direction, spacing, annotation)
+    if drawn != axis:
+        asked, drawn_name = axis_name(axis, direction), axis_name(drawn, direction)
+        raise InputError(
+            f"The annotation was drawn on {drawn_name} slices: it crosses the {asked} slices only as lines one voxel "
+            f"wide, which would each count as an annotated slice. Leave out --axis (auto), or give --axis {drawn_name}."
+        )
 
 
 def _choose_slices(support, chosen, axis, support_slices, shape, has_references: bool) -> list[int]:
