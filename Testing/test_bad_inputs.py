@@ -423,6 +423,9 @@ CASES = [
          r"--adapter wants the adapter folder .*not a file in it", adapter_json),
     Case("eval-missing-pred", "17", ["eval", "--pred", "{nope.nii.gz}", "--ref", "{labels.nii.gz}"], 2,
          r"--pred .*nope.nii.gz does not exist"),
+    # the example was a window's: percentile:-100,300
+    Case("percentile-backwards", "17", segment(extra=["--preset", "percentile:99,1"]), 2,
+         r"the lower first, e.g. percentile:0.5,99.5\."),
 ]
 
 

@@ -498,7 +498,8 @@ def _parse_preset(preset: str) -> tuple[str, tuple[float, float]]:
         except ValueError:
             a = b = float("nan")
         if not (np.isfinite(a) and np.isfinite(b) and a < b):
-            raise InputError(f"Preset {preset!r}: give two numbers, the lower first, e.g. {kind}:-100,300.")
+            example = "window:-100,300" if kind == "window" else "percentile:0.5,99.5"
+            raise InputError(f"Preset {preset!r}: give two numbers, the lower first, e.g. {example}.")
         if kind == "percentile" and not (0.0 <= a and b <= 100.0):
             raise InputError(f"Preset {preset!r}: percentiles must lie between 0 and 100.")
         return kind, (a, b)
