@@ -105,7 +105,7 @@ def load_sam2(settings: ModelSettings) -> Sam2Model:
         log.warning(RANDOM_WEIGHTS_WARNING)
     else:
         path = resolve_checkpoint(settings.model, settings.checkpoint)
-        state_dict = read_state_dict(path)
+        state_dict = read_state_dict(path, settings.model)
         found = checkpoint_version(state_dict)
         if found != entry["version"]:
             raise CheckpointError(

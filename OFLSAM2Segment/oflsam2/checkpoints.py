@@ -216,7 +216,7 @@ def download(
     return target
 
 
-def read_state_dict(path) -> dict:
+def read_state_dict(path, model: str | None = None) -> dict:
     """The ``model`` weights (name -> tensor) of a SAM2 ``.pt`` checkpoint, loaded on the CPU.
 
     Loads with ``weights_only=True`` (no arbitrary code from the file). A missing, truncated
@@ -230,10 +230,17 @@ def read_state_dict(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError...
+        if "Weights only load failed" in str(exc):  # torch's text goes on to suggest weights_only=False: never
+            reason = ("it is not a plain file of weights (another kind of file, or Python objects, which are never "
+                      "loaded: they could run code)")
+        else:
+            detail = _first_line(exc)
+            reason = "it may be truncated by an interrupted download, or not a .pt file" + (
+                f" ({type(exc).__name__}: {detail})" if len(detail) <= 100 else ""
+            )
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (it may be truncated by an interrupted "
-            f"download, or not a .pt file): {_first_line(exc)}. Download it again with "
-            "`oflsam2 checkpoints download MODEL`, or check the path."
+            f"{path} is not a readable PyTorch checkpoint: {reason}. Download it again with "
+            f"`oflsam2 checkpoints download {model or 'NAME'}` (names: `oflsam2 checkpoints list`), or check the path."
         ) from exc
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__

@@ -580,7 +580,7 @@ def run_checkpoints_verify(args) -> int:
     entry = model_entry(args.model) if args.model else None
     with ByteBar("sha256", Path(args.path).stat().st_size if Path(args.path).is_file() else None) as bar:
         digest = verify(args.path, entry["sha256"] if entry else None, progress=bar.update)
-    weights = read_state_dict(args.path)
+    weights = read_state_dict(args.path, args.model)
     version = checkpoint_version(weights)
     if entry is not None:
         check_version(weights, entry, args.path)
