@@ -536,6 +536,13 @@ API_CASES = {
 }
 
 
+def test_the_readme_review_call_works_after_a_plain_import():
+    """The README's `oflsam2.review.suggest(result, n)` raised AttributeError after `import oflsam2`."""
+    code = "import oflsam2; print(oflsam2.review.suggest.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "suggest", done.stderr
+
+
 @pytest.mark.parametrize("case", list(API_CASES), ids=list(API_CASES))
 def test_python_api_wrong_types_are_input_errors(case):
     call, fragment = API_CASES[case]

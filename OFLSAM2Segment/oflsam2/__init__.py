@@ -37,4 +37,8 @@ def __getattr__(name: str):
         from .api import Engine
 
         return Engine
+    if name == "review":  # oflsam2.review.suggest(result, n) after a plain `import oflsam2`, as the README shows
+        import importlib
+
+        return importlib.import_module(f"{__name__}.review")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
