@@ -461,6 +461,17 @@ def test_a_previous_result_that_cannot_be_read_is_refused_clearly(reviewed, caps
     assert not FakeEngine.built and digests(ws) == before
 
 
+def test_an_update_refuses_to_write_over_the_previous_result(reviewed, capsys):
+    """--out equal to --previous replaced the untouched result of the first run: no output may be an input."""
+    ws = reviewed
+    before = digests(ws)
+    code, _, err = run_cli(["segment", "--image", ws / "image.nii.gz", "--support", ws / "v1_fixed.nii.gz",
+                            "--previous", ws / "v1.nii.gz", "--out", ws / "v1.nii.gz", "--save-state", ws / "state", *FAST],
+                           capsys)
+    assert code == cli.EXIT_USER_ERROR and "is one of the inputs" in err
+    assert not FakeEngine.built and digests(ws) == before
+
+
 def test_a_state_file_without_its_fields_is_refused_clearly(reviewed, capsys):
     """A truncated or hand-edited state.json ended in a KeyError traceback."""
     ws = reviewed

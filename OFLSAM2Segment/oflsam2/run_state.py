@@ -258,9 +258,12 @@ def segment_reviewed(
     import dataclasses
 
     from .api import Engine
-    from .pipeline import segment_files
+    from .pipeline import refuse_inputs_as_output, segment_files
 
     check_review_options(method, options, quality_out, state_dir, previous_path)
+    for output in (out_path, seg_nrrd_path):  # --previous is an input too: an update writes a new file
+        if output is not None:
+            refuse_inputs_as_output(output, [previous_path])
     previous = None
     edited = None
     if previous_path is not None:
