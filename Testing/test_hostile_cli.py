@@ -495,6 +495,21 @@ def test_a_full_disk_for_the_state_says_the_outputs_were_written(ws, full_disk, 
     assert sorted(p.name for p in (full_disk / "state").iterdir()) == []  # no temporary left
 
 
+# --- set-up -----------------------------------------------------------------------------------------
+
+
+def test_setup_refuses_a_mistyped_option_before_installing_anything(tmp_path):
+    """`scripts/setup.sh --tests` installed torch, sam2 and the rest before saying 'unknown option'."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    env = {**os.environ, "PYTHON": str(tmp_path / "no-python")}  # any install step would fail on it
+    done = subprocess.run(["bash", tmp_path / "scripts" / "setup.sh", "--tests"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2 and "unknown option: --tests" in done.stderr, done.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
 # --- Python API: wrong types are InputErrors before any model work ------------------------------
 
 

@@ -9,19 +9,19 @@
 # torch without its dependencies and without the optional CUDA extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=""
+for arg in "$@"; do  # before any install: a mistyped option costs nothing
+  case "$arg" in
+    --test) extras="${extras:+$extras,}test" ;;
+    --demo) extras="${extras:+$extras,}demo" ;;
+    --ray) extras="${extras:+$extras,}ray" ;;
+    *) echo "unknown option: $arg (use --test, --demo or --ray)" >&2; exit 2 ;;
+  esac
+done
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${OFLSAM2_TORCH:-torch==2.13.0}"
 "${pip[@]}" numpy SimpleITK "hydra-core>=1.3.2" "iopath>=0.1.10" pillow tqdm safetensors scipy setuptools
 .venv/bin/python -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps --no-build-isolation "sam2==1.1.0"
-extras=""
-for arg in "$@"; do
-  case "$arg" in
-    --test) extras="${extras:+$extras,}test" ;;
-    --demo) extras="${extras:+$extras,}demo" ;;
-    --ray) extras="${extras:+$extras,}ray" ;;
-    *) echo "unknown option: $arg" >&2; exit 2 ;;
-  esac
-done
 "${pip[@]}" --no-build-isolation -e ".${extras:+[$extras]}"
