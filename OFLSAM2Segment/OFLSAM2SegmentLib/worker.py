@@ -202,6 +202,7 @@ class Transport:
         self.start_timed_out = False  # killed for not saying hello in time
         self.start_timer: threading.Timer | None = None
         self.command: list | None = None  # how the worker was started, quoted when it cannot start
+        self.root: Path | None = None  # the folder the worker accepts request folders in (None: the transport's own rule)
 
     def send(self, message: dict) -> None:
         line = json.dumps(message) + "\n"
@@ -274,9 +275,9 @@ def engine_folder() -> str:
 
 
 class ProcessTransport(Transport):
-    """``<python> -m oflsam2.worker`` with pipes; stderr is kept for the error message."""
+    """``<python> -m oflsam2.worker [--root ROOT]`` with pipes; stderr is kept for the error message."""
 
-    def __init__(self, on_event, python: str | None = None, extra_env: dict | None = None):
+    def __init__(self, on_event, python: str | None = None, extra_env: dict | None = None, root: Path | None = None):
         super().__init__(on_event)
         env = os.environ.copy()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_folder(), env.get("PYTHONPATH", "")) if p)
@@ -284,7 +285,8 @@ class ProcessTransport(Transport):
         kwargs = {}
         if os.name == "nt":  # no console window (as slicer.util.launchConsoleProcess does)
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
-        self.command = [python or default_python(), "-m", "oflsam2.worker"]
+        self.command = [python or default_python(), "-m", "oflsam2.worker", *(["--root", str(root)] if root else [])]
+        self.root = Path(root) if root else None
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -351,18 +353,19 @@ class ThreadTransport(Transport):
     :class:`ProcessTransport`. ``kill`` can only close the requests stream here.
     """
 
-    def __init__(self, on_event, engine_factory):
+    def __init__(self, on_event, engine_factory, root: Path | None = None):
         super().__init__(on_event)
         requests_read, requests_write = os.pipe()
         events_read, events_write = os.pipe()
         self.pid = None
+        self.root = Path(root) if root else None
         self._input = open(requests_write, "w", encoding="utf-8", newline="\n")
-        server_in = open(requests_read, "r", encoding="utf-8", newline="\n")
+        server_in = open(requests_read, "rb")
         server_out = open(events_write, "w", encoding="utf-8", newline="\n")
 
         def serve():
             try:
-                Server(server_out, engine_factory).serve(server_in)
+                Server(server_out, engine_factory, root=root).serve(server_in)
             finally:  # however the loop ends (even SystemExit), the client sees the end of events
                 server_out.close()
 
@@ -460,6 +463,9 @@ class Worker:
       with ``engine_factory(settings)`` (tests with fake engines);
     - ``transport_factory``: any other :class:`Transport` (e.g. a remote worker).
 
+    The requests' arrays go through a private temp folder (mode 0700), the *root* the first two
+    kinds of worker are started with: they refuse any request folder outside it.
+
     ``active_run`` is the run this worker serves (one at a time per session: they share the
     model and may write to the same segmentation).
     """
@@ -468,9 +474,12 @@ class Worker:
                  grace_seconds: float = CANCEL_GRACE_SECONDS, start_timeout: float = START_TIMEOUT_SECONDS):
         if transport_factory is None:
             if engine_factory is not None:
-                transport_factory = lambda on_event: ThreadTransport(on_event, engine_factory)  # noqa: E731
+                transport_factory = lambda on_event, root: ThreadTransport(on_event, engine_factory, root)  # noqa: E731
             else:
-                transport_factory = lambda on_event: ProcessTransport(on_event, python)  # noqa: E731
+                transport_factory = lambda on_event, root: ProcessTransport(on_event, python, root=root)  # noqa: E731
+            self._transport_gets_root = True
+        else:
+            self._transport_gets_root = False
         self._transport_factory = transport_factory
         self.grace_seconds = grace_seconds
         self.start_timeout = start_timeout
@@ -497,12 +506,11 @@ class Worker:
     def start(self) -> None:
         """Start the worker now if it is not running (``submit`` does it on demand)."""
         with self._lock:
-            self._ensure_started()
+            self._ensure_running()
 
     def submit(self, request) -> Job:
         with self._lock:
-            self._ensure_started()
-            self._ensure_root()
+            self._ensure_running()
             job_id = next(self._ids)
             folder = self._root / f"job-{job_id}"
             folder.mkdir(mode=0o700)
@@ -558,20 +566,43 @@ class Worker:
 
     # -----------------------------------------------------------------------------------------
 
+    def _ensure_running(self) -> None:
+        """The root, then a worker that serves it."""
+        self._ensure_root()
+        try:
+            self._ensure_started()
+        except BaseException:
+            try:  # nothing was written into a new root yet
+                self._root.rmdir()
+            except OSError:
+                pass
+            raise
+
     def _ensure_started(self) -> None:
         if self.transport is not None and self.transport.alive:
-            return
+            if self.transport.root in (None, self._root):
+                return
+            self.transport.close_input()  # it serves a root that is gone: it ends, and a new one serves the new root
         self.protocol = self.startup_seconds = None
         self.started_at = time.perf_counter()
-        self.transport = self._transport_factory(self._on_event)
+        if self._transport_gets_root:
+            self.transport = self._transport_factory(self._on_event, self._root)
+        else:
+            self.transport = self._transport_factory(self._on_event)
         timer = threading.Timer(self.start_timeout, self._kill_if_silent, args=(self.transport,))
         timer.daemon = True
         self.transport.start_timer = timer
         timer.start()
 
     def _ensure_root(self) -> None:
-        """The private temp folder, made again if something removed it while the worker lived."""
-        if self._root is None or not self._root.is_dir():
+        """The private temp folder, made again (under the same name, which the running worker
+        serves, if it is still free) if something removed it while the worker lived."""
+        if self._root is not None and not self._root.is_dir():
+            try:
+                self._root.mkdir(mode=0o700)
+            except OSError:  # taken by something else meanwhile: a new root, and so a new worker
+                self._root = None
+        if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="oflsam2-worker-"))  # mode 0700: this user only
             # Removed also when this Worker is dropped or Python exits without shutdown().
             weakref.finalize(self, shutil.rmtree, str(self._root), True)

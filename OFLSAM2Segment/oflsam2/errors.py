@@ -22,3 +22,12 @@ class Cancelled(OFLSAM2Error):
 
     def __init__(self, message: str = "Cancelled by the user; no output was written."):
         super().__init__(message)
+
+
+class ProtocolError(OFLSAM2Error):
+    """A request that breaks the worker protocol (malformed, or from another version of the
+    module); ``job`` is its id when that much could be read."""
+
+    def __init__(self, message: str, job=None):
+        super().__init__(message)
+        self.job = job

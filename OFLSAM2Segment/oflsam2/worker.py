@@ -1,4 +1,4 @@
-"""The engine in a worker process: ``python -m oflsam2.worker``.
+"""The engine in a worker process: ``python -m oflsam2.worker [--root FOLDER]``.
 
 Slicer (or any client) starts this once per session and keeps it: the process owns one
 :class:`~oflsam2.api.Engine`, so the model and the features of the last volumes stay loaded
@@ -6,7 +6,13 @@ across runs. It imports no ``slicer``, ``qt`` or ``vtk``.
 
 Protocol (``PROTOCOL_VERSION``): one JSON object per line, requests on stdin, events on stdout.
 Arrays never travel in the JSON: they are ``.npy`` files in a folder the client created for the
-request (private to the user), loaded with ``allow_pickle=False``.
+request, loaded with ``allow_pickle=False``. That folder must lie inside the worker's *root*:
+the private folder the client names with ``--root`` (Slicer's client makes one, mode 0700, per
+worker), or else a temporary folder the worker makes itself (removed when it exits); ``hello``
+says which. Every request is checked against the schema of :mod:`oflsam2.protocol` before it is
+used; a request that fails (malformed, too long or too deep, not UTF-8, a folder or file outside
+the root) gets an ``error`` event (for its job when its id could be read, else ``job: null``)
+and the worker goes on serving.
 
 Requests (``type``):
 
@@ -17,15 +23,20 @@ Requests (``type``):
   earlier ``segment`` job of this process after corrections (``Engine.segment(previous=...)``);
   only the slices it recomputes are sent. The process keeps the result of its latest segment
   job (for ``ofl`` also its trained head, in a private folder, which an update warm-starts);
-  an update of any other job is refused (``InputError``: run a fresh segmentation)
+  an update of any other job is refused (``InputError``: run a fresh segmentation).
+  ``options.adapter``, ``options.save_adapter`` and ``settings.checkpoint`` are the user's own
+  files, chosen in the client, and are not confined to the root
 - ``download``: ``job``, ``model`` -- fetch a checkpoint into the user cache
 - ``cancel``: ``job`` -- checked between encode batches, training epochs and slices
 - ``shutdown`` (or end of stdin): stop after cancelling the current job; at the end of stdin
-  without ``shutdown`` (the client died) also remove the ``job-*`` folders it was given
+  without ``shutdown`` (the client died) also remove the request folders it was given inside
+  the root (and the root once empty). SIGTERM stops it the same way, keeping the client's files.
+  Nothing outside the root, and nothing it was not given, is ever removed, except the worker's
+  own private folder
 
 Events (``event``), each with the ``job`` it belongs to except ``hello``:
 
-- ``hello``: ``protocol``, ``pid``, ``python`` -- sent once at start
+- ``hello``: ``protocol``, ``pid``, ``python``, ``root`` -- sent once at start
 - ``progress``: ``stage``, ``done``, ``total``, ``text``
 - ``slice``: ``label``, ``axis``, ``index``, ``file`` -- a final 0/1 uint8 plane written into
   the request's folder; every non-annotated plane is sent exactly once
@@ -40,6 +51,7 @@ Events (``event``), each with the ``job`` it belongs to except ``hello``:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import io
@@ -47,17 +59,23 @@ import json
 import os
 import queue
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import BinaryIO, Callable, TextIO
 
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: segment requests may carry previous_job (a version-1 worker would ignore it)
+from . import protocol
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 3  # 3: request folders must lie inside the worker's root (--root, or its own; hello names it)
 
 EngineFactory = Callable[[object], object]  # ModelSettings -> an Engine-like object with segment()
+EARLY_CANCELS_KEPT = 1024  # cancels of jobs not started yet that are remembered (a flood cannot grow memory)
 
 
 def default_engine_factory(settings):
@@ -70,10 +88,11 @@ class Server:
     """Runs the requests read from ``requests`` one at a time and writes events to ``events``.
 
     The calling thread runs the jobs; a reader thread takes the requests, so that ``cancel``
-    reaches a job while it runs.
+    reaches a job while it runs. ``root``: the folder every request folder must lie in (it
+    must exist); ``None``: a private temporary folder made by :meth:`serve` and removed after.
     """
 
-    def __init__(self, events: TextIO, engine_factory: EngineFactory = default_engine_factory):
+    def __init__(self, events: TextIO, engine_factory: EngineFactory = default_engine_factory, root=None):
         self._out = events
         self._out_lock = threading.Lock()
         self._engine_factory = engine_factory
@@ -85,26 +104,31 @@ class Server:
         self._state_lock = threading.Lock()
         self._current_job = None
         self._current_cancel = None
-        self._cancelled_early: set = set()  # jobs cancelled before they started
+        self._cancelled_early: dict = {}  # jobs cancelled before they started (an ordered set)
         self.client_gone = False  # requests ended without a shutdown: the client died or was killed
-        self._request_folders: set = set()
+        self._request_folders: set = set()  # resolved folders inside the root that accepted requests named
+        self._stopping = False  # a shutdown request was read
+        self._given_root = root is not None
+        self.root: Path | None = Path(os.path.realpath(root)) if root is not None else None
 
     # ------------------------------------------------------------------------------------------
 
-    def serve(self, requests: TextIO) -> None:
-        """Say hello, then run jobs until ``shutdown`` or the end of ``requests``."""
-        self.send({"event": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "python": sys.version.split()[0]})
-        reader = threading.Thread(target=self._read, args=(requests,), name="oflsam2-worker-requests", daemon=True)
-        reader.start()
+    def serve(self, requests: BinaryIO) -> None:
+        """Say hello, then run jobs until ``shutdown`` or the end of ``requests`` (bytes)."""
+        if self.root is None:
+            self.root = Path(os.path.realpath(tempfile.mkdtemp(prefix="oflsam2-worker-root-")))
         try:
+            self.send({"event": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                       "python": sys.version.split()[0], "root": str(self.root)})
+            reader = threading.Thread(target=self._read, args=(requests,), name="oflsam2-worker-requests", daemon=True)
+            reader.start()
             while True:
                 request = self._jobs.get()
                 if request is None:
                     return
                 self._run(request)
-        finally:  # also when the client is gone mid-run (BrokenPipeError)
-            if self._state is not None:
-                shutil.rmtree(self._state, ignore_errors=True)
+        finally:  # also when the client is gone mid-run (BrokenPipeError) or on SIGTERM
+            self.remove_private_folders()
 
     def send(self, event: dict) -> None:
         line = json.dumps(event, default=_json_default)
@@ -114,27 +138,13 @@ class Server:
 
     # ------------------------------------------------------------------------------------------
 
-    def _read(self, requests: TextIO) -> None:
+    def _read(self, requests: BinaryIO) -> None:
         try:
-            for line in requests:
-                if not line.strip():
-                    continue
-                try:
-                    request = json.loads(line)
-                except ValueError:
-                    request = None
-                if not isinstance(request, dict):  # no job to answer: a client waiting on one is a bug there
-                    print(f"oflsam2.worker: ignoring a malformed request: {line[:200]!r}", file=sys.stderr)
-                    continue
-                kind = request.get("type")  # a job of an unknown or missing type is answered with an error
-                if kind == "cancel":
-                    self._cancel(request.get("job"))
-                elif kind == "shutdown":
-                    break
-                else:
-                    if isinstance(request.get("folder"), str):
-                        self._request_folders.add(request["folder"])
-                    self._jobs.put(request)
+            for line in request_lines(requests):
+                if line.strip():
+                    self._accept(line)
+                    if self._stopping:
+                        break
             else:
                 self.client_gone = True
         except (OSError, ValueError):  # the client's end was closed
@@ -143,16 +153,56 @@ class Server:
         self._cancel(None)
         self._jobs.put(None)
 
+    def _accept(self, line: bytes) -> None:
+        """Check one request line and act on it; a bad one is answered with an error event."""
+        try:
+            request = protocol.parse_request(line, PROTOCOL_VERSION)
+            kind = request["type"]
+            if kind == "cancel":
+                self._cancel(request["job"])
+            elif kind == "shutdown":
+                self._stopping = True
+            else:
+                if kind == "segment":
+                    request["folder"] = str(self.request_folder(request["folder"], request["job"]))
+                    self._request_folders.add(request["folder"])
+                self._jobs.put(request)
+        except ProtocolError as exc:
+            print(f"oflsam2.worker: refused a request: {exc}", file=sys.stderr)
+            self._send_error(exc.job, exc, with_traceback=False)
+        except Exception as exc:  # a bug here must not stop the reader: the worker would never hear from the client again
+            self._send_error(None, exc)
+
+    def request_folder(self, folder: str, job=None) -> Path:
+        """``folder`` resolved (links and ``..``), refused unless it is a folder strictly inside the root."""
+        resolved = os.path.realpath(folder)
+        if not protocol.inside_root(resolved, str(self.root)):
+            raise ProtocolError(f"The request folder {folder!r} is not inside the worker's folder {str(self.root)!r}; "
+                                "it was refused.", job=job)
+        if not os.path.isdir(resolved):
+            raise ProtocolError(f"The request folder {folder!r} does not exist (or is not a folder).", job=job)
+        return Path(resolved)
+
     def remove_request_folders(self) -> None:
-        """After the client died: remove the arrays it left for this worker (its ``job-*``
-        folders, and their parent once empty), since no one else will."""
-        for folder in map(Path, self._request_folders):
-            if folder.name.startswith("job-"):
+        """After the client died: remove the arrays it left for this worker (the request folders
+        inside the root that accepted requests named, and a root it was given once empty),
+        since no one else will."""
+        for folder in self._request_folders:
+            if protocol.inside_root(os.path.realpath(folder), str(self.root)):  # still the folder it was
                 shutil.rmtree(folder, ignore_errors=True)
-                try:
-                    folder.parent.rmdir()
-                except OSError:  # not empty (another job's folder), or already gone
-                    pass
+        if self._given_root:
+            try:
+                self.root.rmdir()
+            except OSError:  # not empty (files of the client's), or already gone
+                pass
+
+    def remove_private_folders(self) -> None:
+        """The folders this worker made itself: its state (the trained head) and its own root."""
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
+            self._state = None
+        if not self._given_root and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _cancel(self, job) -> None:
         """Cancel ``job`` (``None``: whatever runs now)."""
@@ -161,30 +211,28 @@ class Server:
                 if self._current_cancel is not None:
                     self._current_cancel.cancel()
             else:
-                self._cancelled_early.add(job)
+                self._cancelled_early[job] = None
+                while len(self._cancelled_early) > EARLY_CANCELS_KEPT:
+                    del self._cancelled_early[next(iter(self._cancelled_early))]
 
     def _run(self, request: dict) -> None:
         from .errors import Cancelled
         from .events import CancelToken
 
-        job = request.get("job")
+        job = request["job"]
         token = CancelToken()
         with self._state_lock:
             self._current_job, self._current_cancel = job, token
             if job in self._cancelled_early:
-                self._cancelled_early.discard(job)
+                del self._cancelled_early[job]
                 token.cancel()
         try:
             if token.is_cancelled():
                 raise Cancelled()
-            kind = request.get("type")
-            if kind == "segment":
+            if request["type"] == "segment":
                 summary = self._segment(job, request, token)
-            elif kind == "download":
-                summary = self._download(job, request, token)
             else:
-                raise ValueError(f"Unknown request type {kind!r}: the worker (protocol {PROTOCOL_VERSION}) and the "
-                                 "module are different versions.")
+                summary = self._download(job, request, token)
             self.send({"event": "done", "job": job, "summary": summary})
         except Cancelled:
             self.send({"event": "cancelled", "job": job})
@@ -194,7 +242,7 @@ class Server:
             with self._state_lock:
                 self._current_job = self._current_cancel = None
 
-    def _send_error(self, job, exc: Exception) -> None:
+    def _send_error(self, job, exc: Exception, with_traceback: bool = True) -> None:
         out_of_memory = is_out_of_memory(exc)
         hint = ""
         if out_of_memory:
@@ -202,25 +250,23 @@ class Server:
             self.release_engine()
         self.send({
             "event": "error", "job": job, "error_type": type(exc).__name__, "error_module": type(exc).__module__,
-            "message": str(exc), "traceback": traceback.format_exc(), "out_of_memory": out_of_memory,
-            "device_hint": hint,
+            "message": str(exc), "traceback": traceback.format_exc() if with_traceback else "",
+            "out_of_memory": out_of_memory, "device_hint": hint,
         })
 
     def _segment(self, job, request: dict, token) -> dict:
         from .settings import LabelSupport, MethodOptions, ModelSettings, Reference
 
-        folder = Path(request["folder"])
+        folder = self.request_folder(request["folder"], job)  # again: it may have been replaced since it was read
+
+        def array(name):
+            return load_array(folder, name, root=self.root)
+
         settings = dataclass_from_dict(ModelSettings, request["settings"])
         options = dataclass_from_dict(MethodOptions, request["options"])
-        image = load_array(folder, request["image"])
-        supports = [
-            LabelSupport(int(s["label"]), s["name"], load_array(folder, s["mask"]), [int(i) for i in s["slices"]])
-            for s in request["supports"]
-        ]
-        references = [
-            Reference(load_array(folder, r["image"]), load_array(folder, r["labels"]), name=r["name"])
-            for r in request.get("references", [])
-        ]
+        image = array(request["image"])
+        supports = [LabelSupport(s["label"], s["name"], array(s["mask"]), s["slices"]) for s in request["supports"]]
+        references = [Reference(array(r["image"]), array(r["labels"]), name=r["name"]) for r in request["references"]]
         update = {}
         if request.get("previous_job") is not None:
             from .errors import InputError
@@ -234,13 +280,11 @@ class Server:
             options = dataclasses.replace(options, adapter=self._kept[2])
         if ofl and options.save_adapter is None:  # keep this run's head for the next update
             if self._state is None:
-                import tempfile
-
                 self._state = Path(tempfile.mkdtemp(prefix="oflsam2-worker-state-"))
             options = dataclasses.replace(options, save_adapter=str(self._state / "adapter"))
         events = _StreamEvents(self, job, folder, token)
         engine = self.engine_for(settings)
-        result = engine.segment(image, supports, method=request["method"], axis=int(request["axis"]),
+        result = engine.segment(image, supports, method=request["method"], axis=request["axis"],
                                 preset=request["preset"], options=options, references=references, events=events,
                                 **update)
         self._kept = (job, result, options.save_adapter if ofl else None)
@@ -293,6 +337,26 @@ class Server:
             torch.cuda.empty_cache()
 
 
+def request_lines(stream: BinaryIO):
+    """The lines of ``stream`` as bytes, each read with a bound: a line longer than
+    :data:`protocol.MAX_LINE_BYTES` is consumed to its end and given as ``b"\\0" * (MAX + 1)``
+    (too long, whatever it held), so no line can fill the worker's memory."""
+    stream = getattr(stream, "buffer", stream)  # a text stream: read its bytes (bad UTF-8 is a bad request, not the end)
+    limit = protocol.MAX_LINE_BYTES
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit:
+            while not line.endswith(b"\n"):
+                line = stream.readline(limit)
+                if not line:
+                    break
+            yield b"\0" * (limit + 1)
+        else:
+            yield line
+
+
 class _StreamEvents:
     """:class:`oflsam2.events.RunEvents` that sends each event at once (planes as files)."""
 
@@ -325,11 +389,15 @@ class _StreamEvents:
         return self._token.is_cancelled()
 
 
-def load_array(folder: Path, name: str) -> np.ndarray:
-    """``folder/name`` as an array; ``name`` must be a plain file name (no path), never a pickle."""
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+def load_array(folder: Path, name: str, root=None) -> np.ndarray:
+    """``folder/name`` as an array; ``name`` must be a plain file name (no path), never a pickle.
+    With ``root``, the file (links resolved) must lie inside it."""
+    if not protocol.is_file_name(name):
         raise ValueError(f"Array file names must be plain names inside the request folder; got {name!r}.")
-    return np.load(Path(folder) / name, allow_pickle=False)
+    path = Path(folder) / name
+    if root is not None and not protocol.inside_root(os.path.realpath(path), os.path.realpath(root)):
+        raise ProtocolError(f"The array file {str(path)!r} leads outside the worker's folder {str(root)!r}; it was refused.")
+    return np.load(path, allow_pickle=False)
 
 
 def dataclass_from_dict(cls, values: dict):
@@ -337,7 +405,7 @@ def dataclass_from_dict(cls, values: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}: the worker and the module are different versions.")
+        raise ProtocolError(f"{cls.__name__} has no field(s) {unknown}: the worker and the module are different versions.")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -366,17 +434,40 @@ def _json_default(value):
     return str(value)
 
 
-def main() -> int:
+class _Terminated(SystemExit):
+    """SIGTERM (a supervisor stopping the worker): unwinds like an exit, so the worker's private
+    folders are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(128 + signum)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m oflsam2.worker", description="The OFLSAM2 engine worker (JSON lines on stdin/stdout).")
+    parser.add_argument("--root", help="the folder every request folder must lie in (default: a private temporary folder)")
+    args = parser.parse_args(argv)
+    if args.root is not None and not os.path.isdir(args.root):
+        print(f"oflsam2.worker: the root folder {args.root!r} does not exist or is not a folder.", file=sys.stderr)
+        return 2
     # The protocol owns the real stdout; anything else printed (libraries, C code) goes to stderr.
     events = io.TextIOWrapper(os.fdopen(os.dup(sys.stdout.fileno()), "wb"), encoding="utf-8", newline="\n")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
-    server = Server(events)
+    server = Server(events, root=args.root)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        server.serve(requests)
+        server.serve(sys.stdin.buffer)
     except BrokenPipeError:  # the client is gone
         server.client_gone = True
+    except BaseException as exc:  # SIGTERM, Ctrl+C or a bug; serve removed the private folders on its way out
+        if not isinstance(exc, (_Terminated, KeyboardInterrupt)):
+            traceback.print_exc()
+        sys.stderr.flush()
+        # Not a normal exit: the request reader still blocks in stdin, and the interpreter's
+        # shutdown would abort on its lock.
+        os._exit(exc.code if isinstance(exc, _Terminated) else 130 if isinstance(exc, KeyboardInterrupt) else 1)
     if server.client_gone:
         server.remove_request_folders()
     return 0

@@ -294,9 +294,20 @@ def test_a_temp_folder_removed_between_runs_is_made_again(private_tmp):
     """A temp cleaner (or the user) deletes the worker's folder while the worker lives on."""
     worker = Worker(lambda settings: CopyEngine(settings))
     assert finish(worker.submit(small_request()))[-1][0] == MessageKind.DONE
-    shutil.rmtree(worker._root)
+    root, transport = worker._root, worker.transport
+    shutil.rmtree(root)
     messages = finish(worker.submit(small_request()))  # before: FileNotFoundError from mkdir
     assert messages[-1][0] == MessageKind.DONE and sum(m[0] == MessageKind.SLICE for m in messages) == 3
+    # The same folder again: the running worker accepts request folders in that root only.
+    assert worker._root == root and worker.transport is transport
+
+    # Its name taken by something else meanwhile: a new root, served by a new worker.
+    shutil.rmtree(root)
+    root.write_text("not the worker's")
+    messages = finish(worker.submit(small_request()))
+    assert messages[-1][0] == MessageKind.DONE and worker._root != root and worker.transport is not transport
+    assert not transport.alive and transport.wait(10)  # the worker of the old root ended
+    root.unlink()
     worker.shutdown()
     assert leftovers(private_tmp) == []
 
@@ -373,7 +384,8 @@ def test_reloading_the_module_stops_its_worker_and_the_reloaded_module_starts_a_
 
 def test_a_request_line_without_a_known_type_is_answered_not_ignored(tmp_path):
     """A request of a newer module (unknown type) or a truncated one: a line that names its job
-    gets an error event for that job (before: ignored, and the client waited for ever)."""
+    gets an error event for that job (before: ignored, and the client waited for ever); a line
+    whose job cannot be read gets an error event for no job."""
     from OFLSAM2SegmentLib.worker import ProcessTransport
 
     events = []
@@ -384,9 +396,40 @@ def test_a_request_line_without_a_known_type_is_answered_not_ignored(tmp_path):
     transport.send({"type": "shutdown"})
     transport.close_input()
     assert transport.wait(60)
-    errors = {e["job"]: e for e in events if e and e.get("event") == "error"}
-    assert sorted(errors) == [4, 5] and "Unknown request type" in errors[5]["message"]
-    assert "different versions" in errors[4]["message"]
+    errors = [e for e in events if e and e.get("event") == "error"]
+    by_job = {e["job"]: e for e in errors if e["job"] is not None}
+    assert sorted(by_job) == [4, 5] and "Unknown request type" in by_job[5]["message"]
+    assert "different versions" in by_job[4]["message"]
+    assert [e["error_type"] for e in errors if e["job"] is None] == ["ProtocolError"] * 2
+
+
+def test_a_request_folder_outside_the_workers_root_is_refused_and_never_removed(tmp_path):
+    """A request naming a ``job-*`` folder outside the worker's root (one of the user's, or one
+    reached through a link) is refused, and the worker serves on; when its client dies it
+    removes nothing of them (before: it removed every ``job-*`` folder any request named,
+    anywhere, even for a request it refused)."""
+    from OFLSAM2SegmentLib.worker import ProcessTransport
+
+    victim, link = tmp_path / "Documents" / "job-2024", tmp_path / "links" / "job-link"
+    victim.mkdir(parents=True)
+    (victim / "thesis.txt").write_text("the user's work")
+    link.parent.mkdir()
+    link.symlink_to(victim)
+    events = []
+    transport = ProcessTransport(lambda t, event: events.append(event))  # the worker makes its own root
+    for job, folder in ((7, victim), (8, link)):
+        transport.send({"type": "segment", "job": job, "folder": str(folder), "settings": {}, "options": {},
+                        "method": "sam2", "axis": 0, "preset": "auto", "image": "image.npy", "supports": []})
+    transport.send({"type": "download", "job": 9, "model": "no-such-model"})
+    deadline = time.monotonic() + 60
+    while not any(e and e.get("job") == 9 for e in events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    transport.close_input()  # no shutdown: the client died
+    assert transport.wait(60)
+    errors = {e["job"]: e["message"] for e in events if e and e.get("event") == "error"}
+    assert "not inside the worker's folder" in errors[7] and "not inside" in errors[8]
+    assert "no-such-model" in errors[9]  # it served on
+    assert (victim / "thesis.txt").read_text() == "the user's work" and link.is_symlink()
 
 
 def test_a_request_that_cannot_be_sent_leaves_no_job_and_no_files(private_tmp):
@@ -487,6 +530,30 @@ def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worke
     assert done.returncode == 0, done.stderr
     assert wait_gone(int(done.stdout.split()[0]), 30), "the worker outlived its client"
     assert leftovers(temp) == [], "the client's temp folder was left behind"
+
+
+def test_sigterm_to_the_worker_removes_its_state_folder_with_the_trained_head(tmp_path, monkeypatch):
+    """A supervisor (or the session's end) sends SIGTERM: the worker exits with 143 and removes
+    the private folder holding the OFL-SAM2 head it trained for updates (before: no handler, the
+    folder with the head stayed in the temp folder for good)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("TMPDIR", str(temp))  # the worker process's temp folder
+    worker = Worker()
+    request = small_request(shape=(4, 32, 32))
+    request.method, request.options = "ofl", MethodOptions(epochs=1, learner_iters_train=1, learner_iters_online=1)
+    messages = finish(worker.submit(request), 600)
+    assert messages[-1][0] == MessageKind.DONE, messages[-1]
+    states = list(temp.glob("oflsam2-worker-state-*"))
+    assert len(states) == 1 and any(states[0].rglob("*.safetensors")), "no trained head was kept"
+    pid = worker.pid
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, 60)
+    assert worker.transport._process.wait(10) == 128 + signal.SIGTERM
+    assert not states[0].exists(), "the trained head was left in the temp folder"
+    worker.shutdown()
+    assert leftovers(temp) == []
 
 
 def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outlive_shutdown(private_tmp):

@@ -151,12 +151,15 @@ def test_the_worker_command_uses_the_given_interpreter_and_finds_the_engine(tmp_
     from OFLSAM2SegmentLib.worker import ProcessTransport
 
     events = []
-    transport = ProcessTransport(lambda t, event: events.append(event), python=sys.executable)
-    assert transport.command == [sys.executable, "-m", "oflsam2.worker"]
-    transport.send({"type": "segment", "job": 7, "folder": str(tmp_path), "image": "missing.npy"})
+    transport = ProcessTransport(lambda t, event: events.append(event), python=sys.executable, root=tmp_path)
+    assert transport.command == [sys.executable, "-m", "oflsam2.worker", "--root", str(tmp_path)]
+    (tmp_path / "job-7").mkdir()
+    transport.send({"type": "segment", "job": 7, "folder": str(tmp_path / "job-7"), "image": "missing.npy"})
     transport.send({"type": "shutdown"})
     transport.close_input()
     assert transport.wait(60)
     assert events[0]["event"] == "hello" and events[0]["protocol"] == PROTOCOL_VERSION
-    assert events[1]["event"] == "error" and events[1]["job"] == 7 and events[1]["error_type"] == "KeyError"
+    assert events[0]["root"] == str(tmp_path.resolve())
+    assert events[1]["event"] == "error" and events[1]["job"] == 7 and events[1]["error_type"] == "ProtocolError"
+    assert "lacks settings" in events[1]["message"]
     assert events[-1] is None  # end of the connection
