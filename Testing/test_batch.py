@@ -47,7 +47,7 @@ def test_batch_writes_named_outputs_and_the_cases_table(local_run, cohort):
     assert local_run["code"] == 0, local_run["stderr"]
     names = [f"image_{n}" for n in CASES]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["cases.csv", *(f"{n}{suffix}" for n in names for suffix in ("_seg.nii.gz", "_seg.seg.nrrd", "_seg.run.json"))]
+        ["cases.csv", *(f"{n}{suffix}" for n in names for suffix in ("_seg.nii.gz", "_seg.seg.nrrd", "_seg.nii.gz.run.json"))]
     )
     table = read_table(out / "cases.csv")
     assert list(table) == names
@@ -95,9 +95,9 @@ def test_resume_skips_cases_done_with_the_same_settings(local_run, cohort, tmp_p
     shutil.copytree(local_run["out"], out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*_seg.*")}
     (out / "image_2_seg.seg.nrrd").unlink()  # an output lost: that case runs again
-    record = json.loads((out / "image_3_seg.run.json").read_text())
+    record = json.loads((out / "image_3_seg.nii.gz.run.json").read_text())
     record["status"] = "writing"  # a batch killed while writing case 3
-    (out / "image_3_seg.run.json").write_text(json.dumps(record))
+    (out / "image_3_seg.nii.gz.run.json").write_text(json.dumps(record))
     code, _, _ = run_cli(["batch", str(cohort.images), "--out", str(out), "--seg-nrrd", *adapter_args(cohort)])
     assert code == 0
     table = read_table(out / "cases.csv")
@@ -134,7 +134,7 @@ def test_support_dir_cases_that_fail_do_not_stop_the_others(cohort, tmp_path):
     assert "failed image_3" in stdout and "2 case(s) done" in stdout
     # The failed cases leave nothing behind; the annotated slices reach the done cases' outputs.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["cases.csv", "image_1_seg.nii.gz", "image_1_seg.run.json", "image_2_seg.nii.gz", "image_2_seg.run.json"]
+        ["cases.csv", "image_1_seg.nii.gz", "image_1_seg.nii.gz.run.json", "image_2_seg.nii.gz", "image_2_seg.nii.gz.run.json"]
     )
     support = read_array(cohort.supports / "image_1.nii.gz")
     assert np.array_equal(read_array(out / "image_1_seg.nii.gz")[1], support[1])
@@ -151,7 +151,7 @@ def test_a_file_the_batch_did_not_write_is_never_replaced(cohort, tmp_path):
     table = read_table(out / "cases.csv")
     assert table["image_1"]["status"] == "failed" and "not written by oflsam2 batch" in table["image_1"]["error"]
     assert (out / "image_1_seg.nii.gz").read_bytes() == b"the user's own file"
-    assert table["image_2"]["status"] == "done" and (out / "two.nii.gz").is_file() and (out / "two.run.json").is_file()
+    assert table["image_2"]["status"] == "done" and (out / "two.nii.gz").is_file() and (out / "two.nii.gz.run.json").is_file()
 
 
 def test_a_dicom_series_folder_is_one_case(shared_data, tmp_path):

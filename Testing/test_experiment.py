@@ -275,6 +275,18 @@ def test_command_line_reports_config_errors(dataset, capsys):
     assert "unknown key(s) colour" in capsys.readouterr().err
 
 
+def test_a_refused_experiment_leaves_no_output_folder(dataset, capsys):
+    """A label found in no case is refused after the data were read: the --out folder was made
+    before that, and stayed behind empty."""
+    from oflsam2.cli import main
+
+    out = dataset / "results" / "synthetic"
+    config = write_config(dataset, {"labels": {9: "nowhere"}})
+    assert main(["experiment", str(config), "--out", str(out), "--quiet"]) == 2
+    assert "found in no label file" in capsys.readouterr().err
+    assert not (dataset / "results").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Shipped configs
 

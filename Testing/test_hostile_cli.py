@@ -330,6 +330,116 @@ def test_batch_refuses_to_write_cases_csv_over_its_manifest(ws, fake_engine, cap
     assert digests(ws) == before and not fake_engine.built
 
 
+@pytest.fixture
+def fake_batch_engine(monkeypatch, fake_engine):
+    """The batch's executor builds FakeEngine instead of loading SAM2."""
+    from oflsam2 import executors
+
+    monkeypatch.setattr(executors, "build_engine", lambda settings, max_cached_volumes: FakeEngine(settings))
+    return fake_engine
+
+
+def truncated_copy(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data[: len(data) * 2 // 3])
+    return target
+
+
+def table_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_batch_cases_of_one_name_each_get_their_row_and_a_failure_is_counted(ws, fake_batch_engine, capsys):
+    """a/image.nii.gz (truncated) and b/image.nii.gz in one manifest: the failed case wrote
+    nothing, yet the batch said "2 case(s) done, 0 failed", exited 0 and cases.csv listed both as
+    done (rows were kept by name: the first case's row was lost)."""
+    truncated_copy(ws / "image.nii.gz", ws / "a" / "image.nii.gz")
+    (ws / "b").mkdir()
+    shutil.copy(ws / "image.nii.gz", ws / "b" / "image.nii.gz")
+    manifest = ws / "manifest.csv"
+    manifest.write_text("image,support,out\na/image.nii.gz,support.nii.gz,a.nii.gz\nb/image.nii.gz,support.nii.gz,b.nii.gz\n")
+    code, out, err = run_cli(["batch", manifest, "--out", ws / "out", *FAST], capsys)
+    assert code == cli.EXIT_SOME_FAILED, err
+    assert "1 case(s) done, 0 skipped (already done), 1 failed" in out
+    assert f"failed image ({ws / 'a' / 'image.nii.gz'})" in out
+    rows = table_rows(ws / "out" / "cases.csv")
+    assert [(r["case"], r["image"], r["status"]) for r in rows] == [
+        ("image", str(ws / "a" / "image.nii.gz"), "failed"), ("image", str(ws / "b" / "image.nii.gz"), "done")]
+    assert "truncated" in rows[0]["error"]
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["b.nii.gz", "b.nii.gz.run.json", "cases.csv"]
+
+
+def test_batch_outputs_of_one_stem_keep_their_own_records(ws, fake_batch_engine, capsys):
+    """Outputs x.nii.gz and x.nrrd shared one record x.run.json: every resume recomputed one of
+    them, and when one failed it deleted the other's record, after which the good case failed
+    on every re-run ("not written by oflsam2 batch")."""
+    shutil.copy(ws / "image.nii.gz", ws / "second.nii.gz")
+    manifest = ws / "manifest.csv"
+    manifest.write_text("image,support,out\nimage.nii.gz,support.nii.gz,x.nii.gz\nsecond.nii.gz,support.nii.gz,x.nrrd\n")
+    out = ws / "out"
+
+    def statuses():
+        code, _, err = run_cli(["batch", manifest, "--out", out, *FAST], capsys)
+        return code, [r["status"] for r in table_rows(out / "cases.csv")]
+
+    assert statuses() == (0, ["done", "done"])
+    assert {"x.nii.gz.run.json", "x.nrrd.run.json"} <= {p.name for p in out.iterdir()}
+    stamp = (out / "x.nii.gz").stat().st_mtime_ns
+    assert statuses() == (0, ["skipped", "skipped"])
+    truncated_copy(ws / "image.nii.gz", ws / "second.nii.gz")  # the second case now fails
+    assert statuses() == (cli.EXIT_SOME_FAILED, ["skipped", "failed"])
+    assert statuses() == (cli.EXIT_SOME_FAILED, ["skipped", "failed"])  # the first case's record survived
+    assert (out / "x.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_batch_takes_over_the_record_an_older_version_named_after_the_stem(ws, fake_batch_engine, capsys):
+    """A batch finished by an older version (records NAME_seg.run.json) resumes: its cases are
+    skipped, not refused as files the batch did not write."""
+    cases = ws / "cases"
+    cases.mkdir()
+    shutil.copy(ws / "image.nii.gz", cases / "c1.nii.gz")
+    shutil.copy(ws / "support.nii.gz", ws / "c1.nii.gz")
+    argv = ["batch", cases, "--out", ws / "out", "--support-dir", ws, *FAST]
+    assert run_cli(argv, capsys)[0] == 0
+    os.replace(ws / "out" / "c1_seg.nii.gz.run.json", ws / "out" / "c1_seg.run.json")
+    assert run_cli(argv, capsys)[0] == 0
+    assert [r["status"] for r in table_rows(ws / "out" / "cases.csv")] == ["skipped"]
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["c1_seg.nii.gz", "c1_seg.nii.gz.run.json", "cases.csv"]
+
+
+@pytest.mark.parametrize("rows, seg_nrrd, complaint", [
+    ("image.nii.gz,support.nii.gz,x.nii.gz\nsecond.nii.gz,support.nii.gz,x.seg.nrrd\n", True, "writes too"),
+    ("image.nii.gz,support.nii.gz,x.seg.nrrd\n", True, "writes too"),  # its own label map is its .seg.nrrd
+    ("image.nii.gz,support.nii.gz,x.nii.gz\nsecond.nii.gz,support.nii.gz,X.nii.gz/../x.nii.gz\n", False, "writes too"),
+    ("image.nii.gz,support.nii.gz,x.nii.gz\nimage.nii.gz,support.nii.gz,y.nii.gz\n", False, "listed twice"),
+])
+def test_batch_refuses_colliding_outputs_before_any_work_and_leaves_no_out_folder(ws, fake_batch_engine, capsys, rows,
+                                                                                   seg_nrrd, complaint):
+    shutil.copy(ws / "image.nii.gz", ws / "second.nii.gz")
+    manifest = ws / "manifest.csv"
+    manifest.write_text("image,support,out\n" + rows)
+    before = digests(ws)
+    code, _, err = run_cli(["batch", manifest, "--out", ws / "out", *FAST, *(["--seg-nrrd"] if seg_nrrd else [])], capsys)
+    assert code == cli.EXIT_USER_ERROR and complaint in err and "Traceback" not in err
+    assert not fake_batch_engine.built and digests(ws) == before
+    assert not (ws / "out").exists(), "a refused batch left its --out folder"
+
+
+def test_a_refused_batch_leaves_no_out_folder(ws, fake_batch_engine, capsys):
+    empty = ws / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(["batch", empty, "--out", ws / "new" / "out", "--support-dir", ws, *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "holds no volume" in err
+    assert not (ws / "new").exists()
+    code, _, err = run_cli(["batch", ws, "--out", ws / "new" / "out", "--support-dir", ws / "image.nii.gz", *FAST], capsys)
+    assert code == cli.EXIT_USER_ERROR and "is a file" in err  # before: "the support folder ... does not exist"
+    assert not (ws / "new").exists()
+
+
 def test_batch_refuses_a_manifest_out_column_naming_another_cases_image(ws, tmp_path):
     """Row 1's out was row 2's image: it would be overwritten before row 2 is segmented."""
     from oflsam2.batch import collect_cases

@@ -12,12 +12,19 @@ name it instead) and, with ``--seg-nrrd``, its Slicer segmentation is ``DIR/NAME
 beside it. With ``--support-dir``, the support of ``NAME`` is the file or DICOM folder in that
 folder whose own case name is ``NAME`` (so ``image_2.nii.gz`` pairs with ``image_2.nrrd`` there).
 
-Per case the batch writes a settings record ``DIR/NAME_seg.run.json`` (the hash of everything
-that decides the result: method, model, options, adapter files, inputs' sizes and dates) before
-the outputs, then the outputs atomically, then marks the record done. A re-run skips a case
-whose outputs exist and whose done record has the same hash; it never replaces a file that
-has no record (one the batch did not write). ``DIR/cases.csv`` lists every case: ``case,
-status (done|skipped|failed), seconds, slices, quality, attempts, error``.
+A case is its input (its image, and support): two cases may share a name (``a/img.nii.gz``
+and ``b/img.nii.gz`` in a manifest, with distinct ``out`` names), never an input. Outputs that
+collide (two cases, or a case's label map and another's ``.seg.nrrd``, on one path) are refused
+before any work.
+
+Per case the batch writes a settings record named after the label map, ``DIR/NAME_seg.nii.gz.run.json``
+(the hash of everything that decides the result: method, model, options, adapter files, inputs'
+sizes and dates) before the outputs, then the outputs atomically, then marks the record done. A
+re-run skips a case whose outputs exist and whose done record has the same hash; it never
+replaces a file that has no record (one the batch did not write). A record of an older version,
+``DIR/NAME_seg.run.json``, is taken over. ``DIR/cases.csv`` lists every case: ``case, image,
+status (done|skipped|failed), seconds, slices, quality, attempts, error``; the summary and the
+exit status count every one of them.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +49,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 OUTPUT_SUFFIX = "_seg.nii.gz"
 RECORD_SUFFIX = ".run.json"
 CASES_FILE = "cases.csv"
-CASE_COLUMNS = ("case", "status", "seconds", "slices", "quality", "attempts", "error")
+CASE_COLUMNS = ("case", "image", "status", "seconds", "slices", "quality", "attempts", "error")
 # Model settings that change speed or memory but not results: a resumed batch may differ in them.
 _RUNTIME_SETTINGS = ("device", "cache_megabytes", "encode_batch_size")
 # Errors that every case would repeat: the batch stops at the first instead of failing each case.
@@ -59,12 +67,27 @@ class BatchCase:
     seg_nrrd: Path | None = None
 
     @property
+    def key(self) -> tuple:
+        """The case's identity: its inputs (resolved), not its name."""
+        return tuple(_path_key(p) for p in (self.image, self.support) if p is not None)
+
+    @property
     def record(self) -> Path:
+        return self.out.with_name(self.out.name + RECORD_SUFFIX)
+
+    @property
+    def legacy_record(self) -> Path:
+        """Before: ``NAME_seg.run.json``, one record for ``NAME_seg.nii.gz`` and ``NAME_seg.nrrd`` alike."""
         return self.out.with_name(_strip_suffix(self.out.name) + RECORD_SUFFIX)
 
     @property
     def outputs(self) -> list[Path]:
         return [self.out] + ([self.seg_nrrd] if self.seg_nrrd else [])
+
+    @property
+    def written(self) -> list[Path]:
+        """Every file the batch writes for this case."""
+        return [*self.outputs, self.record]
 
 
 @dataclass
@@ -121,19 +144,49 @@ def collect_cases(source, out_dir, *, support_dir=None, seg_nrrd: bool = False) 
         if any(e.get("support") for e in entries) and support_dir is not None:
             raise InputError(f"The manifest {source} has a support column; leave out --support-dir.")
     supports = _supports_by_name(Path(support_dir)) if support_dir is not None else {}
-    cases, seen = [], {}
+    cases = []
     for entry in entries:
         name = case_name(entry["image"])
         out = _output_path(entry.get("out"), name, out_dir)
-        key = os.path.normcase(str(out.resolve()))
-        if key in seen:
-            raise InputError(f"Cases {seen[key]} and {entry['image']} would both write {out}; give them distinct names.")
-        seen[key] = entry["image"]
         support = entry.get("support") or supports.get(name)
         seg = out.with_name(_strip_suffix(out.name) + ".seg.nrrd") if seg_nrrd else None
         cases.append(BatchCase(name, Path(entry["image"]), Path(support) if support else None, out, seg))
+    _refuse_repeated_inputs(cases)
+    _refuse_colliding_outputs(cases, out_dir)
     _refuse_overwriting_inputs(cases, source, out_dir)
     return cases
+
+
+def _refuse_repeated_inputs(cases: Sequence[BatchCase]) -> None:
+    seen: dict[tuple, BatchCase] = {}
+    for case in cases:
+        if case.key in seen:
+            support = f" with the support {case.support}" if case.support else ""
+            raise InputError(f"The image {case.image}{support} is listed twice; list each case once.")
+        seen[case.key] = case
+
+
+def _refuse_colliding_outputs(cases: Sequence[BatchCase], out_dir: Path) -> None:
+    """No two files the batch writes (any case's label map, .seg.nrrd, run record, and
+    cases.csv) may be one file: the later would replace the earlier, or its record."""
+    writers: dict[str, tuple[Path, BatchCase | None]] = {_path_key(out_dir / CASES_FILE): (out_dir / CASES_FILE, None)}
+    for case in cases:
+        for path in case.written:
+            key = _path_key(path)
+            if key in writers:
+                other_path, other = writers[key]
+                first = f"case {other.image} ({other_path.name})" if other is not None else "the cases table"
+                raise InputError(
+                    f"Case {case.image} would write {path}, which {first} writes too; give the cases distinct "
+                    "output names (the manifest's out column)."
+                )
+            writers[key] = (path, case)
+
+
+def _path_key(path) -> str:
+    """A path as the file system tells paths apart (case-insensitive on Windows and macOS)."""
+    key = os.path.normcase(os.path.realpath(path))
+    return key.casefold() if sys.platform == "darwin" else key
 
 
 def _refuse_overwriting_inputs(cases: Sequence[BatchCase], source: Path, out_dir: Path) -> None:
@@ -189,6 +242,8 @@ def _volumes_in(folder: Path) -> list[Path]:
 
 
 def _supports_by_name(folder: Path) -> dict[str, Path]:
+    if folder.is_file():
+        raise InputError(f"--support-dir {folder} is a file; give the folder that holds the support label maps.")
     if not folder.is_dir():
         raise InputError(f"The support folder {folder} does not exist.")
     supports: dict[str, Path] = {}
@@ -289,6 +344,27 @@ def _read_record(case: BatchCase) -> dict | None:
         return None
 
 
+def _adopt_legacy_record(case: BatchCase, digest: str) -> None:
+    """A record of an older version (``NAME_seg.run.json``, shared by every output of that stem)
+    becomes this case's when it is exactly this case's (the settings hash covers the inputs and
+    the output names), or when it lists this case's label map among the outputs it wrote (then
+    the case runs again); any other is left alone."""
+    if case.record.exists() or not case.legacy_record.is_file():
+        return
+    try:
+        legacy = json.loads(case.legacy_record.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(legacy, dict):
+        return
+    if legacy.get("settings") == digest:
+        os.replace(case.legacy_record, case.record)
+        return
+    written = (legacy.get("summary") or {}).get("outputs") or []
+    if isinstance(written, list) and _path_key(case.out) in {_path_key(str(p)) for p in written}:
+        _write_record(case, {**legacy, "status": "writing"})  # the batch's file, but not for these settings
+
+
 def _write_record(case: BatchCase, record: dict) -> None:
     _atomic_text(case.record, json.dumps(record, indent=1, default=str))
 
@@ -309,6 +385,7 @@ def plan_case(job: BatchJob, case: BatchCase) -> tuple[str, str]:
     """``("skip", hash)`` when finished with these settings, ``("run", hash)`` when to compute;
     raises :class:`InputError` when an output exists that this batch did not write."""
     digest = settings_hash(job, case)
+    _adopt_legacy_record(case, digest)
     record = _read_record(case)
     if record is not None and record.get("settings") == digest and record.get("status") == "done":
         if all(p.is_file() for p in case.outputs):
@@ -375,7 +452,8 @@ def mean_quality(summary: dict) -> float | None:
 
 
 def check_job(job: BatchJob, out_dir) -> Path:
-    """Check the shared options and the output folder before any case runs."""
+    """Check the shared options and the output folder before any case runs (the folder is made
+    only by :func:`run_batch`, so a refused batch leaves none behind)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file; give a folder for the batch's outputs.")
@@ -383,7 +461,6 @@ def check_job(job: BatchJob, out_dir) -> Path:
         raise InputError("A batch does not save adapters (every case would overwrite it); train one with `oflsam2 train`.")
     if job.options.adapter is not None:
         check_adapter_fits(job.options.adapter, job.settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -426,26 +503,27 @@ def run_batch(
     import functools
 
     out_dir = check_job(job, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cases_file = out_dir / CASES_FILE
-    rows: dict[str, dict] = {}
+    rows: dict[tuple, dict] = {}  # by case.key: every case has its own row, whatever its name
     todo: list[BatchCase] = []
     tasks = []
     for case in cases:
         try:
             action, digest = plan_case(job, case)
         except InputError as exc:
-            rows[case.name] = _row(case, "failed", error=str(exc))
+            rows[case.key] = _row(case, "failed", error=str(exc))
             continue
         if action == "skip":
             record = _read_record(case) or {}
             summary = record.get("summary") or {}
-            rows[case.name] = _row(case, "skipped", slices=summary.get("planes"), quality=mean_quality(summary))
+            rows[case.key] = _row(case, "skipped", slices=summary.get("planes"), quality=mean_quality(summary))
             continue
         todo.append(case)
         tasks.append(functools.partial(segment_case, job, case, digest))
 
     def write_table() -> None:
-        ordered = [rows[c.name] for c in cases if c.name in rows]
+        ordered = [rows[c.key] for c in cases if c.key in rows]
         _atomic_text(cases_file, _csv_text(ordered))
 
     for row in rows.values():
@@ -457,24 +535,25 @@ def run_batch(
         case = todo[outcome.index]
         value = outcome.value or {}
         status = "failed" if outcome.error else "done"
-        rows[case.name] = _row(
+        rows[case.key] = _row(
             case, status, seconds=outcome.seconds, slices=value.get("slices"), quality=value.get("quality"),
             attempts=outcome.attempts, error=outcome.error,
         )
         write_table()
         if on_case_done:
-            on_case_done(rows[case.name])
+            on_case_done(rows[case.key])
         if outcome.error_kind in {e.__name__ for e in _BATCH_WIDE_ERRORS}:
             raise CheckpointError(f"Case {case.name}: {outcome.error} The batch stopped: every case would fail the same way.")
 
     if tasks:
         executor.run(tasks, finished, (lambda index: events_for(todo[index])) if events_for else None)
-    return BatchOutcome([rows[c.name] for c in cases if c.name in rows], cases_file)
+    return BatchOutcome([rows[c.key] for c in cases if c.key in rows], cases_file)
 
 
 def _row(case: BatchCase, status: str, *, seconds=None, slices=None, quality=None, attempts=None, error=None) -> dict:
     return {
         "case": case.name,
+        "image": str(case.image),
         "status": status,
         "seconds": "" if seconds is None else f"{seconds:.2f}",
         "slices": "" if slices is None else slices,

@@ -479,7 +479,7 @@ def run_batch_command(args) -> int:
         counts = {status: sum(r["status"] == status for r in outcome.rows) for status in ("done", "skipped", "failed")}
         for row in outcome.rows:
             if row["status"] == "failed":
-                print(f"failed {row['case']}: {row['error']}")
+                print(f"failed {row['case']} ({row['image']}): {row['error']}")
         print(f"{counts['done']} case(s) done, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
               f"see {outcome.cases_file}")
         if job.settings.random_weights:

@@ -66,8 +66,8 @@ def run_experiment(
     from ..executors import LocalExecutor
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     groups = draw_groups(config, scan_cases(config))
+    out_dir.mkdir(parents=True, exist_ok=True)  # after what may refuse the data: a refused run leaves no folder
     _record_run(config, groups, out_dir / "run.json")
     factory = engine_factory or default_engine_factory(config)
     executor = executor or LocalExecutor(lambda: factory(config.model))
