@@ -213,6 +213,56 @@ def corrupt(name):
     return make
 
 
+def uncompressed(name, truncate=True, nan=False):
+    """``name`` stored *uncompressed* under ``bad.nii.gz`` (ITK reads it all the same), cut by a
+    third, or with a NaN voxel."""
+    def make(ws):
+        image = sitk.ReadImage(ws[name])
+        if nan:
+            array = sitk.GetArrayFromImage(image).astype(np.float32)
+            array[ANNOTATED[0], 0, 0] = np.nan
+            write(array, ws.path("plain.nii"), image)
+        else:
+            sitk.WriteImage(image, ws["plain.nii"])
+        data = ws.path("plain.nii").read_bytes()
+        ws.path("plain.nii").unlink()
+        ws.path("bad.nii.gz").write_bytes(data[: len(data) * 2 // 3] if truncate else data)
+
+    return make
+
+
+def analyze_pair(name, nan=False):
+    """``name`` as a ``bad.hdr``/``bad.img`` pair whose ``.img`` is cut by a third (or holds a NaN)."""
+    def make(ws):
+        array = ws.array(name).astype(np.float32)
+        if nan:
+            array[3, 0, 0] = np.nan
+        write(array, ws.path("bad.hdr"), ws.image())
+        if not nan:
+            data = ws.path("bad.img").read_bytes()
+            ws.path("bad.img").write_bytes(data[: len(data) * 2 // 3])
+
+    return make
+
+
+def truncated_metaimage(ws):
+    sitk.WriteImage(ws.image(), ws["bad.mha"])
+    data = ws.path("bad.mha").read_bytes()
+    ws.path("bad.mha").write_bytes(data[: len(data) * 2 // 3])
+
+
+def half_slice_shifted_support(ws):
+    """The support on a grid moved by exactly half a slice along z: its planes fall between the
+    image's, so nearest-neighbour resampling put slices 4 and 10 on 5 and 11."""
+    image = ws.image()
+    origin = np.array(image.GetOrigin()) + 0.5 * image.GetSpacing()[2] * np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    write(ws.array("support.nii.gz"), ws.path("bad.nii.gz"), image, Origin=tuple(origin))
+
+
+def eval_prediction_folder(ws):
+    eval_folders(ws)
+
+
 def nan_image(ws):
     array = ws.array("image.nii.gz")
     array[3, 100:110, 100:110] = np.nan
@@ -267,6 +317,20 @@ def evil_checkpoint(ws):
     MARKER.unlink(missing_ok=True)
     with open(ws.path("evil.pt"), "wb") as stream:
         pickle.dump({"model": _Evil()}, stream)
+
+
+def nan_checkpoint(ws):
+    """SAM2.1-tiny's own weight names and shapes, every value NaN (a diverged training run)."""
+    import sam2  # noqa: F401  (registers sam2's configs with Hydra)
+    import torch
+    from hydra import compose
+    from hydra.utils import instantiate
+
+    from oflsam2.checkpoints import load_manifest
+
+    net = instantiate(compose(config_name=load_manifest()["sam2.1-tiny"]["config"]).model, _recursive_=True)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save({"model": weights}, ws.path("nan.pt"))
 
 
 def experiment_file(ws):
@@ -345,6 +409,9 @@ CASES = [
     # torch's own text went on to suggest loading it with weights_only=False
     Case("malicious-pickle", "held", ["checkpoints", "verify", "{evil.pt}"], 2,
          r"not a readable PyTorch checkpoint: it is not a plain file of weights(?!.*weights_only)", evil_checkpoint),
+    # a checkpoint of NaN weights ran to rc 0 with every slice empty (issue 24 §5)
+    Case("nan-checkpoint", "24.5", ["checkpoints", "verify", "{nan.pt}"], 2,
+         r"weight tensor\(s\) with NaN or infinite values", nan_checkpoint),
     # --- 2: support from other volumes alone
     Case("reference-only-revsam2", "2",
          ["segment", "--image", "{image.nii.gz}", "--out", "{out.nii.gz}", "--method", "revsam2", "--top-k", "3",
@@ -379,6 +446,32 @@ CASES = [
          truncated("support.nii.gz")),
     Case("corrupt-image", "9", segment(image="{bad.nii.gz}"), 2, r"bad.nii.gz is truncated or corrupt",
          corrupt("image.nii.gz")),
+    # --- 9, whatever the file's name or form (issue 24 §5): uncompressed data named .nii.gz, an Analyze
+    # .hdr/.img pair, MetaImage (before: read with the missing slices zero-filled, NaN as 0, rc 0)
+    Case("uncompressed-truncated-image", "24.5", segment(image="{bad.nii.gz}"), 2,
+         r"image .*bad.nii.gz is truncated: it holds \d+ of the \d+ bytes", uncompressed("image.nii.gz")),
+    Case("uncompressed-truncated-support", "24.5", segment(support="{bad.nii.gz}"), 2,
+         r"label map .*bad.nii.gz is truncated", uncompressed("support.nii.gz")),
+    Case("uncompressed-nan-image", "24.5", segment(image="{bad.nii.gz}"), 2, r"has 1 NaN or infinite voxels",
+         uncompressed("image.nii.gz", truncate=False, nan=True)),
+    Case("analyze-truncated-image", "24.5", segment(image="{bad.hdr}"), 2, r"image .*bad.hdr \(bad.img\) is truncated",
+         analyze_pair("image.nii.gz")),
+    Case("analyze-truncated-support", "24.5", segment(support="{bad.img}"), 2, r"label map .*bad.img is truncated",
+         analyze_pair("support.nii.gz")),
+    Case("analyze-nan-image", "24.5", segment(image="{bad.hdr}"), 2, r"has 1 NaN or infinite voxels",
+         analyze_pair("image.nii.gz", nan=True)),
+    Case("metaimage-truncated-image", "24.5", segment(image="{bad.mha}"), 2, r"bad.mha: its voxel data are incomplete",
+         truncated_metaimage),
+    Case("eval-truncated-prediction", "24.5", ["eval", "--pred", "{bad.nii.gz}", "--ref", "{labels.nii.gz}"], 2,
+         r"bad.nii.gz is truncated", uncompressed("labels.nii.gz")),
+    # a support half a slice off the image's grid (before: silently moved by one slice)
+    Case("support-half-a-slice-off", "24.5", segment(support="{bad.nii.gz}"), 2,
+         r"half a voxel \(3\.85 mm\) off the image's grid along z", half_slice_shifted_support),
+    # eval: a label in neither file (a typo scored Dice 1.0), a CSV named like a label file in the prediction folder
+    Case("eval-label-in-neither-file", "24.5", ["eval", "--pred", "{support.nii.gz}", "--ref", "{labels.nii.gz}",
+                                                "--labels", "1,9"], 2, r"Label 9 is in none of the files"),
+    Case("eval-out-label-file-name", "24.5", ["eval", "--pred", "{pred}", "--ref", "{ref}", "--out", "{pred/scores.nii.gz}"],
+         2, r"--out .*scores.nii.gz is named like a label file", eval_prediction_folder),
     # --- 10: NaN / Inf stored in NIfTI
     Case("nan-image", "10", segment(image="{bad.nii.gz}"), 2, r"has 101 NaN or infinite voxels", nan_image),
     Case("nan-support", "10", segment(support="{bad.nii.gz}"), 2, r"NaN or infinite", nan_support),

@@ -345,6 +345,18 @@ def test_read_state_dict_refuses_weights_of_another_network(tmp_path):
         read_state_dict(path)
 
 
+def test_read_state_dict_refuses_nan_weights(tmp_path):
+    """Weights with the right names but NaN (or infinite) values ran to rc 0 with every slice
+    empty and no warning."""
+    for bad in (float("nan"), float("inf")):
+        weights = torch.load(io.BytesIO(sam2_like_bytes(pad_floats=1000)), weights_only=True)["model"]
+        weights["sam_mask_decoder.iou_token.weight"][0, 3] = bad
+        path = tmp_path / "diverged.pt"
+        torch.save({"model": weights}, path)
+        with pytest.raises(CheckpointError, match=r"1 weight tensor\(s\) with NaN or infinite values .*iou_token"):
+            read_state_dict(path, "sam2.1-tiny")
+
+
 def test_read_state_dict_refuses_a_non_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("these are not weights\n" * 20)

@@ -220,7 +220,8 @@ def read_state_dict(path, model: str | None = None) -> dict:
     """The ``model`` weights (name -> tensor) of a SAM2 ``.pt`` checkpoint, loaded on the CPU.
 
     Loads with ``weights_only=True`` (no arbitrary code from the file). A missing, truncated
-    or non-PyTorch file, or one that is not a SAM2 checkpoint, raises :class:`CheckpointError`.
+    or non-PyTorch file, one that is not a SAM2 checkpoint, or weights holding NaN or infinite
+    values raise :class:`CheckpointError`.
     """
     import torch
 
@@ -256,6 +257,14 @@ def read_state_dict(path, model: str | None = None) -> dict:
         raise CheckpointError(
             f"{path} holds model weights, but not SAM2's (no image_encoder / sam_mask_decoder "
             "weights). Use an official SAM2 .pt file (`oflsam2 checkpoints list`)."
+        )
+    broken = [key for key, value in weights.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:  # such a network runs to the end and predicts nothing
+        raise CheckpointError(
+            f"{path} holds {len(broken)} weight tensor(s) with NaN or infinite values (e.g. {broken[0]!r}): the file is "
+            f"damaged, or was saved by a training run that diverged. Download it again with `oflsam2 checkpoints "
+            f"download {model or 'NAME'}`, or use another checkpoint."
         )
     return weights
 

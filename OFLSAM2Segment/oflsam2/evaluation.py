@@ -360,6 +360,8 @@ def register_eval_command(subparsers) -> None:
 def run_eval_command(args) -> int:
     """Handler of ``oflsam2 eval``; raises :class:`InputError` for unusable input."""
     out = Path(args.out) if args.out else None
+    if out is not None and out.parent.is_file():
+        raise InputError(f"Cannot write {out}: {out.parent} is a file, not a folder.")
     if out is not None and not out.parent.is_dir():
         raise InputError(f"Cannot write {out}: the folder {out.parent} does not exist.")
     if out is not None and out.is_dir():
@@ -375,12 +377,16 @@ def run_eval_command(args) -> int:
         raise InputError("--pred and --ref must both be files or both be folders.")
     if out is not None:
         _refuse_overwriting_inputs([out, out.with_name(f"{_csv_stem(out)}_summary.csv")], pred, ref)
+        if out.name.lower().endswith(LABEL_FILE_SUFFIXES):  # in a prediction folder the next eval would read it as a case
+            raise InputError(f"--out {out} is named like a label file; give a CSV file name such as {out.parent / 'scores.csv'}.")
     if pred.is_dir():
         rows, unmatched = evaluate_folders(pred, ref, args.labels, args.nsd_tolerance, both_empty=both_empty)
         for path in unmatched:
             print(f"warning: no partner for {path}", file=sys.stderr)
     else:
         rows = evaluate_pair(pred, ref, args.labels, args.nsd_tolerance, both_empty=both_empty)
+    if args.labels is not None:
+        _refuse_absent_labels(rows)
     summary = summarize(rows)
     if len(rows) <= 50:
         print(markdown_table(rows, ROW_COLUMNS[:7]))
@@ -418,6 +424,19 @@ def _refuse_overwriting_inputs(outputs, pred: Path, ref: Path) -> None:
                 raise InputError(
                     f"--out would overwrite the input {source}; choose another name so your data is not overwritten."
                 )
+
+
+def _refuse_absent_labels(rows: Sequence[dict]) -> None:
+    """A label asked for that no prediction and no reference holds is a typo: it would score a
+    perfect Dice and NSD on every case."""
+    absent = sorted({r["label"] for r in rows} - {r["label"] for r in rows if r["pred_voxels"] or r["ref_voxels"]})
+    if absent:
+        present = sorted({r["label"] for r in rows} - set(absent))
+        raise InputError(
+            f"Label {', '.join(map(str, absent))} is in none of the files (neither prediction nor reference), so every "
+            f"score of it would be perfect; check --labels (labels found among those asked for: "
+            f"{', '.join(map(str, present)) or 'none'}; leave out --labels to score every label of the references)."
+        )
 
 
 def _check_labels(labels) -> list[int]:

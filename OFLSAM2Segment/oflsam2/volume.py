@@ -90,6 +90,7 @@ def read_labels(path, reference: sitk.Image) -> np.ndarray:
     labels = read_label_image(path, "label map")
     if not _same_grid(labels, reference):
         _check_aligned(labels, reference, path)
+        _check_not_between_planes(labels, reference, path)
         labels = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     return sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
 
@@ -137,6 +138,11 @@ def _read_any(path: Path, role: str) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
+        if "No such file or directory" in str(error):  # MetaImage's words for voxel data that end early
+            raise InputError(
+                f"Cannot read the {role} {path}: its voxel data are incomplete (the file is truncated, or its "
+                "separate data file is missing or truncated). Copy or export it again."
+            ) from None
         raise InputError(
             f"Cannot read the {role} {path}: {_first_line(error)}. Supported: {_SUPPORTED_FILES}."
         ) from None
@@ -164,29 +170,33 @@ _CHUNK_BYTES = 1 << 24
 
 
 def check_nifti_file(path, role: str = "file") -> None:
-    """Refuse a ``.nii``/``.nii.gz`` file that is truncated, corrupt, or holds NaN/Inf voxels.
+    """Refuse a NIfTI or Analyze file (``.nii``, ``.nii.gz``, a ``.hdr``/``.img`` pair) that is
+    truncated, corrupt, or holds NaN/Inf voxels.
 
-    ITK's NIfTI reader fills a truncated file with zeros and turns NaN into 0 without a word, so
-    the raw file is checked: fully decompressed (gzip's CRC catches corruption), its length
-    compared with what the header promises, and floating-point voxels tested as stored. Other
-    formats are left to their readers, which report these problems themselves.
+    ITK's NIfTI reader fills missing voxel data with zeros and turns NaN into 0 without a word,
+    so the raw data are checked: read through gzip when the file starts with gzip's magic (a
+    ``.nii.gz`` may be stored uncompressed, a ``.nii`` compressed; gzip's CRC catches
+    corruption), their length compared with what the header promises, and floating-point voxels
+    tested as stored. A pair's voxels are in the ``.img`` (or ``.img.gz``) beside its ``.hdr``.
+    Other formats are left to their readers, which report truncation themselves (NRRD and
+    MetaImage raise; ``Testing/test_volume.py`` checks it).
     """
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    header_path, data_path = _nifti_files(Path(path))
+    if header_path is None:
         return
-    opener = gzip.open if name.endswith(".gz") else open
-    if opener is gzip.open and not _starts_with(path, b"\x1f\x8b"):
-        return  # not gzip at all: the reader names the problem better
-    layout, position, carry, bad = None, 0, b"", 0
     try:
-        with opener(path, "rb") as stream:
+        header = _head(header_path, 544)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError):
+        return  # the reader names the problem better
+    layout = _nifti_layout(header, pair=data_path != header_path)
+    if layout is None:
+        return  # not a NIfTI header we know: let ITK judge (and complain)
+    offset, size, dtype = layout
+    opener = gzip.open if _starts_with(data_path, b"\x1f\x8b") else open
+    position, carry, bad = 0, b"", 0
+    try:
+        with opener(data_path, "rb") as stream:
             for chunk in iter(lambda: stream.read(_CHUNK_BYTES), b""):
-                if layout is None:
-                    layout = _nifti_layout(chunk)
-                    if layout is None:
-                        return  # not a NIfTI header we know: let ITK judge (and complain)
-                offset, size, dtype = layout
                 start, end = max(offset - position, 0), min(offset + size - position, len(chunk))
                 if dtype is not None and end > start:
                     data = carry + chunk[start:end]
@@ -202,12 +212,10 @@ def check_nifti_file(path, role: str = "file") -> None:
         ) from None
     except OSError as error:
         raise InputError(f"The {role} {path} cannot be read: {error.strerror or error}.") from None
-    if layout is None:
-        return
-    offset, size, _ = layout
     if position < offset + size:
+        where = f" ({data_path.name})" if data_path != Path(path) else ""
         raise InputError(
-            f"The {role} {path} is truncated: it holds {max(position - offset, 0)} of the {size} bytes of "
+            f"The {role} {path}{where} is truncated: it holds {max(position - offset, 0)} of the {size} bytes of "
             "voxel data its header announces. Copy or export it again."
         )
     if bad:
@@ -215,6 +223,32 @@ def check_nifti_file(path, role: str = "file") -> None:
             f"The {role} {path} has {bad} NaN or infinite voxels. Replace them (for example with the "
             "background value) before segmenting."
         )
+
+
+def _nifti_files(path: Path) -> tuple[Path | None, Path | None]:
+    """(header file, voxel data file) of a NIfTI file or Analyze pair, by name (as ITK picks
+    its NIfTI reader); ``(None, None)`` for other formats or a pair missing a file."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return path, path
+    suffix = next((s for s in (".hdr", ".img.gz", ".img") if name.endswith(s)), None)
+    if suffix is None:
+        return None, None
+    stem = path.name[: -len(suffix)]
+
+    def sibling(*suffixes):
+        return next((c for c in (path.with_name(stem + s) for s in suffixes) if c.is_file()), None)
+
+    header = path if suffix == ".hdr" else sibling(".hdr", ".HDR")
+    data = sibling(".img", ".IMG", ".img.gz", ".IMG.GZ") if suffix == ".hdr" else path
+    return (header, data) if header is not None and data is not None else (None, None)
+
+
+def _head(path: Path, count: int) -> bytes:
+    """The first ``count`` bytes of ``path``, decompressed when it is gzip data."""
+    opener = gzip.open if _starts_with(path, b"\x1f\x8b") else open
+    with opener(path, "rb") as stream:
+        return stream.read(count)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -225,18 +259,22 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return False
 
 
-def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
-    """(voxel data offset, voxel data bytes, float dtype or None) from a NIfTI-1/2 header."""
+def _nifti_layout(header: bytes, pair: bool = False) -> tuple[int, int, np.dtype | None] | None:
+    """(voxel data offset, voxel data bytes, float dtype or None) from a NIfTI-1/2 (or Analyze
+    7.5) header; ``pair``: the voxels are in a file of their own (offset from its start)."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
             datatype, bitpix = struct.unpack(order + "2h", header[70:74])
-            offset = max(int(struct.unpack(order + "f", header[108:112])[0]), 352)
+            stored = struct.unpack(order + "f", header[108:112])[0]
+            stored = int(stored) if np.isfinite(stored) else 0
+            offset = max(stored, 0) if pair else max(stored, 352)
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
-            offset = max(struct.unpack(order + "q", header[168:176])[0], 544)
+            stored = struct.unpack(order + "q", header[168:176])[0]
+            offset = max(stored, 0) if pair else max(stored, 544)
             break
     else:
         return None
@@ -412,6 +450,33 @@ def _check_aligned(labels: sitk.Image, image: sitk.Image, path: Path) -> None:
         "The support must be drawn on this image (or saved on its grid, e.g. exported from Slicer "
         "with this volume as the reference geometry)."
     )
+
+
+_TIE_TOL_VOXELS = 0.05  # a label grid this close to half a voxel off: nearest neighbour is a coin toss
+
+
+def _check_not_between_planes(labels: sitk.Image, image: sitk.Image, path: Path) -> None:
+    """Refuse a label grid with the image's spacing along an axis but shifted by half a voxel
+    there: each label plane falls exactly between two image planes, and nearest-neighbour
+    resampling would move every annotated slice by one, silently."""
+    centre = np.array(labels.TransformPhysicalPointToContinuousIndex(image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 0.0))))
+    for axis in range(3):  # image index axis i, j, k
+        step = np.zeros(3)
+        step[axis] = 1.0
+        moved = np.array(labels.TransformPhysicalPointToContinuousIndex(image.TransformContinuousIndexToPhysicalPoint(step.tolist())))
+        label_axis = int(np.argmax(np.abs(moved - centre)))  # parallel axes (checked before)
+        if abs(abs(moved[label_axis] - centre[label_axis]) - 1.0) > 1e-3:
+            continue  # another spacing along this axis: no plane-for-plane correspondence to keep
+        offset = centre[label_axis] % 1.0
+        if abs(offset - 0.5) < _TIE_TOL_VOXELS:
+            spacing = image.GetSpacing()[axis]
+            raise InputError(
+                f"The label map {path} lies half a voxel ({0.5 * spacing:.3g} mm) off the image's grid along "
+                f"{'xyz'[axis]} (array axis {2 - axis}): each of its planes falls between two of the image's, so its "
+                "annotated slices cannot be placed (they would move by one slice). Save the label map on the "
+                "image's grid, e.g. export it from Slicer with this volume as the reference geometry.\n"
+                f"  image:     {grid_text(image)}\n  label map: {grid_text(labels)}"
+            )
 
 
 def grid_text(image: sitk.Image) -> str:
