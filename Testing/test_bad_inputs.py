@@ -642,6 +642,34 @@ def test_out_and_seg_nrrd_are_written_together(ws, capsys, monkeypatch):
     assert ws.snapshot() == before
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_between_the_two_final_moves_waits_for_the_second(ws, capsys, monkeypatch, signum, code):
+    """Issue 24 §6: Ctrl+C between moving out.nii.gz and out.seg.nrrd into place left the first
+    new, the second old and a .part file, with the message "no output was written". Now the
+    interrupt takes effect after the last move, and says the outputs were written."""
+    from oflsam2 import outputs
+
+    real_replace = os.replace
+    moves = []
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        moves.append(target)
+        if len(moves) == 1:
+            signal.raise_signal(signum)  # delivered right after the first file is in place
+
+    ws.path("out.seg.nrrd").write_bytes(b"an earlier segmentation")
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+    code_got, _, err = run_cli(fill(segment(extra=["--seg-nrrd", "{out.seg.nrrd}"]), ws), capsys)
+    assert code_got == code, err
+    assert "no output was written" not in err and "the outputs were written before it took effect" in err
+    assert ws["out.nii.gz"] in err and ws["out.seg.nrrd"] in err
+    assert len(moves) == 2 and not list(ws.root.glob(".*part*"))
+    new = ws.array("out.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(ws["out.seg.nrrd"])), new)  # both files of this run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_failed_train_leaves_no_adapter_folder(ws, capsys):
     """12.7: the folder train created is removed when the run fails."""
     FakeEngine.error = Cancelled()
@@ -774,6 +802,9 @@ API_CASES = [
     ("image_size 0", lambda: api.ModelSettings(image_size=0), r"multiple of 32 from 256 to 2048"),
     ("image_size huge", lambda: api.ModelSettings(image_size=100000), r"multiple of 32 from 256 to 2048"),
     ("bad device", lambda: api.ModelSettings(device="tpu"), r"Unknown device 'tpu'"),
+    # issue 24 §6: accepted as True before
+    ("random_weights as text", lambda: api.ModelSettings(random_weights="no"), r"random_weights must be True or False; got 'no'"),
+    ("deterministic as number", lambda: api.ModelSettings(deterministic=2), r"deterministic must be True or False; got 2"),
 ]
 
 
@@ -802,6 +833,24 @@ def test_engine_validates_before_loading_the_model():
         engine.segment(image, [api.LabelSupport(1, "a", _mask(), [2])], options=options)
     with pytest.raises(InputError, match="needs a prompt in the volume"):
         engine.segment(image, [api.LabelSupport(1, "a", np.zeros((6, 16, 16), bool), [])], method="sam2")
+    assert engine._model is None
+
+
+@pytest.mark.parametrize("method, run, message", [
+    ("sam2", {"image": np.zeros((0, 16, 16), np.float32)}, r"The image has no voxels: its shape is \(0, 16, 16\)"),
+    ("forward", {"options": api.MethodOptions(save_adapter="adapters/liver")},
+     r"save_adapter is for OFL-SAM2 adapters; method 'forward' cannot use one"),
+    ("revsam2", {"options": api.MethodOptions(adapter="adapters/liver")},
+     r"adapter is for OFL-SAM2 adapters; method 'revsam2' cannot use one"),
+])
+def test_engine_refuses_an_empty_image_and_adapter_options_other_methods_ignore(method, run, message):
+    """Issue 24 §6: an image with 0 slices gave a raw ValueError; save_adapter with forward was
+    silently ignored (the CLI refuses it)."""
+    engine = RealEngine(api.ModelSettings(random_weights=True, device="cpu", image_size=256))
+    image = run.get("image", np.zeros((6, 16, 16), np.float32))
+    support = api.LabelSupport(1, "a", _mask(image.shape) if image.size else np.zeros(image.shape, bool), [])
+    with pytest.raises(InputError, match=message):
+        engine.segment(image, [support], method=method, options=run.get("options"))
     assert engine._model is None
 
 

@@ -90,6 +90,9 @@ def read_adapters(path) -> list[dict]:
     must hold the fields of :data:`ADAPTER_FIELDS`."""
     from oflsam2.ofl.adapter import list_adapters
 
+    if path and os.path.isfile(path):
+        raise InputError(f"{path} is a file; give the adapter folder that holds it ({os.path.dirname(path) or '.'}), "
+                         "the folder written by 'Save adapter'.")
     if not path or not os.path.isdir(path):
         raise InputError(f"The adapter folder {path} does not exist; give the folder written by 'Save adapter'.")
     adapters = list_adapters(path)

@@ -251,6 +251,9 @@ def validate_run(
     if options is not None and not isinstance(options, MethodOptions):
         raise InputError(f"options must be a MethodOptions, e.g. MethodOptions(epochs=10); got {type(options).__name__}.")
     check_method_options(options or MethodOptions())
+    for name in ("adapter", "save_adapter"):  # the CLI's rule: another method would ignore it silently
+        if options is not None and getattr(options, name) is not None and method != "ofl":
+            raise InputError(f"{name} is for OFL-SAM2 adapters; method {method!r} cannot use one. Use method 'ofl'.")
     if settings is not None:
         check_model_settings(settings)
     try:
@@ -259,6 +262,8 @@ def validate_run(
         raise InputError(f"The image must be a 3-D numeric array (z, y, x); got {type(image).__name__}.") from None
     if image.ndim != 3:
         raise InputError(f"The image must be a 3-D volume (z, y, x); got shape {image.shape}.")
+    if image.size == 0:
+        raise InputError(f"The image has no voxels: its shape is {image.shape} (z, y, x). Give a volume with slices.")
     if not np.isfinite(image).all():
         raise InputError("The image contains NaN or infinite voxels; fix or mask them before segmenting.")
     if isinstance(supports, LabelSupport) or not isinstance(supports, (list, tuple)):

@@ -50,6 +50,9 @@ def main(argv=None) -> int:
         # batch and experiment keep every finished case and resume from there
         kept = ("finished cases are kept; run the same command again to resume"
                 if args.func.__name__ in ("run_batch_command", "run_experiment_command") else "no output was written")
+        written = getattr(exc, "outputs_written", None)
+        if written:  # it came while the outputs were moved into place, and waited for the last one
+            kept = f"the outputs were written before it took effect ({', '.join(written)})"
         message = str(exc) if isinstance(exc, Cancelled) else f"{what}; {kept}."
         print(f"error: {message}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED

@@ -4,14 +4,17 @@ Every write is atomic: the file is written under a temporary name in the destina
 checked complete (a full disk can leave a truncated file that the writer reports as written),
 and moved into place with ``os.replace``, so a failed or interrupted write never leaves a
 partial file nor damages an existing one. :class:`StagedOutputs` does this for several files
-at once: none replaces anything until all are written and checked. A replaced file keeps its
-permissions; a new one gets the umask's.
+at once: none replaces anything until all are written and checked, and Ctrl+C or SIGTERM during
+the moves takes effect after the last one (the interrupt then carries ``outputs_written``). A
+replaced file keeps its permissions; a new one gets the umask's.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -148,20 +151,59 @@ class StagedOutputs:
             raise OFLSAM2Error(f"Could not write {path}: {str(error).strip().splitlines()[-1]}") from error
 
     def commit(self) -> None:
-        try:
-            for temporary, destination in self._staged:
-                apply_destination_mode(temporary, destination)
-            for temporary, destination in self._staged:
-                os.replace(temporary, destination)
-        except OSError as error:
-            self.discard()
-            raise OFLSAM2Error(f"Could not move the outputs into place: {error}") from error
+        """Move every file into place; an interrupt meanwhile waits for the last move."""
+        moved: list[Path] = []
+        with _interrupts_deferred(moved):
+            try:
+                for temporary, destination in self._staged:
+                    apply_destination_mode(temporary, destination)
+                for temporary, destination in self._staged:
+                    os.replace(temporary, destination)
+                    moved.append(destination)
+            except OSError as error:
+                self.discard()
+                kept = [str(d) for _, d in self._staged if d not in moved] if moved else []
+                replaced = f" {', '.join(map(str, moved))} replaced; {', '.join(kept)} left as it was." if moved else ""
+                raise OFLSAM2Error(f"Could not move the outputs into place: {error}.{replaced}") from error
         self._staged = []
 
     def discard(self) -> None:
         for temporary, _ in self._staged:
             temporary.unlink(missing_ok=True)
         self._staged = []
+
+
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@contextmanager
+def _interrupts_deferred(moved: list):
+    """Hold SIGINT and SIGTERM for the block (main thread only: the others never get them), then
+    deliver them to their own handlers; an exception they raise gets ``outputs_written``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in _DEFERRED_SIGNALS}
+    if None in previous.values():  # a handler set outside Python cannot be put back
+        yield
+        return
+    caught: list[int] = []
+    for number in previous:
+        signal.signal(number, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for number in caught:
+        try:
+            if callable(previous[number]):
+                previous[number](number, None)
+            elif previous[number] == signal.SIG_DFL:
+                signal.raise_signal(number)
+        except BaseException as interrupt:
+            interrupt.outputs_written = [str(p) for p in moved]
+            raise
 
 
 def apply_destination_mode(temporary, destination) -> None:

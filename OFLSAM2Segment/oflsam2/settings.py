@@ -204,6 +204,8 @@ def check_model_settings(settings: ModelSettings) -> None:
     _choice(settings.feature_dtype, FEATURE_DTYPES, "feature dtype")
     _whole(settings.cache_megabytes, "cache_megabytes", 0)
     _whole(settings.encode_batch_size, "encode_batch_size", 1)
+    for name in ("random_weights", "deterministic"):
+        _flag(getattr(settings, name), name)
 
 
 def check_method_options(options: MethodOptions) -> None:
@@ -245,8 +247,7 @@ def check_method_options(options: MethodOptions) -> None:
     _choice(options.train_solver, TRAIN_SOLVERS, "training solver")
     for name in ("use_learner", "use_afm", "online_update", "retrieval_object_guarantee", "episode_recent_memories",
                  "accept_absent", "include_supports_in_propagation"):
-        if not isinstance(getattr(options, name), (bool, np.bool_)):
-            raise InputError(f"{name} must be True or False; got {getattr(options, name)!r}.")
+        _flag(getattr(options, name), name)
     if not isinstance(options.lr_milestones, (list, tuple)):
         raise InputError(f"lr_milestones must be a list of epochs, e.g. (10, 30); got {options.lr_milestones!r}.")
     for milestone in options.lr_milestones:
@@ -260,6 +261,11 @@ def check_method_options(options: MethodOptions) -> None:
 def _whole(value, name: str, minimum: int) -> None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{name} must be a whole number of at least {minimum}; got {value!r}.")
+
+
+def _flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False; got {value!r}.")
 
 
 def _number(value, name: str, low: float, high: float | None, open_low: bool = False) -> None:

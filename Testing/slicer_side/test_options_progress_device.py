@@ -47,6 +47,19 @@ def test_bad_options_are_refused_with_a_reason(options, message):
         parse_options("unet", {})
 
 
+def test_an_adapter_file_given_for_its_folder_is_called_a_file(tmp_path):
+    """Issue 24 §6: the adapter's JSON file picked instead of its folder was reported as "the
+    adapter folder ... does not exist"."""
+    from OFLSAM2SegmentLib.options import read_adapters
+
+    (tmp_path / "label_1.json").write_text("{}")
+    with pytest.raises(InputError, match=r"label_1.json is a file; give the adapter folder that holds it") as raised:
+        read_adapters(str(tmp_path / "label_1.json"))
+    assert "does not exist" not in str(raised.value) and str(tmp_path) in str(raised.value)
+    with pytest.raises(InputError, match="does not exist"):
+        read_adapters(str(tmp_path / "missing"))
+
+
 def test_local_model_is_identified_from_the_file(tmp_path, monkeypatch):
     from oflsam2 import checkpoints
 
