@@ -623,6 +623,35 @@ def test_disk_full_keeps_the_old_output_and_says_so(ws, capsys, tmp_path, name):
         assert sorted(p.name for p in disk.iterdir()) == ["filler", name]  # no temporary left
 
 
+def fill_disk(disk: Path, room: int) -> None:
+    """Fill the tmpfs ``disk`` until only about ``room`` bytes are left."""
+    filler = disk / "filler"
+    handle = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(handle, bytes(4096))
+    os.close(handle)
+    os.truncate(filler, max(filler.stat().st_size - room, 0))
+
+
+@pytest.mark.parametrize("what", ["--save-adapter", "--save-state"])
+def test_disk_full_while_the_adapter_or_state_is_saved_says_so_and_leaves_no_folder(ws, capsys, tmp_path, monkeypatch, what):
+    """Issue 24 §5: a full disk while an OFL-SAM2 adapter (or an ofl state, whose adapter is saved
+    during the run) was written gave a raw SafetensorError traceback and left empty folders."""
+    monkeypatch.setattr(api, "Engine", RealEngine)  # the real OFL-SAM2 trains and saves the head
+    with tmpfs(tmp_path / "small", "size=256k") as disk:
+        fill_disk(disk, 8 * 1024)
+        argv = fill(segment(extra=[what, str(disk / "new" / "place"), "--epochs", "1", "--image-size", "256",
+                                   "--device", "cpu", "--model", "sam2.1-tiny"]), ws)
+        before = ws.snapshot()
+        code, out, err = run_cli(argv, capsys)
+        assert code == cli.EXIT_USER_ERROR, out + err
+        assert "Traceback" not in err and "SafetensorError" not in err.split(":")[0]
+        assert "Cannot write the adapter into" in err and "free space" in err
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"], "a folder of the failed save was left"
+        assert ws.snapshot() == before  # the outputs were not written either
+
+
 def test_out_and_seg_nrrd_are_written_together(ws, capsys, monkeypatch):
     """12.5: interrupted while writing the second file, the first is not replaced either."""
     from oflsam2 import outputs

@@ -183,3 +183,92 @@ def test_cli_batch_on_its_own_ray_instance(cohort, local_outputs, tmp_path):
         assert not processes_mentioning(ray_root), "the command left Ray processes running"
     finally:
         shutil.rmtree(ray_root, ignore_errors=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+class RayBatchCommand:
+    """``oflsam2 batch --executor ray --workers 1 --json`` on the cohort, in a process of its own
+    (a new session: its Ray processes are told from others), with its own Ray temp folder."""
+
+    def __init__(self, cohort, tmp_path):
+        self.ray_root = tempfile.mkdtemp(prefix="oflsig", dir="/tmp")
+        self.out = tmp_path / "out"
+        command = [
+            sys.executable, "-m", "oflsam2.cli", "batch", str(cohort.images), "--out", str(self.out), "--method", "ofl",
+            "--adapter", str(cohort.adapter), "--labels", "1", "--random-weights", "--image-size", "256", "--device", "cpu",
+            "--deterministic", "--executor", "ray", "--workers", "1", "--json",
+        ]
+        self.process = subprocess.Popen(command, env={**os.environ, "RAY_TMPDIR": self.ray_root}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def wait_for_a_case(self) -> None:
+        """Until the first case runs on the actor (its record is written first)."""
+        deadline = time.monotonic() + 600  # Ray's start and the model load take minutes on a loaded 2-core machine
+        while not list(self.out.glob("*.run.json")) and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(self.out.glob("*.run.json")), f"no case started: {self.process.communicate(timeout=60)[1][-2000:]}"
+
+    def finish(self) -> tuple[str, str]:
+        try:
+            return self.process.communicate(timeout=300)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while processes_mentioning(self.ray_root) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            self.left = processes_mentioning(self.ray_root)
+            shutil.rmtree(self.ray_root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+def test_cli_batch_on_ray_stops_on_a_signal_as_the_local_one_does(cohort, tmp_path, signum, code, word):
+    """Issue 24 §5: under SIGTERM Ray's handler won (exit 1, or an abort with a C++ stack dump)
+    instead of the documented 143; Ctrl+C must stop it with 130, keeping the finished cases."""
+    run = RayBatchCommand(cohort, tmp_path)
+    run.wait_for_a_case()
+    run.process.send_signal(signum)
+    _, err = run.finish()
+    assert run.process.returncode == code, err[-3000:]
+    assert f"error: {word}; finished cases are kept" in err and "SIGTERM received" not in err
+    assert not run.left, "Ray processes were left running"
+
+
+def test_a_dead_actor_s_notice_stays_off_stdout_under_json(cohort, tmp_path):
+    """Issue 24 §5: Ray printed its notice of a dead actor on stdout, before the --json summary,
+    so stdout no longer parsed. The killed case is retried on a new actor."""
+    run = RayBatchCommand(cohort, tmp_path)
+    run.wait_for_a_case()
+    actors = [pid for pid in descendants(run.process.pid) if command_line(pid).startswith(b"ray::EngineWorker")]
+    assert actors, "the actor process was not found"
+    for pid in actors:
+        os.kill(pid, signal.SIGKILL)
+    out, err = run.finish()
+    assert run.process.returncode == 0, err[-3000:]
+    summary = json.loads(out)  # before: "A worker died or was killed ..." came first
+    assert summary["failed"] == 0 and any(row["attempts"] == 2 for row in summary["cases"])
+    assert not run.left, "Ray processes were left running"
+

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
         with _terminate_as_interrupt():
             return args.func(args)
     except (Cancelled, KeyboardInterrupt) as exc:
-        what = "Terminated" if isinstance(exc, _Terminated) else "Interrupted"
+        terminated = isinstance(exc, _Terminated) or _terminate_as_interrupt.received  # Ray re-raises it as KeyboardInterrupt
+        what = "Terminated" if terminated else "Interrupted"
         # batch and experiment keep every finished case and resume from there
         kept = ("finished cases are kept; run the same command again to resume"
                 if args.func.__name__ in ("run_batch_command", "run_experiment_command") else "no output was written")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
             kept = f"the outputs were written before it took effect ({', '.join(written)})"
         message = str(exc) if isinstance(exc, Cancelled) else f"{what}; {kept}."
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except OFLSAM2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -71,10 +72,14 @@ class _Terminated(KeyboardInterrupt):
 
 
 class _terminate_as_interrupt:
-    """Turn SIGTERM into :class:`_Terminated` for the block (main thread only; restored after)."""
+    """Turn SIGTERM into :class:`_Terminated` for the block (main thread only; restored after);
+    ``received`` says a SIGTERM came (a library may turn the exception into a plain KeyboardInterrupt)."""
+
+    received = False
 
     def __enter__(self):
         self._previous = None
+        _terminate_as_interrupt.received = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._raise)
         return self
@@ -85,6 +90,7 @@ class _terminate_as_interrupt:
 
     @staticmethod
     def _raise(signum, frame):
+        _terminate_as_interrupt.received = True
         raise _Terminated
 
 

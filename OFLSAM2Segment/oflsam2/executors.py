@@ -11,13 +11,19 @@ A task that raises ``Exception`` finishes with ``error`` set (the run goes on) u
 :class:`RayExecutor` retries: a task whose actor process died is run again on another actor
 (at most :data:`MAX_RETRIES` times) and the dead actor is replaced.
 
-This module never imports Ray unless a :class:`RayExecutor` is made.
+This module never imports Ray unless a :class:`RayExecutor` is made. While one lives, Ray's own
+notices (a dead actor's, printed by its error listener) go to stderr, never to the command's
+stdout (``--json``); and Ctrl+C and SIGTERM keep the command's handlers (Ray's would exit 1, or
+abort with a C++ dump on SIGTERM, instead of 130 / 143 with the finished cases kept).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -155,6 +161,7 @@ class RayExecutor:
         self._settings = settings
         self._max_cached_volumes = max_cached_volumes
         self._started_ray = False
+        self._stdout = None
         if address is not None:
             _check_reachable(address)
         if not self._ray.is_initialized():
@@ -165,6 +172,7 @@ class RayExecutor:
         self.replaced = 0  # actors that died and were replaced
         # Called as on_dispatch(task index, attempt, actor process id) when a task is handed to an actor.
         self.on_dispatch: Callable[[int, int, int], None] | None = None
+        self._stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's error listener prints on sys.stdout
 
     def _start_or_join(self, address: str | None, workers: int | None) -> None:
         import logging
@@ -175,11 +183,12 @@ class RayExecutor:
             options["num_cpus"] = max(cores, workers or 1)
         else:
             options["address"] = address
-        try:
-            self._ray.init(**options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            raise InputError(f"Could not start or join {where}: {exc}") from None
+        with _signal_handlers_kept():
+            try:
+                self._ray.init(**options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise InputError(f"Could not start or join {where}: {exc}") from None
         self._started_ray = True
 
     def _plan(self, workers: int | None) -> None:
@@ -261,18 +270,40 @@ class RayExecutor:
         return self._ray.get([a.model_loads.remote() for a in self._actors])
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor, no_restart=True)
-        self._actors, self.pids = [], {}
-        if self._started_ray:
-            self._ray.shutdown()
-            self._started_ray = False
+        try:
+            for actor in self._actors:
+                self._ray.kill(actor, no_restart=True)
+            self._actors, self.pids = [], {}
+            if self._started_ray:
+                self._ray.shutdown()
+                self._started_ray = False
+        finally:
+            if self._stdout is not None:
+                sys.stdout, self._stdout = self._stdout, None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _signal_handlers_kept:
+    """Put SIGINT's and SIGTERM's handlers back after the block: ``ray.init`` sets its own for
+    SIGTERM (``sys.exit``) and its core worker a C++ one that aborts with a stack dump."""
+
+    def __enter__(self):
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(number)
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    self._saved[number] = handler
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._saved.items():
+            signal.signal(number, handler)  # also replaces a C-level handler installed meanwhile
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -206,6 +206,24 @@ def _interrupts_deferred(moved: list):
             raise
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    folder, missing = Path(folder), []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: what a failed save made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
+
+
 def apply_destination_mode(temporary, destination) -> None:
     """Give ``temporary`` the permissions ``destination`` has, or the umask's for a new file
     (``mkstemp`` creates files readable by their owner only)."""

@@ -233,10 +233,17 @@ def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, ou
             str(label): {"selected": stats["selected"]} for label, stats in result.info["labels"].items() if "selected" in stats
         },
     }
+    from .outputs import missing_folders, remove_empty_folders
+
     folder = Path(state_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    created = missing_folders(folder)
     path = folder / STATE_FILE
-    write_text_atomic(path, json.dumps(state, indent=1, default=_plain) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(state, indent=1, default=_plain) + "\n")
+    except BaseException:
+        remove_empty_folders(created)  # a full disk leaves no empty state folder behind
+        raise
     return path
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AdapterError
+from ..outputs import missing_folders, remove_empty_folders
 from ..version import __version__
 from .learner import FewShotLearner
 
@@ -78,12 +79,18 @@ def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module |
         tensors_file=stem + TENSORS_SUFFIX,
     )
     directory = Path(directory)
+    created = missing_folders(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _refuse_other_label(directory / (stem + METADATA_SUFFIX), metadata)
         return _write(directory, stem, tensors, record)
-    except OSError as error:
-        raise AdapterError(f"Cannot write the adapter into {directory}: {error}. Choose a writable directory with free space.") from error
+    except BaseException as error:
+        remove_empty_folders(created)
+        if isinstance(error, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+            raise AdapterError(
+                f"Cannot write the adapter into {directory}: {error}. Choose a writable directory with free space."
+            ) from error
+        raise
 
 
 def load_adapter(
