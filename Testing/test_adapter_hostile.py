@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oflsam2 import api, cli, pipeline
-from oflsam2.adapter_labels import find_adapter
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings
 from oflsam2.errors import AdapterError, InputError
 from oflsam2.ofl.adapter import list_adapters, load_adapter, save_adapter
@@ -188,6 +187,8 @@ def metadata(label, name):
 
 def test_a_label_finds_its_adapter_by_name_and_an_unnamed_one_by_a_value_only_one_adapter_holds(tmp_path):
     """The rule of oflsam2.adapter_labels, which the CLI's checks, the loader and Slicer share."""
+    from oflsam2.adapter_labels import find_adapter
+
     tensor = {"x": torch.zeros(2)}
     save_adapter(tmp_path / "a", tensor, metadata(1, "Liver"))
     save_adapter(tmp_path / "a", tensor, metadata(2, "Spleen"))
@@ -281,8 +282,8 @@ def test_a_cohort_label_without_adapter_is_refused_before_the_model(named_adapte
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(case["image"], scans / "case.nii.gz")
-    for names in (["--labels", "1", "--label-names", "1=Spleen"], ["--labels", "2"]):
+    for names, label in ((["--labels", "1", "--label-names", "1=Spleen"], "label 1 (Spleen)"), (["--labels", "2"], "label 2")):
         code, _, err = run_cli(["batch", scans, "--out", tmp_path / "out", "--method", "ofl", "--adapter", named_adapter,
                                 *names, *MODEL])
-        assert code == cli.EXIT_USER_ERROR and "No adapter for label" in err and "it holds: Liver (1)" in err, err
+        assert code == cli.EXIT_USER_ERROR and f"has no adapter for {label}; it holds: Liver (1)" in err, err
     assert not built and not (tmp_path / "out" / "case_seg.nii.gz").exists()

@@ -75,10 +75,13 @@ def require_adapter(adapters: Sequence[dict], value: int | None, name: str, fold
     """:func:`find_adapter`, refusing a label without adapter with what the folder holds."""
     found = find_adapter(adapters, value, name, folder)
     if found is None:
-        label = f"label {value} ({name})" if value is not None and name != UNNAMED.format(value) else f"label {name!r}"
+        if value is None:
+            label = f"label {name!r}"
+        else:
+            label = f"label {value}" if name == UNNAMED.format(value) else f"label {value} ({name})"
         raise AdapterError(
-            f"No adapter for {label} in {folder} (it holds: {describe(adapters)}). Name the label like its adapter "
-            "(--label-names VALUE=NAME; in Slicer the segment's name), or train one for this label first."
+            f"The adapter folder {folder} has no adapter for {label}; it holds: {describe(adapters)}. Name the label "
+            "like its adapter (--label-names VALUE=NAME), or train one for this label first."
         )
     return found
 

@@ -179,7 +179,7 @@ def segment_files(
             adapter_files.discard()
         raise
     if own_adapter_files:
-        commit_after_outputs(adapter_files, [str(p) for p in outputs], f"the adapter in {options.save_adapter}")
+        _commit_after_outputs(adapter_files, [str(p) for p in outputs], f"the adapter in {options.save_adapter}")
     events.progress("writing", len(outputs), len(outputs), "done")
     total = time.perf_counter() - started
     return {
@@ -206,7 +206,7 @@ def segment_files(
     }
 
 
-def commit_after_outputs(files: StagedOutputs, outputs: Sequence[str], what: str) -> None:
+def _commit_after_outputs(files: StagedOutputs, outputs: Sequence[str], what: str) -> None:
     """Commit ``files`` (written after ``outputs``, which are in place); a failure says so."""
     try:
         files.commit()
