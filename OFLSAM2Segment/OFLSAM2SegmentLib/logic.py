@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -889,7 +890,7 @@ def _adapter_warnings(config: RunConfig, plan: RunPlan) -> list[str]:
     from oflsam2.volume import intensity_summary
 
     folder = config.options.adapter
-    if not folder or plan.request is None:
+    if not folder or plan.request is None or os.path.isfile(folder):
         return []
     adapters = read_adapters(folder)
     target = intensity_summary(plan.request.image)

@@ -11,6 +11,8 @@ object slices from 3 volumes makes an adapter of about 265 MiB.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -57,7 +59,10 @@ def load_for_run(ctx: RunContext, support: SupportSet, head):
     folder = ctx.options.adapter
     if not folder:
         return None
-    chosen = require_adapter(list_adapters(folder), support.label, support.name, folder)
+    if Path(folder).is_file():  # one adapter's own file: it is the one
+        chosen = {"path": str(folder)}
+    else:
+        chosen = require_adapter(list_adapters(folder), support.label, support.name, folder)
     tensors, _ = load_adapter(chosen["path"], expected=expected_metadata(ctx))
     device = ctx.model.device
     try:
