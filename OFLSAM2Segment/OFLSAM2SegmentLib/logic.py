@@ -446,6 +446,7 @@ class OFLSAM2Logic:
         Blocking: returns the summary dict, raises the run's error, or :class:`Cancelled`.
         Non-blocking: returns the :class:`Run`.
         """
+        _check_slicer_version()
         if self.isRunning():
             raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
         if not waitForCompletion and self._pump is None and not hasattr(slicer, "app"):  # the Qt timer needs Slicer
@@ -965,6 +966,14 @@ def _check_input_nodes(volumeNode, segmentationNode, need_segmentation: bool = T
         raise InputError("Select the segmentation that holds the annotated slices.")
     if volumeNode.GetScene() is None or volumeNode.GetScene() is not segmentationNode.GetScene():
         raise InputError("The volume and the segmentation must be in the same scene.")
+
+
+def _check_slicer_version() -> None:
+    from .compatibility import unsupported_slicer_reason
+
+    unsupported = unsupported_slicer_reason(getattr(slicer, "app", None))
+    if unsupported:
+        raise InputError(unsupported)
 
 
 def _default_installer() -> None:

@@ -18,6 +18,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import device as devices
+from .compatibility import unsupported_slicer_reason
 from .logic import shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
@@ -43,6 +44,13 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from OFLSAM2Segment import OFLSAM2SegmentLogic
 
         ScriptedLoadableModuleWidget.setup(self)
+        unsupported = unsupported_slicer_reason(slicer.app)
+        if unsupported:  # Slicer too old: say so instead of a panel that cannot run
+            label = qt.QLabel(unsupported)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OFLSAM2Segment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -100,11 +108,15 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        if self.logic is None:  # the panel only says which Slicer it needs
+            return
         self._segmentationObserver.activate()
         self.initializeParameterNode()
         self.scheduleSupportUpdate()  # strokes made while the module was hidden
 
     def exit(self) -> None:
+        if self.logic is None:
+            return
         # Hidden module: Segment Editor strokes must not trigger support-list reads.
         self._segmentationObserver.deactivate()
         if self._supportTimer is not None:

@@ -201,6 +201,9 @@ def _python_helpers(session: SlicerSession) -> dict[str, types.ModuleType]:
         def __init__(self, parent=None):
             self.parent = parent
 
+        def setup(self):  # the real one adds the Reload & Test box to the panel's layout
+            self.layout = mock.MagicMock(name="layout")
+
         def onReload(self):
             session.reloaded = True
 
