@@ -236,6 +236,10 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.addItem(_("Local file..."), LOCAL_MODEL)
 
     def _showDeviceProbe(self) -> None:
+        if devices.no_local_pytorch_reason():  # macOS x86_64: Apply says it all, with what to do
+            self.ui.deviceInfoLabel.text = _("none: PyTorch cannot run in this Slicer on this Mac; compute on an "
+                                             "OFLSAM2 server (README: Compute on a server)")
+            return
         found = [d for d in devices.available_devices() if d != "cpu"]
         names = {"cuda": "NVIDIA (CUDA)", "mps": "Apple (MPS)"}
         self.ui.deviceInfoLabel.text = (
