@@ -88,7 +88,7 @@ ADAPTER_FIELDS = ("label", "model", "image_size", "preset", "axis")  # what a ru
 def read_adapters(path) -> list[dict]:
     """Metadata of the labels saved in an adapter folder (only the JSON files are read); each
     must hold the fields of :data:`ADAPTER_FIELDS`."""
-    from oflsam2.ofl.adapter import list_adapters
+    from oflsam2.ofl.adapter_metadata import list_adapters
 
     if not path or not os.path.isdir(path):
         raise InputError(f"The adapter folder {path} does not exist; give the folder written by 'Save adapter'.")
@@ -133,7 +133,7 @@ def check_outputs(config: RunConfig, target_names: list[str]) -> None:
 
 
 def _check_adapter_labels(path: str, target_names: list[str]) -> None:
-    from oflsam2.ofl.adapter import METADATA_SUFFIX, adapter_stem
+    from oflsam2.ofl.adapter_metadata import METADATA_SUFFIX, adapter_stem
 
     adapters = read_adapters(path)
     held = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"

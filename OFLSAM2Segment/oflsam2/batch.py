@@ -390,7 +390,7 @@ def check_job(job: BatchJob, out_dir) -> Path:
 def check_adapter_fits(folder, settings: ModelSettings) -> None:
     """Refuse, before any case runs, an adapter folder trained on another model or input size
     (the checkpoint hash, preset and axis are checked per case when it is loaded)."""
-    from .ofl.adapter import list_adapters
+    from .ofl.adapter_metadata import list_adapters
 
     adapters = list_adapters(folder)
     if not adapters:

@@ -13,41 +13,32 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AdapterError
 from ..version import __version__
+from .adapter_metadata import (  # noqa: F401  (list_adapters, adapter_stem and the names: this module's API too)
+    FORMAT_VERSION,
+    KIND,
+    METADATA_SUFFIX,
+    REQUIRED_METADATA,
+    TENSORS_SUFFIX,
+    adapter_stem,
+    check_expected,
+    file_sha256,
+    find_metadata_file,
+    list_adapters,
+    read_metadata,
+)
 from .learner import FewShotLearner
-
-FORMAT_VERSION = 1
-KIND = "oflsam2-adapter"
-TENSORS_SUFFIX = ".safetensors"
-METADATA_SUFFIX = ".json"
-REQUIRED_METADATA = ("model", "config", "checkpoint_sha256", "image_size", "preset", "axis", "label", "label_name")
-
-# What to do when a field of the adapter differs from the current run.
-_ADVICE = {
-    "model": "select the model the adapter was trained with, or train a new adapter",
-    "config": "select the model the adapter was trained with, or train a new adapter",
-    "checkpoint_sha256": "use the checkpoint the adapter was trained with, or train a new adapter",
-    "image_size": "set the image size to the adapter's value, or train a new adapter",
-    "preset": "use the adapter's intensity preset, or train a new adapter",
-    "axis": "segment along the adapter's slice axis, or train a new adapter",
-}
-
-
-def adapter_stem(label_name: str | None, label: int) -> str:
-    """File name (without suffix) of a label's adapter: its name made filesystem-safe, else its id."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label_name or "").strip("._")
-    return safe or f"label_{label}"
 
 
 def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module | torch.Tensor], metadata: dict) -> Path:
@@ -99,57 +90,35 @@ def load_adapter(
     ``checkpoint_sha256``, ``image_size``, ``preset``, ``axis``...); every field given must
     match. Raises :class:`AdapterError` for a missing, incomplete, corrupt or mismatched adapter.
     """
-    metadata_path = _metadata_path(Path(path), label)
-    metadata = _read_metadata(metadata_path)
+    metadata_path = find_metadata_file(Path(path), label)
+    metadata = read_metadata(metadata_path)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
             f"Adapter {metadata_path}: format_version is {metadata.get('format_version')!r}, this engine "
             f"({__version__}) reads {FORMAT_VERSION}. Train the adapter again with this version."
         )
-    _check_expected(metadata_path, metadata, expected or {})
+    check_expected(metadata_path, metadata, expected or {})
     tensors_path = metadata_path.parent / str(metadata.get("tensors_file"))
     try:
-        digest = _sha256(tensors_path)
+        # Read, not memory-mapped (safetensors' load_file keeps the file mapped while its tensors
+        # live): Windows refuses to replace a mapped file, and an Update saves over the adapter it
+        # loaded. The bytes checked are the bytes loaded.
+        data = tensors_path.read_bytes()
     except OSError as error:
         raise AdapterError(
             f"Adapter {metadata_path}: its tensor file {tensors_path.name} cannot be read ({error}). "
             "Restore it or train the adapter again."
         ) from error
-    if digest != metadata.get("tensors_sha256"):
+    if hashlib.sha256(data).hexdigest() != metadata.get("tensors_sha256"):
         raise AdapterError(
             f"Adapter {metadata_path}: {tensors_path.name} does not match its metadata (truncated, modified, "
             "or left by an interrupted save). Train the adapter again."
         )
     try:
-        tensors = load_file(str(tensors_path), device="cpu")
+        tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"Adapter {metadata_path}: {tensors_path.name} is not a readable tensor file ({error}).") from error
     return tensors, metadata
-
-
-def list_adapters(directory: str | os.PathLike) -> list[dict]:
-    """Metadata of every adapter in ``directory`` (plus ``path``: its JSON file), by label id.
-
-    Only the JSON files are read; :func:`load_adapter` verifies the tensors.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError(f"Adapter directory {directory} does not exist.")
-    found = []
-    for json_path in sorted(directory.glob("*" + METADATA_SUFFIX)):
-        try:
-            metadata = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(metadata, dict) and metadata.get("kind") == KIND:
-            found.append({**metadata, "path": str(json_path)})
-    return sorted(found, key=_label_order)
-
-
-def _label_order(metadata: dict) -> tuple:
-    """Integer label ids in numeric order, anything else after them."""
-    label = metadata.get("label")
-    return (0, label, "") if isinstance(label, int) else (1, 0, str(label))
 
 
 def _flatten(modules: Mapping[str, nn.Module | torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,7 +159,7 @@ def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record:
         tensors_tmp = _temporary(directory, stem, temporary)
         save_file(tensors, tensors_tmp)
         _fsync(tensors_tmp)
-        record["tensors_sha256"] = _sha256(Path(tensors_tmp))
+        record["tensors_sha256"] = file_sha256(Path(tensors_tmp))
         metadata_tmp = _temporary(directory, stem, temporary)
         Path(metadata_tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync(metadata_tmp)
@@ -219,60 +188,3 @@ def _fsync(path: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _metadata_path(path: Path, label: str | int | None) -> Path:
-    """The JSON file of the adapter meant by ``path`` (and ``label`` for a directory)."""
-    if path.suffix in (TENSORS_SUFFIX, METADATA_SUFFIX):
-        return path.with_suffix(METADATA_SUFFIX)
-    if not path.is_dir():
-        raise AdapterError(f"No adapter at {path}: give an adapter directory or its .safetensors/.json file.")
-    adapters = list_adapters(path)
-    if label is None:
-        if len(adapters) == 1:
-            return Path(adapters[0]["path"])
-        names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
-        raise AdapterError(f"{path} holds adapters for: {names}. Say which label to use.")
-    if isinstance(label, str):
-        by_file = path / (adapter_stem(label, 0) + METADATA_SUFFIX)
-        if by_file.is_file():
-            return by_file
-    for adapter in adapters:
-        if str(label).casefold() in (str(adapter.get("label_name")).casefold(), str(adapter.get("label"))):
-            return Path(adapter["path"])
-    names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
-    raise AdapterError(f"No adapter for label {label!r} in {path} (it holds: {names}). Train one for this label first.")
-
-
-def _read_metadata(metadata_path: Path) -> dict:
-    try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise AdapterError(
-            f"Adapter metadata {metadata_path} is missing: the adapter is incomplete (an interrupted save?). "
-            "Train and save it again."
-        ) from error
-    except (OSError, ValueError) as error:
-        raise AdapterError(f"Adapter metadata {metadata_path} cannot be read ({error}). Train and save it again.") from error
-    if not isinstance(metadata, dict) or metadata.get("kind") != KIND:
-        raise AdapterError(f"{metadata_path} is not an OFLSAM2 adapter's metadata file.")
-    return metadata
-
-
-def _check_expected(metadata_path: Path, metadata: dict, expected: dict) -> None:
-    """Refuse the adapter if any field given in ``expected`` differs (JSON-normalised)."""
-    current = json.loads(json.dumps(expected))
-    problems = [
-        f"{field} is {metadata.get(field)!r} in the adapter but {value!r} now; "
-        f"{_ADVICE.get(field, 'match it or train a new adapter')}"
-        for field, value in current.items()
-        if metadata.get(field) != value
-    ]
-    if problems:
-        raise AdapterError(f"Adapter {metadata_path} does not fit this run: " + "; ".join(problems) + ".")
