@@ -19,7 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from . import device as devices
 from .compatibility import unsupported_slicer_reason
-from .logic import shutdown_shared_worker
+from .logic import RELOAD_REASON, shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from .progress import progress_text, support_line
@@ -101,8 +101,9 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         re-executes only that file): its imports load the Lib afresh, in dependency order, and
         Slicer builds the new panel from the new widget class. Dropped rather than
         ``importlib.reload``-ed: a reload keeps names a change removed and needs a hand-kept order.
-        The next run starts a new worker with the new code."""
-        shutdown_shared_worker()
+        The next run starts a new worker with the new code; a run in progress is cancelled and
+        its segments restored first."""
+        shutdown_shared_worker(RELOAD_REASON)
         for name in [n for n in sys.modules if n == "OFLSAM2SegmentLib" or n.startswith("OFLSAM2SegmentLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)

@@ -162,10 +162,11 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.modelComboBox.setItemData(0, tooltip, qt.Qt.ToolTipRole)
 
     def logic(self):
-        """The run logic; its worker (and SAM2 model) is the one the module uses."""
-        if self._logic is None:
-            from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+        """The run logic; its worker (and SAM2 model) is the one the module uses. Made again
+        after the module's Reload replaced the Lib (this effect object stays registered)."""
+        from OFLSAM2SegmentLib.logic import OFLSAM2Logic
 
+        if not isinstance(self._logic, OFLSAM2Logic):
             self._logic = OFLSAM2Logic()
         return self._logic
 

@@ -353,6 +353,61 @@ def test_reloading_the_module_stops_its_worker_and_the_reloaded_module_starts_a_
     scene.Clear(1)
 
 
+def test_a_reload_during_a_run_restores_the_segments_first_and_keeps_one_worker_per_slicer(slicer_core):
+    """Reload mid-run: the run's Qt timer goes with the old panel, so the reload itself must
+    cancel the run and put the segments back before it stops the worker, and the run must end
+    saying why (before: the segments kept the run's planes, the run never ended, and a timer
+    that survived read planes from a removed folder: "a result plane could not be read").
+    Afterwards the effect, which Slicer does not reload, and any logic of the old code share the
+    reloaded module's one worker (before: the effect's old logic started a second one)."""
+    from loading_rules import load_like_slicer, load_source_as_module
+    from mrml_helpers import read_segments
+    from test_slicer_loading import MODULE_DIR, editor_scene
+
+    scene = editor_scene(slicer_core.vtkMRMLScene())
+    with load_like_slicer(MODULE_DIR, scene) as session:
+        from OFLSAM2SegmentLib.testing import make_annotated_volume
+
+        old_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
+        volume, segmentation, ids = make_annotated_volume(scene, shape=(8, 32, 32))
+        before = read_segments(segmentation, volume)
+        # The fake engine built on this session's engine modules (its Cancelled is the worker's).
+        engines = load_source_as_module("fakes_of_the_session", str(Path(__file__).with_name("fakes.py")))
+        sys.modules.pop("fakes_of_the_session")
+        gate = threading.Event()  # never set: the engine stops after two planes
+        old_logic_module._shared_worker = old_logic_module.Worker(lambda s: engines.CopyEngine(s, block=gate, block_after=2))
+        logic = session.module.OFLSAM2SegmentLogic()  # its pump is a Qt timer: one that never fires here
+        texts = []
+        run = logic.process(volume, segmentation, ids[:1], method="sam2", waitForCompletion=False,
+                            progressCallback=lambda stage, done, total, text: texts.append((stage, text)),
+                            randomWeights=True, device="cpu")
+        deadline = time.monotonic() + 30
+        while sum(run._written.values()) < 2:  # two timer ticks' worth of planes reach the segment
+            old_logic_module.drain(run)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not np.array_equal(read_segments(segmentation, volume)[ids[0]], before[ids[0]])
+        effect_logic = session.registered_effects[0].logic()
+
+        object.__new__(session.module.OFLSAM2SegmentWidget).onReload()
+
+        assert run.state == "cancelled" and run.restored, (run.state, run.error)
+        after = read_segments(segmentation, volume)
+        for segment_id in before:
+            np.testing.assert_array_equal(after[segment_id], before[segment_id])
+        stage, text = texts[-1]
+        assert stage == "cancelled" and "stopped for a reload" in text and "could not be read" not in text, text
+
+        load_source_as_module("OFLSAM2Segment", str(Path(MODULE_DIR) / "OFLSAM2Segment.py"))
+        new_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
+        assert new_logic_module is not old_logic_module
+        worker = new_logic_module.shared_worker()
+        assert old_logic_module.shared_worker() is worker and logic.worker is worker and effect_logic.worker is worker
+        effect_logic = session.registered_effects[0].logic()
+        assert isinstance(effect_logic, new_logic_module.OFLSAM2Logic) and effect_logic.worker is worker
+    scene.Clear(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests, cancel and kill
 
