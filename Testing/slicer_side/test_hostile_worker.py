@@ -534,6 +534,31 @@ def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worke
     assert leftovers(temp) == [], "the client's temp folder was left behind"
 
 
+def test_a_worker_whose_launcher_was_killed_is_replaced_and_its_interpreter_ends(worker_python, private_tmp):
+    """Only the launcher dies (someone killed the process Slicer started): the interpreter lives
+    on, holding the model. The next request starts a new worker and the old one must end: its
+    stdin is closed and its process tree killed before it is replaced (before: it ran on)."""
+    from process_helpers import process_alive
+
+    if not worker_python.launcher:
+        pytest.skip("needs a launcher in front of the interpreter")
+    worker = Worker(python=worker_python())
+    worker.start()
+    interpreter, launcher = wait_for_interpreter(worker), worker.pid
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not worker.alive and process_alive(interpreter)  # nothing ties the interpreter to its launcher
+
+    job = worker.submit(DownloadRequest("no-such-model"))
+    assert finish(job, 60)[-1][0] == MessageKind.ERROR and worker.pid != launcher
+    assert wait_gone(interpreter), "the replaced worker's interpreter lives on"
+    processes = process_tree(worker.pid)
+    worker.shutdown()
+    assert wait_gone(*processes) and leftovers(private_tmp) == []
+
+
 def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outlive_shutdown(private_tmp, worker_python):
     worker = Worker(python=worker_python())
     job = worker.submit(small_request(shape=(3, 32, 32)))

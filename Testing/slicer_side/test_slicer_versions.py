@@ -24,8 +24,6 @@ pytestmark = pytest.mark.slicer
 
 from loading_rules import OWN_MODULES, load_like_slicer  # noqa: E402
 
-from OFLSAM2SegmentLib.compatibility import MINIMUM_SLICER_VERSION, unsupported_slicer_reason  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "OFLSAM2Segment"
 
@@ -87,6 +85,8 @@ def test_what_python_3_9_loads_is_not_flagged(source):
 
 
 def test_the_minimum_slicer_version_is_declared_in_the_extension_metadata():
+    from OFLSAM2SegmentLib.compatibility import MINIMUM_SLICER_VERSION
+
     cmake = "\n".join(line.split("#", 1)[0] for line in (REPO / "CMakeLists.txt").read_text(encoding="utf-8").splitlines())
     declared = re.search(r'set\(EXTENSION_MINIMUM_SLICER_VERSION\s+"([\d.]+)"\)', cmake)
     assert declared and tuple(int(n) for n in declared.group(1).split(".")) == MINIMUM_SLICER_VERSION == (5, 10)
@@ -98,6 +98,8 @@ def test_the_minimum_slicer_version_is_declared_in_the_extension_metadata():
 def test_an_older_slicer_loads_the_module_which_says_which_version_it_needs():
     scene = editor_scene()
     with load_like_slicer(MODULE_DIR, scene, version=(5, 8)) as session:
+        from OFLSAM2SegmentLib.compatibility import unsupported_slicer_reason
+
         reason = unsupported_slicer_reason(session.app, (3, 9))
         assert "needs 3D Slicer 5.10 or later" in reason and "Slicer 5.8" in reason
         assert session.instance.parent.helpText.startswith("OFLSAM2 needs 3D Slicer 5.10 or later; this is Slicer 5.8")
@@ -119,6 +121,8 @@ def test_an_older_slicer_loads_the_module_which_says_which_version_it_needs():
 def test_slicer_5_10_gets_the_module_and_its_effect():
     scene = editor_scene()
     with load_like_slicer(MODULE_DIR, scene, version=(5, 10)) as session:
+        from OFLSAM2SegmentLib.compatibility import unsupported_slicer_reason
+
         assert unsupported_slicer_reason(session.app) is None
         assert len(session.registered_effects) == 1
         assert "needs 3D Slicer" not in session.instance.parent.helpText
