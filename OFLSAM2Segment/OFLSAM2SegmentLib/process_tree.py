@@ -31,6 +31,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 
 # Windows constants (winnt.h, processthreadsapi.h)
 CREATE_NO_WINDOW = 0x08000000
@@ -115,6 +116,7 @@ class JobObject:
 
     def __init__(self, kernel32=None):
         self._kernel32 = kernel32
+        self._lock = threading.Lock()  # kill comes from timer and reader threads: never on a closed handle
         self._job = None
         self._process = None
         self._interpreter = None  # handle of the reported interpreter (fallback, and to check its job)
@@ -141,35 +143,39 @@ class JobObject:
     def adopt(self, pid: int) -> None:
         """Hold the interpreter's handle, and put it in the job if the launcher started it too early."""
         kernel32 = self._kernel32
-        if kernel32 is None or self._interpreter is not None or not pid:
-            return
-        handle = kernel32.OpenProcess(PROCESS_TERMINATE | PROCESS_SET_QUOTA | PROCESS_QUERY_LIMITED_INFORMATION, 0, int(pid))
-        if not handle:
-            return
-        self._interpreter = handle
-        if self._job is not None:
-            inside = ctypes.c_int(0)
-            if kernel32.IsProcessInJob(handle, self._job, ctypes.byref(inside)) and not inside.value:
-                kernel32.AssignProcessToJobObject(self._job, handle)
+        with self._lock:
+            if kernel32 is None or self._interpreter is not None or not pid:
+                return
+            access = PROCESS_TERMINATE | PROCESS_SET_QUOTA | PROCESS_QUERY_LIMITED_INFORMATION
+            handle = kernel32.OpenProcess(access, 0, int(pid))
+            if not handle:
+                return
+            self._interpreter = handle
+            if self._job is not None:
+                inside = ctypes.c_int(0)
+                if kernel32.IsProcessInJob(handle, self._job, ctypes.byref(inside)) and not inside.value:
+                    kernel32.AssignProcessToJobObject(self._job, handle)
 
     def kill(self) -> None:
         kernel32 = self._kernel32
         if kernel32 is None:
             return
-        if self._job is not None and kernel32.TerminateJobObject(self._job, KILLED_EXIT_CODE):
-            return
-        if self._interpreter is not None:
-            kernel32.TerminateProcess(self._interpreter, KILLED_EXIT_CODE)
+        with self._lock:
+            if self._job is not None and kernel32.TerminateJobObject(self._job, KILLED_EXIT_CODE):
+                return
+            if self._interpreter is not None:
+                kernel32.TerminateProcess(self._interpreter, KILLED_EXIT_CODE)
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
 
     def close(self) -> None:
         """Let go of the handles (closing the job's last one ends whatever is still in it)."""
-        for name in ("_interpreter", "_job"):
-            handle = getattr(self, name)
-            if handle is not None:
-                self._kernel32.CloseHandle(handle)
-                setattr(self, name, None)
+        with self._lock:
+            for name in ("_interpreter", "_job"):
+                handle = getattr(self, name)
+                if handle is not None:
+                    self._kernel32.CloseHandle(handle)
+                    setattr(self, name, None)
 
 
 def process_tree(os_name: str = os.name):

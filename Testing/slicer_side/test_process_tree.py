@@ -116,6 +116,8 @@ def test_the_launcher_goes_into_a_job_that_kills_on_close():
     assert not kernel32.named("TerminateProcess") and not process.killed
     job.close()
     assert ("CloseHandle", 900) in kernel32.calls
+    job.kill()  # a late grace-kill timer: never on the closed handle
+    assert kernel32.named("TerminateJobObject") == [("TerminateJobObject", 900)]
 
 
 @pytest.mark.parametrize("already_in_job", [True, False])
