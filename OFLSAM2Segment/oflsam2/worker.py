@@ -234,9 +234,9 @@ class Server:
             options = dataclasses.replace(options, adapter=self._kept[2])
         if ofl and options.save_adapter is None:  # keep this run's head for the next update
             if self._state is None:
-                import tempfile
+                from .worker_state import new_state_folder
 
-                self._state = Path(tempfile.mkdtemp(prefix="oflsam2-worker-state-"))
+                self._state = new_state_folder()
             options = dataclasses.replace(options, save_adapter=str(self._state / "adapter"))
         events = _StreamEvents(self, job, folder, token)
         engine = self.engine_for(settings)
@@ -367,11 +367,14 @@ def _json_default(value):
 
 
 def main() -> int:
+    from .worker_state import remove_stale_state_folders
+
     # The protocol owns the real stdout; anything else printed (libraries, C code) goes to stderr.
     events = io.TextIOWrapper(os.fdopen(os.dup(sys.stdout.fileno()), "wb"), encoding="utf-8", newline="\n")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    remove_stale_state_folders()  # left by workers that were killed
     server = Server(events)
     try:
         server.serve(requests)

@@ -1,10 +1,15 @@
 """Saved OFL-SAM2 adapters: the trained parts of one label, reusable on new volumes.
 
-An adapter is two files in a directory, named after the label (name, or id if unnamed):
+An adapter is two files in a directory, named after the label (name, or id if unnamed; see
+:mod:`oflsam2.adapter_labels` for how a run's label finds its adapter):
 ``<label>.safetensors`` (the tensors: lift, AFM, λ and whatever else the caller saves) and
 ``<label>.json`` (what it was trained with and on which SAM2). The JSON records the SHA256 of
 the tensor file and is written last, so it is the commit record: an interrupted save leaves
 either the previous adapter intact, or files that refuse to load — never a mix that loads.
+Both files get the permissions of the files they replace, or the umask's for new ones.
+
+Loading trusts nothing in the files: the tensor file must lie in the adapter's folder, every
+tensor must be finite and of a plausible magnitude, and metadata fields must have their types.
 """
 
 from __future__ import annotations
@@ -23,25 +28,36 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapter_labels import adapter_stem
 from ..errors import AdapterError
+from ..outputs import StagedOutputs, apply_destination_mode
 from ..version import __version__
-from .adapter_metadata import (  # noqa: F401  (list_adapters, adapter_stem and the names: this module's API too)
+from .adapter_metadata import (  # noqa: F401  (the names and list_adapters: this module's API too)
     FORMAT_VERSION,
     KIND,
     METADATA_SUFFIX,
     REQUIRED_METADATA,
     TENSORS_SUFFIX,
-    adapter_stem,
     check_expected,
     file_sha256,
     find_metadata_file,
     list_adapters,
     read_metadata,
+    tensors_file_path,
 )
 from .learner import FewShotLearner
 
+# A trained head and its support features are far below this; a larger (or non-finite) value is
+# a damaged or forged file, whose masks would be empty or garbage without any other sign.
+MAX_TENSOR_MAGNITUDE = 1e6
 
-def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module | torch.Tensor], metadata: dict) -> Path:
+
+def save_adapter(
+    directory: str | os.PathLike,
+    modules: Mapping[str, nn.Module | torch.Tensor],
+    metadata: dict,
+    staged: StagedOutputs | None = None,
+) -> Path:
     """Write one label's adapter into ``directory`` (created if needed); return the tensor file.
 
     ``modules``: named modules (their state dicts are stored as ``<name>.<key>``) and/or named
@@ -50,6 +66,10 @@ def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module |
     version, engine version, creation time and — found among ``modules`` — the learner's kernel
     size are added. An existing adapter of the same label is replaced; on any error the
     directory keeps what it had before (or, at worst, files that refuse to load).
+
+    ``staged``: write the files under temporary names and let that
+    :class:`~oflsam2.outputs.StagedOutputs` move them into place (tensors, then JSON) when it
+    commits, together with the caller's other outputs; until then the previous adapter stays.
     """
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
@@ -70,9 +90,12 @@ def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module |
     )
     directory = Path(directory)
     try:
+        if staged is not None:  # folders made for the adapter go again if it is discarded
+            for folder in reversed([d for d in (directory, *directory.parents) if not d.exists()]):
+                staged.remove_if_empty(folder)
         directory.mkdir(parents=True, exist_ok=True)
         _refuse_other_label(directory / (stem + METADATA_SUFFIX), metadata)
-        return _write(directory, stem, tensors, record)
+        return _write(directory, stem, tensors, record, staged)
     except OSError as error:
         raise AdapterError(f"Cannot write the adapter into {directory}: {error}. Choose a writable directory with free space.") from error
 
@@ -97,8 +120,11 @@ def load_adapter(
             f"Adapter {metadata_path}: format_version is {metadata.get('format_version')!r}, this engine "
             f"({__version__}) reads {FORMAT_VERSION}. Train the adapter again with this version."
         )
+    missing = [key for key in (*REQUIRED_METADATA, "tensors_file", "tensors_sha256") if key not in metadata]
+    if missing:
+        raise AdapterError(f"Adapter {metadata_path} lacks {', '.join(missing)}: it was edited or is damaged. Train it again.")
     check_expected(metadata_path, metadata, expected or {})
-    tensors_path = metadata_path.parent / str(metadata.get("tensors_file"))
+    tensors_path = tensors_file_path(metadata_path, metadata["tensors_file"])
     try:
         # Read, not memory-mapped (safetensors' load_file keeps the file mapped while its tensors
         # live): Windows refuses to replace a mapped file, and an Update saves over the adapter it
@@ -118,6 +144,7 @@ def load_adapter(
         tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"Adapter {metadata_path}: {tensors_path.name} is not a readable tensor file ({error}).") from error
+    _check_values(metadata_path, tensors)
     return tensors, metadata
 
 
@@ -149,8 +176,9 @@ def _refuse_other_label(metadata_path: Path, metadata: dict) -> None:
         )
 
 
-def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict) -> Path:
-    """Temp files first, then the tensors and finally the JSON are moved into place."""
+def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict, staged: StagedOutputs | None) -> Path:
+    """Temp files first, then the tensors and finally the JSON are moved into place (by
+    ``staged`` when it commits, if given)."""
     tensors_path = directory / (stem + TENSORS_SUFFIX)
     metadata_path = directory / (stem + METADATA_SUFFIX)
     temporary = []
@@ -163,6 +191,12 @@ def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record:
         metadata_tmp = _temporary(directory, stem, temporary)
         Path(metadata_tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync(metadata_tmp)
+        if staged is not None:
+            staged.adopt(Path(tensors_tmp), tensors_path)
+            staged.adopt(Path(metadata_tmp), metadata_path)
+            return tensors_path
+        apply_destination_mode(tensors_tmp, tensors_path)
+        apply_destination_mode(metadata_tmp, metadata_path)
         os.replace(tensors_tmp, tensors_path)
         replaced_tensors = True
         os.replace(metadata_tmp, metadata_path)
@@ -179,12 +213,27 @@ def _temporary(directory: Path, stem: str, registry: list[str]) -> str:
     handle, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
     os.close(handle)
     registry.append(name)
-    os.chmod(name, 0o644)  # mkstemp makes owner-only files; adapters are meant to be shared
     return name
 
 
 def _fsync(path: str) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
+
+
+def _check_values(metadata_path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse non-finite or implausibly large tensors (they load, then segment nothing)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        values = tensor.float()
+        if not bool(torch.isfinite(values).all()):
+            raise AdapterError(f"Adapter {metadata_path}: tensor {name!r} holds NaN or infinite values; the adapter is "
+                               "damaged (or was trained into divergence). Train it again.")
+        largest = float(values.abs().max())
+        if largest > MAX_TENSOR_MAGNITUDE:
+            raise AdapterError(f"Adapter {metadata_path}: tensor {name!r} holds values up to {largest:.3g}, far beyond "
+                               f"what training produces (at most {MAX_TENSOR_MAGNITUDE:.0e}); the adapter is damaged. "
+                               "Train it again.")
 
 
