@@ -13,6 +13,7 @@ the Slicer-free engine ``oflsam2``. Batch use from the Python console::
 
 import enum
 import importlib.util
+import logging
 import os
 import sys
 from typing import Annotated
@@ -26,6 +27,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadab
 
 from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS, MethodOptions
 from oflsam2.volume import PRESETS
+from OFLSAM2SegmentLib.compatibility import unsupported_slicer_reason
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
 from OFLSAM2SegmentLib.options import AXES, METHOD_DEFAULT_MODEL
 from OFLSAM2SegmentLib.widget import OFLSAM2SegmentWidget  # noqa: F401  (Slicer looks the panel up here)
@@ -56,6 +58,11 @@ finished run. Also available as the "OFL-SAM2" effect of the Segment Editor.
         self.parent.acknowledgementText = _("""
 Built on SAM2 (Meta, Apache-2.0). OFL-SAM2 and RevSAM2 are implemented from their papers.
 """)
+        unsupported = unsupported_slicer_reason(slicer.app)
+        if unsupported:  # the module loads and says what it needs; no effect, no worker
+            self.parent.helpText = unsupported + "\n" + self.parent.helpText
+            logging.warning(unsupported)
+            return
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
         slicer.app.connect("aboutToQuit()", shutdownWorker)
 

@@ -246,3 +246,33 @@ def test_incomplete_metadata_or_tensors_are_programming_errors(tmp_path):
     with pytest.raises(ValueError, match="not a tensor"):
         save_adapter(tmp_path, {"x": 3}, metadata())
     assert files(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/maps"), reason="reads this process's file mappings from /proc")
+def test_a_loaded_adapter_maps_no_file_so_an_update_can_replace_it(tmp_path, monkeypatch):
+    """An ``ofl`` Update on the CPU loads the head it saved and saves over it while the loaded
+    tensors live. Windows refuses to replace a file mapped into memory (MoveFileEx fails with
+    ERROR_USER_MAPPED_FILE), and safetensors' ``load_file`` keeps the file mapped while its
+    tensors live. Here ``os.replace`` follows Windows' rule: it refuses a destination that
+    /proc/self/maps shows mapped (before: the Update failed on Windows)."""
+    save_adapter(tmp_path, modules(seed=0), metadata())
+    tensors, _ = load_adapter(tmp_path, label="liver")
+    tensor_file = str(tmp_path / "liver.safetensors")
+
+    def mapped(path) -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip("\n").endswith(" " + path) for line in maps)
+
+    real_replace = os.replace
+
+    def replace_as_windows_does(source, target):
+        if mapped(os.fspath(target)):
+            raise PermissionError(13, "The requested operation cannot be performed on a file with a user-mapped section open")
+        real_replace(source, target)
+
+    monkeypatch.setattr(adapter_module.os, "replace", replace_as_windows_does)
+    assert not mapped(tensor_file), "the loaded adapter keeps its file mapped"
+    save_adapter(tmp_path, modules(seed=1), metadata())  # the Update's save, the old tensors still in use
+    assert tensors["afm.gate.weight"].sum().isfinite()
+    updated, _ = load_adapter(tmp_path, label="liver")
+    assert torch.equal(updated["afm.gate.weight"], modules(seed=1)["afm"].gate.weight)

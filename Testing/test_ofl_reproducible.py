@@ -106,11 +106,29 @@ def test_deterministic_mode_restores_the_callers_torch_settings(tiny_model, chao
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # ...off after
 
 
-def _recording_events(seen):
+def test_deterministic_mode_covers_the_encoding_so_every_executor_computes_the_same(tiny_model, chaos_crop):
+    """The slices are encoded with deterministic kernels and one thread too: a Ray actor (one
+    thread) and a local run (the process's threads) must encode identically (before: encoding ran
+    outside deterministic mode, and a Ray experiment's Dice differed from the local one in the
+    7th digit)."""
+    image, labels = chaos_crop
+    settings = ModelSettings(random_weights=True, device="cpu", image_size=tiny_model.image_size, deterministic=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a local run on a 2-core machine
+    seen = []
+    try:
+        Engine(settings, model=tiny_model).segment(image, support(labels), method="forward", preset="mr",
+                                                   events=_recording_events(seen, stages=("encoding",)))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(flags == (True, 1) for flags in seen), seen
+
+
+def _recording_events(seen, stages=("training", "propagating")):
     from oflsam2.events import Events
 
     def on_progress(stage, done, total, message=""):
-        if stage in ("training", "propagating"):
+        if stage in stages:
             seen.append((torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()))
 
     return Events(on_progress=on_progress)

@@ -57,11 +57,16 @@ def missing_requirements(requirements: list[str]) -> list[str]:
 def ensure_dependencies(requirements_path: Path = REQUIREMENTS_PATH) -> None:
     """Make sure torch, sam2 and the rest are installed, asking the user first.
 
-    Raises :class:`InstallError` when the PyTorch extension is missing, torch is too old, or
-    the user declines.
+    Raises :class:`InstallError` when no PyTorch for SAM2 exists for this Slicer (macOS x86_64),
+    the PyTorch extension is missing, torch is too old, or the user declines.
     """
     import slicer
 
+    from .device import no_local_pytorch_reason
+
+    impossible = no_local_pytorch_reason()  # before any install: pip would only fail after a long download
+    if impossible:
+        raise InstallError(impossible)
     if slicer.app.testingEnabled():
         log.info("OFLSAM2: testing mode, no package is installed")
         return

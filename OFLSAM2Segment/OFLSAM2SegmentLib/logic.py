@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -40,7 +41,8 @@ from .worker import DownloadRequest, GpuOutOfMemory, MessageKind, SegmentRequest
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.03  # blocking mode: worker wait between two rounds of Slicer event processing
-MESSAGES_PER_DRAIN = 64  # bound one timer tick so the GUI stays responsive during bursts
+SHUTDOWN_WAIT_SECONDS = 5.0  # a run stopped by a shutdown: how long past the cancel's grace kill it may take to end
+DRAIN_SECONDS = 0.03  # one timer tick applies messages for about this long at most: bursts never stall the GUI
 TERMINAL_STAGES = ("completed", "cancelled", "failed")
 
 ProgressCallback = Callable[[str, int, int, str], None]  # (stage, done, total, text)
@@ -292,16 +294,20 @@ class Run:
                 log.exception("OFLSAM2: the progress callback failed")
 
 
-def drain(run: Run, max_messages: int = MESSAGES_PER_DRAIN) -> bool:
+def drain(run: Run, budget_seconds: float = DRAIN_SECONDS, clock: Callable[[], float] = time.monotonic) -> bool:
     """Apply the worker's queued messages to the scene; True once the run has ended.
 
     Plain function (no Qt): the Slicer timer calls it every 100 ms, blocking mode after each
-    wait, tests directly. Slice writes are grouped under one render pause.
+    wait, tests directly. Slice writes are grouped under one render pause. At least one message
+    is applied, then more until ``budget_seconds`` have passed (by ``clock``): the rest waits
+    for the next tick, so a burst of planes (a plane costs milliseconds to write on a large
+    volume) never holds Slicer's main thread for long.
     """
+    deadline = clock() + budget_seconds
     with _render_blocker():
-        for count, message in enumerate(run.job.messages()):
+        for message in run.job.messages():
             run.handle(message)
-            if run.finished or count + 1 >= max_messages:
+            if run.finished or clock() >= deadline:
                 break
     job = run.job
     if not run.finished and job.finished.is_set() and job.results.empty():  # ended without a final message
@@ -353,26 +359,41 @@ class _SceneWatch:
 
 
 _shared_worker: Worker | None = None
+QUIT_REASON = "The OFLSAM2 worker was stopped because Slicer is quitting."
+RELOAD_REASON = "The OFLSAM2 worker was stopped for a reload of the module."
 
 
 def shared_worker() -> Worker:
     """The one worker (and so the one SAM2 model) of this Slicer session. Its process starts
-    on the first run and is started again by the next run if it died."""
+    on the first run and is started again by the next run if it died. After a Reload, logic
+    objects of the old code (the effect's, the console's) get the reloaded module's worker: one
+    worker per Slicer process."""
+    current = sys.modules.get(__name__)
+    if current is not None and current.shared_worker is not shared_worker:  # this module was replaced by a Reload
+        return current.shared_worker()
     global _shared_worker
     if _shared_worker is None:
         _shared_worker = Worker()
     return _shared_worker
 
 
-def shutdown_shared_worker() -> None:
-    """Stop the session's worker process (Slicer quits, the module is reloaded): a run in
-    progress is cancelled and its segments restored by the next drain."""
+def shutdown_shared_worker(reason: str = QUIT_REASON) -> None:
+    """Stop the session's worker process (Slicer quits, the module is reloaded). A run in
+    progress is cancelled and finished here, its segments restored, before the worker stops:
+    nothing may be left for a timer that a Reload is about to drop."""
     global _shared_worker
     worker, _shared_worker = _shared_worker, None
-    if worker is not None:
-        if worker.active_run is not None:
-            worker.active_run.cancel("The OFLSAM2 worker was shut down (Slicer quit or the module was reloaded).")
-        worker.shutdown()
+    if worker is None:
+        return
+    run = worker.active_run
+    if run is not None and not run.finished:
+        run.cancel(reason)
+        deadline = time.monotonic() + worker.grace_seconds + SHUTDOWN_WAIT_SECONDS  # the grace kill comes first
+        while not drain(run) and time.monotonic() < deadline:
+            run.job.finished.wait(POLL_SECONDS)
+        if not run.finished:  # the worker never answered, even to its kill: put the segments back now
+            run.handle((MessageKind.CANCELLED,))
+    worker.shutdown(reason=reason)
 
 
 class OFLSAM2Logic:
@@ -448,6 +469,7 @@ class OFLSAM2Logic:
         Blocking: returns the summary dict, raises the run's error, or :class:`Cancelled`.
         Non-blocking: returns the :class:`Run`.
         """
+        _check_slicer_version()
         if self.isRunning():
             raise RuntimeError("An OFLSAM2 run is already in progress; cancel it or wait until it ends.")
         if not waitForCompletion and self._pump is None and not hasattr(slicer, "app"):  # the Qt timer needs Slicer
@@ -1016,6 +1038,14 @@ def _check_input_nodes(volumeNode, segmentationNode, need_segmentation: bool = T
         raise InputError("Select the segmentation that holds the annotated slices.")
     if volumeNode.GetScene() is None or volumeNode.GetScene() is not segmentationNode.GetScene():
         raise InputError("The volume and the segmentation must be in the same scene.")
+
+
+def _check_slicer_version() -> None:
+    from .compatibility import unsupported_slicer_reason
+
+    unsupported = unsupported_slicer_reason(getattr(slicer, "app", None))
+    if unsupported:
+        raise InputError(unsupported)
 
 
 def _default_installer() -> None:

@@ -88,7 +88,7 @@ ADAPTER_FIELDS = ("label", "model", "image_size", "preset", "axis")  # what a ru
 def read_adapters(path) -> list[dict]:
     """Metadata of the labels saved in an adapter folder (only the JSON files are read); each
     must hold the fields of :data:`ADAPTER_FIELDS`."""
-    from oflsam2.ofl.adapter import list_adapters
+    from oflsam2.ofl.adapter_metadata import list_adapters
 
     if path and os.path.isfile(path):
         raise InputError(f"{path} is a file; give the adapter folder that holds it ({os.path.dirname(path) or '.'}), "

@@ -18,7 +18,8 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import device as devices
-from .logic import shutdown_shared_worker
+from .compatibility import unsupported_slicer_reason
+from .logic import RELOAD_REASON, shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from .progress import progress_text, support_line
@@ -43,6 +44,13 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from OFLSAM2Segment import OFLSAM2SegmentLogic
 
         ScriptedLoadableModuleWidget.setup(self)
+        unsupported = unsupported_slicer_reason(slicer.app)
+        if unsupported:  # Slicer too old: say so instead of a panel that cannot run
+            label = qt.QLabel(unsupported)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OFLSAM2Segment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -93,18 +101,23 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         re-executes only that file): its imports load the Lib afresh, in dependency order, and
         Slicer builds the new panel from the new widget class. Dropped rather than
         ``importlib.reload``-ed: a reload keeps names a change removed and needs a hand-kept order.
-        The next run starts a new worker with the new code."""
-        shutdown_shared_worker()
+        The next run starts a new worker with the new code; a run in progress is cancelled and
+        its segments restored first."""
+        shutdown_shared_worker(RELOAD_REASON)
         for name in [n for n in sys.modules if n == "OFLSAM2SegmentLib" or n.startswith("OFLSAM2SegmentLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        if self.logic is None:  # the panel only says which Slicer it needs
+            return
         self._segmentationObserver.activate()
         self.initializeParameterNode()
         self.scheduleSupportUpdate()  # strokes made while the module was hidden
 
     def exit(self) -> None:
+        if self.logic is None:
+            return
         # Hidden module: Segment Editor strokes must not trigger support-list reads.
         self._segmentationObserver.deactivate()
         if self._supportTimer is not None:
@@ -224,6 +237,10 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.addItem(_("Local file..."), LOCAL_MODEL)
 
     def _showDeviceProbe(self) -> None:
+        if devices.no_local_pytorch_reason():  # macOS x86_64: Apply says it all, with what to do
+            self.ui.deviceInfoLabel.text = _("none: PyTorch cannot run in this Slicer on this Mac; compute on an "
+                                             "OFLSAM2 server (README: Compute on a server)")
+            return
         found = [d for d in devices.available_devices() if d != "cpu"]
         names = {"cuda": "NVIDIA (CUDA)", "mps": "Apple (MPS)"}
         self.ui.deviceInfoLabel.text = (

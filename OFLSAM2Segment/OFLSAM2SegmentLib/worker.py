@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -55,12 +56,18 @@ from oflsam2 import errors as engine_errors
 from oflsam2.errors import OFLSAM2Error
 from oflsam2.worker import PROTOCOL_VERSION, Server, is_out_of_memory
 
+from .process_tree import process_tree
+
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_SECONDS = 5.0  # after a cancel message, the worker is killed if the job has not ended
 SHUTDOWN_SECONDS = 5.0
 START_TIMEOUT_SECONDS = 120.0  # from the start to the worker's hello (it imports only numpy by then)
 STDERR_LINES_KEPT = 30  # the worker's last stderr lines, quoted when it dies
+# CTKAppLauncher (PythonSlicer) when its child ended by a signal or crashed: this line on stderr,
+# then exit code 1 (ctkAppLauncherPrivate::applicationFinished, QProcess::CrashExit).
+LAUNCHER_ABNORMAL_EXIT = re.compile(r"^error: \[.*\] exit abnormally - Report the problem\.$")
+LAUNCHER_ABNORMAL_EXIT_CODE = 1
 
 
 class MessageKind(str, enum.Enum):
@@ -203,6 +210,8 @@ class Transport:
         self.start_timer: threading.Timer | None = None
         self.command: list | None = None  # how the worker was started, quoted when it cannot start
         self.root: Path | None = None  # the folder the worker accepts request folders in (None: the transport's own rule)
+        self.interpreter_pid: int | None = None  # the pid the worker reported in its hello (behind any launcher)
+        self.kill_reason = ""  # why this side ended the worker, when it did
 
     def send(self, message: dict) -> None:
         line = json.dumps(message) + "\n"
@@ -250,8 +259,16 @@ class Transport:
     alive: bool
     pid: int | None
 
-    def kill(self) -> None:
+    def adopt(self, pid: int) -> None:
+        """The worker reported its own pid (``hello``): the interpreter behind any launcher."""
+        self.interpreter_pid = pid
+
+    def kill(self, reason: str = "") -> None:
+        """End the worker and everything it started; ``reason`` is quoted if a job was still running."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Let go of what the transport holds once the worker has ended."""
 
     def wait(self, timeout: float) -> bool:
         """Wait until the worker has ended; True if it did."""
@@ -275,26 +292,29 @@ def engine_folder() -> str:
 
 
 class ProcessTransport(Transport):
-    """``<python> -m oflsam2.worker [--root ROOT]`` with pipes; stderr is kept for the error message."""
+    """``<python> -m oflsam2.worker [--root ROOT]`` with pipes; stderr is kept for the error message.
+
+    In Slicer ``<python>`` is the ``PythonSlicer`` launcher, whose child is the interpreter
+    (see :mod:`.process_tree`): ``kill`` ends the launcher, the interpreter and whatever they started.
+    """
 
     def __init__(self, on_event, python: str | None = None, extra_env: dict | None = None, root: Path | None = None):
         super().__init__(on_event)
         env = os.environ.copy()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_folder(), env.get("PYTHONPATH", "")) if p)
         env.update(extra_env or {})
-        kwargs = {}
-        if os.name == "nt":  # no console window (as slicer.util.launchConsoleProcess does)
-            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
+        self._tree = process_tree()
         self.command = [python or default_python(), "-m", "oflsam2.worker", *(["--root", str(root)] if root else [])]
         self.root = Path(root) if root else None
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                cwd=engine_folder(), **kwargs,
+                cwd=engine_folder(), **self._tree.popen_options(),
             )
         except OSError as exc:
             raise WorkerStartError(f"The OFLSAM2 worker could not start with the interpreter {self.command[0]!r}: "
                                    f"{exc.strerror or exc}. {WORKER_FIX}") from exc
+        self._tree.started(self._process)
         self.pid = self._process.pid
         self._input = io.TextIOWrapper(self._process.stdin, encoding="utf-8", newline="\n", write_through=True)
         self.stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
@@ -306,9 +326,18 @@ class ProcessTransport(Transport):
     def alive(self) -> bool:
         return self._process.poll() is None and not self.connection_ended
 
-    def kill(self) -> None:
+    def adopt(self, pid: int) -> None:
+        super().adopt(pid)
+        self._tree.adopt(pid)
+
+    def kill(self, reason: str = "") -> None:
+        self.kill_reason = self.kill_reason or reason
+        self._tree.kill()  # also when the launcher has ended: the interpreter may live on
         if self._process.poll() is None:
             self._process.kill()
+
+    def release(self) -> None:
+        self._tree.close()
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -325,7 +354,16 @@ class ProcessTransport(Transport):
             code = self._process.wait(2.0)
         except subprocess.TimeoutExpired:
             return "it stopped answering"
-        if code < 0:
+        self._stderr_reader.join(1.0)
+        tail = list(self.stderr_tail)
+        if self.kill_reason:
+            how = f"it was stopped: {self.kill_reason}"
+        elif code == LAUNCHER_ABNORMAL_EXIT_CODE and tail and LAUNCHER_ABNORMAL_EXIT.match(tail[-1]):
+            # What PythonSlicer tells when its python-real died of a signal: the signal itself never reaches us.
+            tail.pop()
+            how = ("the Python interpreter behind Slicer's launcher (PythonSlicer) ended abnormally: it was killed, "
+                   "for instance by the system when memory ran out, or it crashed")
+        elif code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
@@ -335,8 +373,7 @@ class ProcessTransport(Transport):
                 how += ", for instance by the system when memory ran out"
         else:
             how = f"it exited with code {code}"
-        self._stderr_reader.join(1.0)
-        tail = "\n".join(self.stderr_tail)
+        tail = "\n".join(tail)
         return how + (f". Its last output:\n{tail}" if tail else "")
 
     def _read_stderr(self) -> None:
@@ -377,7 +414,8 @@ class ThreadTransport(Transport):
     def alive(self) -> bool:
         return self._thread.is_alive() and not self.connection_ended
 
-    def kill(self) -> None:
+    def kill(self, reason: str = "") -> None:
+        self.kill_reason = self.kill_reason or reason
         self.close_input()
 
     def wait(self, timeout: float) -> bool:
@@ -436,6 +474,8 @@ class Job:
                 try:
                     message = (*message[:4], np.load(path, allow_pickle=False))
                 except (OSError, ValueError) as exc:  # the run fails (and restores) instead of the timer
+                    if self.cancel_requested:  # a cancelled run writes no plane: its outcome comes next
+                        continue
                     message = (MessageKind.ERROR, WorkerError(f"A result plane from the worker could not be read: {exc}"), "")
                 finally:
                     _remove(path)
@@ -451,7 +491,8 @@ def _remove(path) -> None:
         pass
 
 
-TransportFactory = Callable[[Callable[[Transport, dict | None], None]], Transport]
+# Evaluated at import: typing's Optional, since Slicer < 5.10 (Python 3.9) must import this file.
+TransportFactory = Callable[[Callable[[Transport, Optional[dict]], None]], Transport]
 
 
 class Worker:
@@ -501,7 +542,13 @@ class Worker:
 
     @property
     def pid(self) -> int | None:
+        """The process this side started (in Slicer: the PythonSlicer launcher)."""
         return self.transport.pid if self.transport is not None else None
+
+    @property
+    def interpreter_pid(self) -> int | None:
+        """The worker's own process, as it reported it (in Slicer: python-real, the launcher's child)."""
+        return self.transport.interpreter_pid if self.transport is not None else None
 
     def start(self) -> None:
         """Start the worker now if it is not running (``submit`` does it on demand)."""
@@ -538,13 +585,15 @@ class Worker:
             raise
         return job
 
-    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS, reason: str = "the worker was shut down") -> None:
         """Stop the worker (its current job is cancelled) and remove the temp folder; the next
-        ``submit`` starts a new one. Kills it if it has not ended after ``timeout`` seconds."""
+        ``submit`` starts a new one. Kills it if it has not ended after ``timeout`` seconds, and
+        anything it started that outlived it; a job still running is told ``reason``."""
         with self._lock:
             transport, self.transport = self.transport, None
             root, self._root = self._root, None
         if transport is not None:
+            transport.kill_reason = transport.kill_reason or reason
             if transport.start_timer is not None:
                 transport.start_timer.cancel()
             try:
@@ -553,16 +602,18 @@ class Worker:
                 pass
             transport.close_input()
             if not transport.wait(timeout):
-                transport.kill()
+                transport.kill(f"{reason}, and it did not stop within {timeout:.0f} s")
                 transport.wait(timeout)
+            transport.kill()  # what it started and left behind
+            transport.release()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 
-    def kill(self) -> None:
-        """End the worker at once (cancel that did not finish in time); its jobs are told."""
+    def kill(self, reason: str = "it was killed on request") -> None:
+        """End the worker and everything it started at once; its jobs are told ``reason``."""
         transport = self.transport
         if transport is not None:
-            transport.kill()
+            transport.kill(reason)
 
     # -----------------------------------------------------------------------------------------
 
@@ -582,7 +633,14 @@ class Worker:
         if self.transport is not None and self.transport.alive:
             if self.transport.root in (None, self._root):
                 return
-            self.transport.close_input()  # it serves a root that is gone: it ends, and a new one serves the new root
+            self.transport.close_input()  # it serves a root that is gone: it ends by itself, a new one serves the new root
+        elif self.transport is not None:  # ended, or only its launcher did: nothing of it may stay behind
+            old = self.transport
+            if old.start_timer is not None:
+                old.start_timer.cancel()
+            old.close_input()
+            old.kill("a new worker replaced it")
+            old.release()
         self.protocol = self.startup_seconds = None
         self.started_at = time.perf_counter()
         if self._transport_gets_root:
@@ -611,7 +669,7 @@ class Worker:
         if not transport.said_hello and not transport.connection_ended:
             log.warning("OFLSAM2: the worker did not start within %.0f s; killing it", self.start_timeout)
             transport.start_timed_out = True
-            transport.kill()
+            transport.kill(f"it did not start within {self.start_timeout:.0f} s")
 
     def _send_cancel(self, job: Job) -> None:
         transport = job.transport
@@ -627,7 +685,7 @@ class Worker:
     def _kill_if_running(self, job: Job, transport: Transport) -> None:
         if not job.finished.is_set():
             log.warning("OFLSAM2: the worker did not stop within %.0f s of the cancel; killing it", self.grace_seconds)
-            transport.kill()
+            transport.kill(f"it did not stop within {self.grace_seconds:.0f} s of the cancel")
 
     def _on_event(self, transport: Transport, event: dict | None) -> None:
         """Reader thread: route one worker event to its job."""
@@ -644,8 +702,9 @@ class Worker:
                 self.startup_seconds = time.perf_counter() - self.started_at
             if self.protocol != PROTOCOL_VERSION:
                 log.error("OFLSAM2 worker speaks protocol %s, this module %s", self.protocol, PROTOCOL_VERSION)
-                if transport is not None:
-                    transport.kill()
+                transport.kill(f"it speaks protocol {self.protocol}, this module {PROTOCOL_VERSION}")
+            elif isinstance(event.get("pid"), int):
+                transport.adopt(event["pid"])
             return
         job = self._jobs.get(event.get("job"))
         if job is None or job.transport is not transport:

@@ -15,7 +15,8 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS
+from oflsam2.settings import DEFAULT_METHOD, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS
+from OFLSAM2SegmentLib.device import available_devices
 from OFLSAM2SegmentLib.options import METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
 from OFLSAM2SegmentLib.review_view import QualityReview, new_quality_table
@@ -73,7 +74,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
 
         self.deviceComboBox = qt.QComboBox()
-        for name in DEVICES:
+        for name in ["auto", *available_devices()]:  # what this machine has (no MPS under Rosetta 2)
             self.deviceComboBox.addItem(name, name)
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
 
@@ -161,10 +162,11 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.modelComboBox.setItemData(0, tooltip, qt.Qt.ToolTipRole)
 
     def logic(self):
-        """The run logic; its worker (and SAM2 model) is the one the module uses."""
-        if self._logic is None:
-            from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+        """The run logic; its worker (and SAM2 model) is the one the module uses. Made again
+        after the module's Reload replaced the Lib (this effect object stays registered)."""
+        from OFLSAM2SegmentLib.logic import OFLSAM2Logic
 
+        if not isinstance(self._logic, OFLSAM2Logic):
             self._logic = OFLSAM2Logic()
         return self._logic
 

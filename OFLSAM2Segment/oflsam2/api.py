@@ -161,7 +161,8 @@ class Engine:
         events.progress("loading", 1, 1, f"{self.settings.model} on {model.device}")
         target = self.feature_cache(apply_preset(image, preset), axis)
         if update is None:  # an update encodes only the slices it visits
-            target.encode(events=events)
+            with torch.no_grad(), deterministic_mode(self.settings.deterministic):  # as the methods: the same features
+                target.encode(events=events)  # whatever this process's thread count (Ray actors run with fewer)
         ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
         ctx.previous = update
         ctx.staged = staged

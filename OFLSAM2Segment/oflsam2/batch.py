@@ -470,7 +470,7 @@ def check_job(job: BatchJob, out_dir) -> Path:
 def check_adapter_fits(folder, settings: ModelSettings) -> None:
     """Refuse, before any case runs, an adapter folder trained on another model or input size
     (the checkpoint hash, preset and axis are checked per case when it is loaded)."""
-    from .ofl.adapter import list_adapters
+    from .ofl.adapter_metadata import list_adapters
 
     adapters = list_adapters(folder)
     if not adapters:
@@ -492,7 +492,7 @@ def check_adapter_labels(folder, labels, names) -> None:
     """Refuse, before the model loads, a label the adapter folder has no adapter for (by the
     rule the loader applies, :mod:`oflsam2.adapter_labels`); no ``labels``: the folder's own."""
     from .adapter_labels import UNNAMED, describe, require_adapter
-    from .ofl.adapter import list_adapters
+    from .ofl.adapter_metadata import list_adapters
 
     adapters = list_adapters(folder)
     values = [a.get("label") for a in adapters]

@@ -365,7 +365,7 @@ def adapter_settings(folder) -> dict:
     """The model and image size every adapter in ``folder`` was trained with (the defaults of a
     run that uses them); empty when there is no readable adapter there or they disagree."""
     from .errors import AdapterError
-    from .ofl.adapter import list_adapters
+    from .ofl.adapter_metadata import list_adapters
 
     if folder is None or not Path(folder).is_dir():
         return {}

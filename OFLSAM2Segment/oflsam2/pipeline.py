@@ -292,7 +292,7 @@ def _read_adapters(folder) -> list[dict]:
     """The metadata of every adapter in ``folder`` (none when no folder is given)."""
     if folder is None:
         return []
-    from .ofl.adapter import list_adapters
+    from .ofl.adapter_metadata import list_adapters
 
     found = list_adapters(folder)
     if not found:

@@ -33,3 +33,25 @@ def scene(slicer_core):
     scene = slicer_core.vtkMRMLScene()
     yield scene
     scene.Clear(1)
+
+
+@pytest.fixture(params=["plain Python", "PythonSlicer launcher"])
+def worker_python(request, tmp_path_factory):
+    """How the worker is started: ``worker_python(interpreter=None)`` gives the ``python``
+    argument of ``Worker``. Plain: the interpreter itself (None: this Python). Launcher: a
+    ``PythonSlicer`` stand-in (``app_launcher``, written from CTKAppLauncher's source) whose
+    ``python-real`` is that interpreter, as ``sys.executable`` is in Slicer."""
+    if request.param == "plain Python":
+        def plain(interpreter=None):
+            return interpreter
+
+        plain.launcher = False
+        return plain
+
+    def through_launcher(interpreter=None):
+        from app_launcher import install
+
+        return install(tmp_path_factory.mktemp("Slicer 5.10"), interpreter or sys.executable)
+
+    through_launcher.launcher = True
+    return through_launcher

@@ -3,6 +3,9 @@
 
 Reproduced from Slicer's source (Slicer/Slicer, 5.10 to main, checked at 583e9b37d5):
 
+0. ``Base/QTCore/qSlicerCoreApplication.cxx`` (``handleCommandLineArguments``): ``sys.executable``
+   is set to ``PythonSlicer`` (``QStandardPaths::findExecutable``), the CTKAppLauncher that starts
+   the real interpreter as its child; here a stand-in written from its source (``app_launcher``).
 1. ``Base/QTGUI/qSlicerScriptedLoadableModuleFactory.cxx`` (``ctkFactoryScriptedItem::load``):
    a module that is not built into Slicer gets its folder *appended* to ``sys.path``
    (``qSlicerCorePythonManager::appendPythonPath``: ``os.path.abspath``, only if absent).
@@ -35,13 +38,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import types
 import unittest
 from pathlib import Path
 from unittest import mock
 
 import slicer
+from app_launcher import install as install_python_launcher
 
 OWN_MODULES = ("OFLSAM2Segment", "OFLSAM2SegmentLib", "OFLSAM2SegmentTest", "SegmentEditorOFLSAM2Lib", "oflsam2")
 
@@ -65,9 +71,10 @@ def append_python_path(path) -> None:
 class FakeApp:
     """``slicer.app``: Qt-style string signals, event processing, testing mode."""
 
-    def __init__(self):
+    def __init__(self, version=(5, 10)):
         self.connections: dict[str, list] = {}
         self.processed_events = 0
+        self.majorVersion, self.minorVersion = version  # qSlicerCoreApplication's properties
 
     def connect(self, signal, slot):
         self.connections.setdefault(signal, []).append(slot)
@@ -163,10 +170,10 @@ class ScriptedEffect:
 class SlicerSession:
     """What a started Slicer holds after loading the module (see :func:`load_like_slicer`)."""
 
-    def __init__(self, module_dir: Path, scene):
+    def __init__(self, module_dir: Path, scene, version=(5, 10)):
         self.module_dir = Path(module_dir)
         self.scene = scene
-        self.app = FakeApp()
+        self.app = FakeApp(version)
         self.effect_modules: list[str] = []
         self.registered_effects: list = []
         self.editor = None  # a vtkSlicerSegmentEditorLogic, once set up
@@ -193,6 +200,9 @@ def _python_helpers(session: SlicerSession) -> dict[str, types.ModuleType]:
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
             self.parent = parent
+
+        def setup(self):  # the real one adds the Reload & Test box to the panel's layout
+            self.layout = mock.MagicMock(name="layout")
 
         def onReload(self):
             session.reloaded = True
@@ -234,16 +244,21 @@ def _python_helpers(session: SlicerSession) -> dict[str, types.ModuleType]:
 
 
 @contextlib.contextmanager
-def load_like_slicer(module_dir, scene):
-    """Start a "Slicer" that loads the module in ``module_dir`` (rules 1-4), emit
+def load_like_slicer(module_dir, scene, version=(5, 10)):
+    """Start a "Slicer" (``version``: its major and minor version) whose ``sys.executable`` is a
+    ``PythonSlicer`` launcher (rule 0), that loads the module in ``module_dir`` (rules 1-4), emit
     ``startupCompleted()`` (which registers the effect, rule 5), and yield the
-    :class:`SlicerSession`. ``sys.path``, ``sys.modules`` and ``slicer`` are put back afterwards."""
-    session = SlicerSession(module_dir, scene)
+    :class:`SlicerSession`. ``sys.path``, ``sys.modules``, ``sys.executable`` and ``slicer`` are
+    put back afterwards."""
+    session = SlicerSession(module_dir, scene, version)
     saved_path = list(sys.path)
     saved_modules = {n: m for n, m in sys.modules.items() if n.split(".")[0] in OWN_MODULES}
     repo_module_dirs = {os.path.abspath(p) for p in sys.path if os.path.isdir(os.path.join(p or ".", "OFLSAM2SegmentLib"))}
     mocked = set()
     with contextlib.ExitStack() as stack:
+        slicer_home = tempfile.mkdtemp(prefix="Slicer home ")
+        stack.callback(shutil.rmtree, slicer_home, True)
+        stack.enter_context(mock.patch.object(sys, "executable", install_python_launcher(Path(slicer_home), sys.executable)))
         stack.callback(_restore_modules, mocked, saved_modules)
         for name in saved_modules:
             del sys.modules[name]

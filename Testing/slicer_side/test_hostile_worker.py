@@ -4,7 +4,9 @@ full, removed, or named with spaces and non-ASCII letters. Each case must end wi
 (or a working run), no process left behind and no temp files left over.
 
 Real processes run a tiny shell script in place of the interpreter where the interpreter's
-behaviour is the point; the fake-engine thread transport where the model is not."""
+behaviour is the point; the fake-engine thread transport where the model is not. Tests that
+start a worker process run twice (``worker_python``): with the interpreter itself, and with it
+as ``python-real`` behind a stand-in of Slicer's ``PythonSlicer`` launcher (``app_launcher``)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakes import CopyEngine
+from process_helpers import process_tree, wait_for_interpreter, wait_gone
 
 from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
 from OFLSAM2SegmentLib.worker import (
@@ -36,27 +39,6 @@ from OFLSAM2SegmentLib.worker import (
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell scripts as fake interpreters")
 
 SETTINGS = ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[-1][0] != "Z"
-    except OSError:
-        return True
-
-
-def wait_gone(pid: int, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not process_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def fake_python(folder: Path, body: str) -> str:
@@ -133,13 +115,14 @@ def test_process_with_a_missing_interpreter_raises_it_and_leaves_the_segmentatio
 
 
 @pytest.mark.parametrize("interpreter", ["not python", "python without numpy"])
-def test_an_interpreter_that_cannot_run_the_worker_names_it_and_the_fix(tmp_path, private_tmp, interpreter):
+def test_an_interpreter_that_cannot_run_the_worker_names_it_and_the_fix(tmp_path, private_tmp, interpreter, worker_python):
     if interpreter == "not python":
         python = fake_python(tmp_path, "echo 'this is not Python' >&2\nexit 3\n")
     else:
         python = shutil.which("python3", path="/usr/bin:/bin")
         if python is None or subprocess.run([python, "-c", "import numpy"], capture_output=True).returncode == 0:
             pytest.skip("needs a system python3 without numpy")
+    python = worker_python(python)
     worker = Worker(python=python)
     job = worker.submit(small_request())
     messages = finish(job, 30)
@@ -154,8 +137,8 @@ def test_an_interpreter_that_cannot_run_the_worker_names_it_and_the_fix(tmp_path
     assert leftovers(private_tmp) == []
 
 
-def test_a_worker_that_never_says_hello_is_killed_and_the_run_fails(tmp_path, private_tmp):
-    python = fake_python(tmp_path, "exec sleep 600\n")
+def test_a_worker_that_never_says_hello_is_killed_and_the_run_fails(tmp_path, private_tmp, worker_python):
+    python = worker_python(fake_python(tmp_path, f"echo $$ > '{tmp_path}/pid'\nexec sleep 600\n"))
     worker = Worker(python=python, start_timeout=1.0)
     started = time.monotonic()
     job = worker.submit(small_request())
@@ -164,22 +147,23 @@ def test_a_worker_that_never_says_hello_is_killed_and_the_run_fails(tmp_path, pr
     assert time.monotonic() - started < 20
     assert messages[-1][0] == MessageKind.ERROR and isinstance(messages[-1][1], WorkerDied)
     assert "did not start within 1 s" in str(messages[-1][1]) and python in str(messages[-1][1])
-    assert wait_gone(job.transport.pid)
+    assert wait_gone(job.transport.pid, int((tmp_path / "pid").read_text()))
     worker.shutdown()
     assert leftovers(private_tmp) == []
 
 
-def test_a_worker_of_another_protocol_version_fails_the_run_with_what_to_do(tmp_path, private_tmp):
-    python = fake_python(tmp_path, """\
-        echo '{"event": "hello", "protocol": 99, "pid": 1, "python": "3"}'
+def test_a_worker_of_another_protocol_version_fails_the_run_with_what_to_do(tmp_path, private_tmp, worker_python):
+    python = worker_python(fake_python(tmp_path, f"""\
+        echo $$ > '{tmp_path}/pid'
+        echo '{{"event": "hello", "protocol": 99, "pid": 1, "python": "3"}}'
         exec sleep 600
-    """)
+    """))
     worker = Worker(python=python)
     job = worker.submit(small_request())
     messages = finish(job, 30)
     assert messages[-1][0] == MessageKind.ERROR
     assert "protocol 99" in str(messages[-1][1]) and "Reinstall the extension" in str(messages[-1][1])
-    assert wait_gone(job.transport.pid)
+    assert wait_gone(job.transport.pid, int((tmp_path / "pid").read_text()))
     worker.shutdown()
     assert leftovers(private_tmp) == []
 
@@ -188,7 +172,7 @@ def test_a_worker_of_another_protocol_version_fails_the_run_with_what_to_do(tmp_
 # The worker's output
 
 
-def test_junk_and_non_object_lines_on_the_workers_stdout_are_skipped(tmp_path, private_tmp):
+def test_junk_and_non_object_lines_on_the_workers_stdout_are_skipped(tmp_path, private_tmp, worker_python):
     """A library or a site hook that prints to stdout before the worker takes it over: text, a
     JSON list, an event without its fields. The worker must still serve (before: the reader
     thread died on the list, the run failed as 'worker died' and the live process was orphaned)."""
@@ -200,19 +184,20 @@ def test_junk_and_non_object_lines_on_the_workers_stdout_are_skipped(tmp_path, p
         echo '{{"event": "slice", "job": 1, "file": 3}}'
         exec "{sys.executable}" "$@"
     """)
-    worker = Worker(python=python)
+    worker = Worker(python=worker_python(python))
     job = worker.submit(DownloadRequest("no-such-model"))  # answered at once with an error event
     messages = finish(job, 60)
     pid = worker.pid
+    processes = process_tree(pid)
 
     assert messages[-1][0] == MessageKind.ERROR and not isinstance(messages[-1][1], WorkerDied)
     assert "no-such-model" in str(messages[-1][1])
     assert worker.alive and worker.pid == pid == job.transport.pid  # the same process serves on
     worker.shutdown()
-    assert wait_gone(pid) and leftovers(private_tmp) == []
+    assert wait_gone(*processes) and leftovers(private_tmp) == []
 
 
-def test_the_worker_exits_and_removes_the_arrays_when_its_client_dies_mid_run(tmp_path):
+def test_the_worker_exits_and_removes_the_arrays_when_its_client_dies_mid_run(tmp_path, worker_python):
     """Slicer crashes or is killed during a run: the worker sees the end of its stdin, stops the
     run, removes the volume copy the client left in the temp folder, and exits (no orphan).
     Before: the worker exited but the request's arrays stayed in the temp folder for good."""
@@ -223,7 +208,7 @@ def test_the_worker_exits_and_removes_the_arrays_when_its_client_dies_mid_run(tm
         import numpy as np
         from oflsam2.api import LabelSupport, MethodOptions, ModelSettings
         from OFLSAM2SegmentLib.worker import SegmentRequest, Worker
-        worker = Worker()
+        worker = Worker(python=sys.argv[1] or None)
         mask = np.zeros((4, 32, 32), bool)
         mask[1, 8:20, 8:20] = True
         settings = ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256)
@@ -232,14 +217,15 @@ def test_the_worker_exits_and_removes_the_arrays_when_its_client_dies_mid_run(tm
         deadline = time.monotonic() + 120
         while job.results.empty() and time.monotonic() < deadline:  # the run has started
             time.sleep(0.02)
-        print(worker.pid, worker.protocol, flush=True)
+        print(worker.pid, worker.interpreter_pid, worker.protocol, flush=True)
         os.kill(os.getpid(), 9)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temp))
-    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=180)
-    pid_text, protocol = done.stdout.split()
+    done = subprocess.run([sys.executable, "-c", client, worker_python() or ""], capture_output=True, text=True, env=env,
+                          timeout=180)
+    pid_text, interpreter_text, protocol = done.stdout.split()
     assert done.returncode == -signal.SIGKILL and protocol != "None"
-    assert wait_gone(int(pid_text), 30), "the worker outlived its killed client"
+    assert wait_gone(int(pid_text), int(interpreter_text), seconds=30), "the worker outlived its killed client"
     assert leftovers(temp) == [], "the killed client's arrays were left in the temp folder"
 
 
@@ -325,20 +311,20 @@ def test_a_request_folder_removed_mid_run_fails_the_run_and_the_next_run_works(p
     assert leftovers(private_tmp) == []
 
 
-def test_a_real_run_through_a_temp_folder_with_spaces_and_non_ascii_letters(tmp_path, monkeypatch):
+def test_a_real_run_through_a_temp_folder_with_spaces_and_non_ascii_letters(tmp_path, monkeypatch, worker_python):
     """Windows-like names (``C:\\Users\\José Müller\\AppData\\Local\\Temp``): the arrays and
     the planes travel through such a folder; nothing is left after the run or the shutdown."""
     temp = tmp_path / "Users" / "José Müller 日本" / "Local Temp"
     temp.mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    worker = Worker()
+    worker = Worker(python=worker_python())
     messages = finish(worker.submit(small_request(shape=(3, 32, 32))), 300)
     assert messages[-1][0] == MessageKind.DONE, messages[-1]
     assert sorted(m[3] for m in messages if m[0] == MessageKind.SLICE) == [0, 2]
     assert not any(p.name.startswith("job-") for p in temp.rglob("*"))
-    pid = worker.pid
+    processes = process_tree(worker.pid)
     worker.shutdown()
-    assert wait_gone(pid) and leftovers(temp) == []
+    assert wait_gone(*processes) and leftovers(temp) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,18 +364,73 @@ def test_reloading_the_module_stops_its_worker_and_the_reloaded_module_starts_a_
     scene.Clear(1)
 
 
+def test_a_reload_during_a_run_restores_the_segments_first_and_keeps_one_worker_per_slicer(slicer_core):
+    """Reload mid-run: the run's Qt timer goes with the old panel, so the reload itself must
+    cancel the run and put the segments back before it stops the worker, and the run must end
+    saying why (before: the segments kept the run's planes, the run never ended, and a timer
+    that survived read planes from a removed folder: "a result plane could not be read").
+    Afterwards the effect, which Slicer does not reload, and any logic of the old code share the
+    reloaded module's one worker (before: the effect's old logic started a second one)."""
+    from loading_rules import load_like_slicer, load_source_as_module
+    from mrml_helpers import read_segments
+    from test_slicer_loading import MODULE_DIR, editor_scene
+
+    scene = editor_scene(slicer_core.vtkMRMLScene())
+    with load_like_slicer(MODULE_DIR, scene) as session:
+        from OFLSAM2SegmentLib.testing import make_annotated_volume
+
+        old_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
+        volume, segmentation, ids = make_annotated_volume(scene, shape=(8, 32, 32))
+        before = read_segments(segmentation, volume)
+        # The fake engine built on this session's engine modules (its Cancelled is the worker's).
+        engines = load_source_as_module("fakes_of_the_session", str(Path(__file__).with_name("fakes.py")))
+        sys.modules.pop("fakes_of_the_session")
+        gate = threading.Event()  # never set: the engine stops after two planes
+        old_logic_module._shared_worker = old_logic_module.Worker(lambda s: engines.CopyEngine(s, block=gate, block_after=2))
+        logic = session.module.OFLSAM2SegmentLogic()  # its pump is a Qt timer: one that never fires here
+        texts = []
+        run = logic.process(volume, segmentation, ids[:1], method="sam2", waitForCompletion=False,
+                            progressCallback=lambda stage, done, total, text: texts.append((stage, text)),
+                            randomWeights=True, device="cpu")
+        deadline = time.monotonic() + 30
+        while sum(run._written.values()) < 2:  # two timer ticks' worth of planes reach the segment
+            old_logic_module.drain(run)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not np.array_equal(read_segments(segmentation, volume)[ids[0]], before[ids[0]])
+        effect_logic = session.registered_effects[0].logic()
+
+        object.__new__(session.module.OFLSAM2SegmentWidget).onReload()
+
+        assert run.state == "cancelled" and run.restored, (run.state, run.error)
+        after = read_segments(segmentation, volume)
+        for segment_id in before:
+            np.testing.assert_array_equal(after[segment_id], before[segment_id])
+        stage, text = texts[-1]
+        assert stage == "cancelled" and "stopped for a reload" in text and "could not be read" not in text, text
+
+        load_source_as_module("OFLSAM2Segment", str(Path(MODULE_DIR) / "OFLSAM2Segment.py"))
+        new_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
+        assert new_logic_module is not old_logic_module
+        worker = new_logic_module.shared_worker()
+        assert old_logic_module.shared_worker() is worker and logic.worker is worker and effect_logic.worker is worker
+        effect_logic = session.registered_effects[0].logic()
+        assert isinstance(effect_logic, new_logic_module.OFLSAM2Logic) and effect_logic.worker is worker
+    scene.Clear(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests, cancel and kill
 
 
-def test_a_request_line_without_a_known_type_is_answered_not_ignored(tmp_path):
+def test_a_request_line_without_a_known_type_is_answered_not_ignored(tmp_path, worker_python):
     """A request of a newer module (unknown type) or a truncated one: a line that names its job
     gets an error event for that job (before: ignored, and the client waited for ever); a line
     whose job cannot be read gets an error event for no job."""
     from OFLSAM2SegmentLib.worker import ProcessTransport
 
     events = []
-    transport = ProcessTransport(lambda t, event: events.append(event))
+    transport = ProcessTransport(lambda t, event: events.append(event), python=worker_python())
     transport.send({"job": 4, "folder": str(tmp_path)})
     transport.send({"type": "segment-v9", "job": 5})
     transport._input.write('{"type": "segment", "job": 6, "fold\n[1, 2]\n')  # truncated, then not an object
@@ -459,33 +500,34 @@ def test_rapid_repeated_runs_each_finish_and_leave_no_files(private_tmp):
     assert leftovers(private_tmp) == []
 
 
-def test_cancel_before_hello_and_kill_during_model_load_leave_no_files_and_the_next_run_works(private_tmp):
-    worker = Worker()
+def test_cancel_before_hello_and_kill_during_model_load_leave_no_files_and_the_next_run_works(private_tmp, worker_python):
+    worker = Worker(python=worker_python())
     job = worker.submit(small_request())
     job.cancel()  # the worker has not even said hello yet
     job.cancel()
     assert finish(job, 60)[-1][0] == MessageKind.CANCELLED
     pid = worker.pid
+    processes = process_tree(pid)
     assert worker.alive, "a cancel that the worker honoured must not kill it"
 
     job = worker.submit(small_request())
     deadline = time.monotonic() + 120
     while job.results.empty() and time.monotonic() < deadline:  # the first progress: the model is loading
         time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
+    os.kill(wait_for_interpreter(worker), signal.SIGKILL)
     messages = finish(job, 60)
     assert messages[-1][0] == MessageKind.ERROR and isinstance(messages[-1][1], WorkerDied)
-    assert "SIGKILL" in str(messages[-1][1])
+    assert "memory ran out" in str(messages[-1][1]) and "exited with code" not in str(messages[-1][1])
     assert not any(p.name.startswith("job-") for p in private_tmp.rglob("*"))
 
     job = worker.submit(DownloadRequest("no-such-model"))  # a new worker answers
     assert finish(job, 60)[-1][0] == MessageKind.ERROR and worker.pid != pid and worker.alive
-    new_pid = worker.pid
+    processes += process_tree(worker.pid)
     worker.shutdown()
-    assert wait_gone(pid) and wait_gone(new_pid) and leftovers(private_tmp) == []
+    assert wait_gone(*processes) and leftovers(private_tmp) == []
 
 
-def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp_path):
+def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp_path, worker_python):
     """The extension installed under ``C:/Users/José Müller/AppData/.../Slicer 5.8 Extensions``:
     the worker finds the engine through PYTHONPATH and its working folder."""
     module_dir = Path(__file__).resolve().parents[2] / "OFLSAM2Segment"
@@ -494,8 +536,9 @@ def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp
     for package in ("oflsam2", "OFLSAM2SegmentLib"):
         shutil.copytree(module_dir / package, installed / package, ignore=ignore)
     client = textwrap.dedent("""\
+        import sys
         from OFLSAM2SegmentLib.worker import DownloadRequest, Worker, engine_folder
-        worker = Worker()
+        worker = Worker(python=sys.argv[1] or None)
         job = worker.submit(DownloadRequest("no-such-model"))
         assert job.finished.wait(120)
         kind, error = list(job.messages())[-1][:2]
@@ -505,30 +548,32 @@ def test_a_module_folder_with_spaces_and_non_ascii_letters_starts_the_worker(tmp
     """)
     others = [p for p in sys.path if p and Path(p).resolve() != module_dir]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed), *others]), PYTHONIOENCODING="utf-8")
-    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, encoding="utf-8", env=env,
-                          cwd=tmp_path, timeout=180)
+    done = subprocess.run([sys.executable, "-c", client, worker_python() or ""], capture_output=True, text=True,
+                          encoding="utf-8", env=env, cwd=tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr
     folder, outcome = done.stdout.splitlines()[:2]
     assert Path(folder) == installed
     assert outcome.startswith("error") and "WorkerDied" not in outcome and "no-such-model" in outcome
 
 
-def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worker(tmp_path):
+def test_a_client_that_exits_without_shutdown_leaves_no_temp_folder_and_no_worker(tmp_path, worker_python):
     """A script (or a Slicer whose aboutToQuit handler never ran) that drops its Worker: the
     worker process ends with the pipes, and the temp folder with its job files goes with Python."""
     temp = tmp_path / "temp"
     temp.mkdir()
     client = textwrap.dedent("""\
+        import sys
         from OFLSAM2SegmentLib.worker import DownloadRequest, Worker
-        worker = Worker()
+        worker = Worker(python=sys.argv[1] or None)
         job = worker.submit(DownloadRequest("no-such-model"))
         assert job.finished.wait(120)  # its messages are never read: the job folder stays until exit
-        print(worker.pid, flush=True)
+        print(worker.pid, worker.interpreter_pid, flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temp))
-    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=180)
+    done = subprocess.run([sys.executable, "-c", client, worker_python() or ""], capture_output=True, text=True, env=env,
+                          timeout=180)
     assert done.returncode == 0, done.stderr
-    assert wait_gone(int(done.stdout.split()[0]), 30), "the worker outlived its client"
+    assert wait_gone(*map(int, done.stdout.split()), seconds=30), "the worker outlived its client"
     assert leftovers(temp) == [], "the client's temp folder was left behind"
 
 
@@ -549,20 +594,46 @@ def test_sigterm_to_the_worker_removes_its_state_folder_with_the_trained_head(tm
     assert len(states) == 1 and any(states[0].rglob("*.safetensors")), "no trained head was kept"
     pid = worker.pid
     os.kill(pid, signal.SIGTERM)
-    assert wait_gone(pid, 60)
+    assert wait_gone(pid, seconds=60)
     assert worker.transport._process.wait(10) == 128 + signal.SIGTERM
     assert not states[0].exists(), "the trained head was left in the temp folder"
     worker.shutdown()
     assert leftovers(temp) == []
 
 
-def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outlive_shutdown(private_tmp):
-    worker = Worker()
+def test_a_worker_whose_launcher_was_killed_is_replaced_and_its_interpreter_ends(worker_python, private_tmp):
+    """Only the launcher dies (someone killed the process Slicer started): the interpreter lives
+    on, holding the model. The next request starts a new worker and the old one must end: its
+    stdin is closed and its process tree killed before it is replaced (before: it ran on)."""
+    from process_helpers import process_alive
+
+    if not worker_python.launcher:
+        pytest.skip("needs a launcher in front of the interpreter")
+    worker = Worker(python=worker_python())
+    worker.start()
+    interpreter, launcher = wait_for_interpreter(worker), worker.pid
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not worker.alive and process_alive(interpreter)  # nothing ties the interpreter to its launcher
+
+    job = worker.submit(DownloadRequest("no-such-model"))
+    assert finish(job, 60)[-1][0] == MessageKind.ERROR and worker.pid != launcher
+    assert wait_gone(interpreter), "the replaced worker's interpreter lives on"
+    processes = process_tree(worker.pid)
+    worker.shutdown()
+    assert wait_gone(*processes) and leftovers(private_tmp) == []
+
+
+def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outlive_shutdown(private_tmp, worker_python):
+    worker = Worker(python=worker_python())
     job = worker.submit(small_request(shape=(3, 32, 32)))
     deadline = time.monotonic() + 120
     while job.results.empty() and time.monotonic() < deadline:
         time.sleep(0.02)
-    pid = worker.pid
+    pid = wait_for_interpreter(worker)
+    processes = process_tree(worker.pid)
     os.kill(pid, signal.SIGSTOP)
     time.sleep(0.5)
     os.kill(pid, signal.SIGCONT)
@@ -573,5 +644,5 @@ def test_a_stopped_and_continued_worker_finishes_and_a_frozen_one_does_not_outli
     os.kill(pid, signal.SIGSTOP)  # frozen when Slicer quits: shutdown kills it after its timeout
     started = time.monotonic()
     worker.shutdown(timeout=1.0)
-    assert time.monotonic() - started < 10 and wait_gone(pid, 10)
+    assert time.monotonic() - started < 10 and wait_gone(*processes, seconds=10)
     assert leftovers(private_tmp) == []

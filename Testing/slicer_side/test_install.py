@@ -156,3 +156,56 @@ def test_without_slicer_packaging_versions_outside_the_pins_are_installed(enviro
     requirements = [f"numpy>={major + 1}", f"numpy<{major}", f"numpy>={major},<{major + 1}", "not-a-real-package-xyz>=1"]
     assert install._unsatisfied(requirements) == [requirements[0], requirements[1], requirements[3]]
     assert install._unsatisfied(['numpy>=1; python_version < "3"']) == []  # marker does not apply
+
+
+@pytest.mark.parametrize("translated,where", [(True, "Slicer runs here as an Intel (x86_64) program under Rosetta 2"),
+                                              (False, "this is an Intel (x86_64) Mac")])
+def test_macos_x86_64_is_refused_before_any_install_with_what_to_do(environment, monkeypatch, translated, where):
+    """Slicer's macOS package runs as x86_64 (Rosetta 2 on Apple silicon): no PyTorch >= 2.5.1
+    exists there. One message says so and what to do; nothing is asked or installed (before:
+    PyTorch and sam2 installs were attempted and failed with a pip error)."""
+    from OFLSAM2SegmentLib import device
+
+    fake = environment(FakeSlicer())
+    monkeypatch.setattr(device.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(device, "runs_under_rosetta", lambda: translated)
+    with pytest.raises(InstallError) as raised:
+        install.ensure_dependencies()
+    text = str(raised.value)
+    assert text.startswith(f"OFLSAM2 cannot compute on this Mac: {where}, and PyTorch publishes no builds")
+    assert "2.5.1" in text and "Compute on an OFLSAM2 server" in text and 'README section "Compute on a server"' in text
+    assert "Traceback" not in text and fake.calls == []  # nothing asked, nothing installed
+    assert device.available_devices() == ["cpu"]  # and no MPS on offer
+
+
+def test_other_platforms_are_not_refused(monkeypatch):
+    from OFLSAM2SegmentLib import device
+
+    for system, machine in (("Linux", "x86_64"), ("Windows", "AMD64"), ("Darwin", "arm64")):
+        monkeypatch.setattr(device.platform, "system", lambda system=system: system)
+        monkeypatch.setattr(device.platform, "machine", lambda machine=machine: machine)
+        assert device.no_local_pytorch_reason() is None, (system, machine)
+
+
+@pytest.mark.parametrize("output,translated", [("1\n", True), ("0\n", False), ("", False)])
+def test_rosetta_is_read_from_sysctl(monkeypatch, tmp_path, output, translated):
+    """``sysctl -in sysctl.proc_translated``: 1 under Rosetta 2, 0 native, nothing on an Intel Mac."""
+    from OFLSAM2SegmentLib import device
+
+    sysctl = tmp_path / "sysctl"
+    sysctl.write_text(f"#!/bin/sh\nprintf '{output}'\n")
+    sysctl.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert device.runs_under_rosetta() is translated
+
+
+@pytest.mark.parametrize("machine,release,mps", [("arm64", "14.5", True), ("arm64", "12.3", True),
+                                                 ("arm64", "12.2.1", False), ("x86_64", "14.5", False)])
+def test_mps_is_offered_only_where_torch_has_it(monkeypatch, machine, release, mps):
+    from OFLSAM2SegmentLib import device
+
+    monkeypatch.setattr(device.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(device.platform, "machine", lambda: machine)
+    monkeypatch.setattr(device.platform, "mac_ver", lambda: (release, ("", "", ""), machine))
+    assert device.has_apple_gpu() is mps

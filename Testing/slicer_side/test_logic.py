@@ -150,6 +150,37 @@ def test_pumped_run_and_one_run_at_a_time(scene):
     worker.shutdown()
 
 
+def test_one_timer_tick_writes_planes_for_about_30_ms_at_most(scene):
+    """A burst of queued planes (a fast worker, a slow main thread) must not hold Slicer's main
+    thread: each tick stops once ``DRAIN_SECONDS`` have passed and leaves the rest to the next
+    one (before: up to 64 planes per tick, however long they took). Time is a counted clock
+    here: every plane write costs 12 ms of it, anything else none."""
+    from OFLSAM2SegmentLib.logic import DRAIN_SECONDS, drain
+
+    volume, segmentation, ids = annotated_case(scene)
+    clock = [0.0]
+
+    class SlowWriter(mrml_io.SegmentSliceWriter):
+        def write(self, segment_id, axis, index, plane):
+            clock[0] += 0.012
+            return super().write(segment_id, axis, index, plane)
+
+    pump = ManualPump()
+    logic, worker = make_logic(CopyEngine, pump)
+    run = logic.process(volume, segmentation, ids[:2], method="sam2", waitForCompletion=False,
+                        writer=SlowWriter(segmentation, mrml_io.volume_geometry(volume)), **FAST)
+    assert run.job.finished.wait(30)  # every plane (6 + 7) is queued: one burst
+    per_tick = []
+    while not run.finished:
+        written = sum(run._written.values())
+        drain(run, clock=lambda: clock[0])
+        per_tick.append(sum(run._written.values()) - written)
+    assert DRAIN_SECONDS == pytest.approx(0.03)
+    assert per_tick[:4] == [3, 3, 3, 3] and sum(per_tick) == 13, per_tick  # 3 x 12 ms reaches 30 ms
+    assert run.state == "completed" and run.summary["segments"][ids[0]]["written"] == 6
+    worker.shutdown()
+
+
 def test_editor_writer_and_editor_undo_are_used_when_given(scene):
     volume, segmentation, ids = annotated_case(scene)
     before = read_segments(segmentation, volume)

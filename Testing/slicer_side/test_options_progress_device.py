@@ -128,6 +128,7 @@ def test_gpu_probe_reads_the_system(monkeypatch):
     monkeypatch.setattr(device.shutil, "which", lambda name: None)
     monkeypatch.setattr(device.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(device.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(device.platform, "mac_ver", lambda: ("14.5", ("", "", ""), "arm64"))
     assert device.available_devices() == ["mps", "cpu"]
     monkeypatch.setattr(device.glob, "glob", lambda pattern: ["/dev/nvidia0"])
     assert device.available_devices()[0] == "cuda"

@@ -98,6 +98,9 @@ def test_process_runs_the_real_engine_in_the_worker_process(session, shared_data
     assert summary["engine"]["random_weights"] is True
     assert summary["model"] == summary["engine"]["model"] == "sam2.1-tiny"  # the engine's word for the model it ran
     assert logic.worker.pid is not None and logic.worker.pid != os.getpid()  # the engine ran in the worker process
+    # started as Slicer starts it: PythonSlicer (loading rule 0), whose child python-real ran the engine
+    assert logic.worker.transport.command[0] == sys.executable and os.path.basename(sys.executable) == "PythonSlicer"
+    assert logic.worker.interpreter_pid not in (None, logic.worker.pid)
     assert session.app.processed_events > 0  # the blocking wait let Slicer process its events
     after = read_segments(segmentation, volume)
     np.testing.assert_array_equal(after[ids[0]][1], before[ids[0]][1])
@@ -187,14 +190,16 @@ def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
 
 
 def test_quitting_slicer_stops_the_worker_process(session):
+    from process_helpers import wait_for_interpreter, wait_gone
+
     from OFLSAM2SegmentLib.logic import shared_worker
 
     worker = shared_worker()
     worker.start()
-    pid = worker.pid
-    assert process_alive(pid)
+    pid, interpreter = worker.pid, wait_for_interpreter(worker)
+    assert process_alive(pid) and process_alive(interpreter) and pid != interpreter
     session.app.emit("aboutToQuit()")
-    assert not process_alive(pid), "the worker process outlived Slicer"
+    assert wait_gone(pid, interpreter), "the worker process outlived Slicer"
     assert not worker.alive
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
 
 AGREEMENT_DICE = 0.98
 AGREEING_SLICES = 3
@@ -108,7 +107,7 @@ def tracking_quality(prediction, row: int = 0) -> dict:
     predicted IoU × presence; one predicted empty scores 1 − presence (how sure SAM2 is that the
     object is absent). Returns ``{"quality", "source", "iou", "presence"}``.
     """
-    presence = float(torch.sigmoid(prediction.object_score[row].float()).flatten()[0])
+    presence = float(prediction.object_score[row].float().sigmoid().flatten()[0])  # no torch import: review loads this module
     iou = float(prediction.iou[row].float().flatten()[0].clamp(0.0, 1.0)) if prediction.iou is not None else 1.0
     if bool((prediction.high_res[row] > 0).any()):
         return {"quality": iou * presence, "source": "iou_x_presence", "iou": iou, "presence": presence}

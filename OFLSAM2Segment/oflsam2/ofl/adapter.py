@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,39 +24,32 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from torch import nn
 
-from ..adapter_labels import adapter_stem, find_adapter
+from ..adapter_labels import adapter_stem
 from ..errors import AdapterError
 from ..outputs import StagedOutputs, apply_destination_mode, missing_folders, remove_empty_folders
 from ..version import __version__
+from .adapter_metadata import (  # noqa: F401  (the names and list_adapters: this module's API too)
+    FORMAT_VERSION,
+    KIND,
+    METADATA_SUFFIX,
+    REQUIRED_METADATA,
+    TENSORS_SUFFIX,
+    check_expected,
+    file_sha256,
+    find_metadata_file,
+    list_adapters,
+    read_metadata,
+    tensors_file_path,
+)
 from .learner import FewShotLearner
 
-FORMAT_VERSION = 1
-KIND = "oflsam2-adapter"
-TENSORS_SUFFIX = ".safetensors"
-METADATA_SUFFIX = ".json"
-REQUIRED_METADATA = ("model", "config", "checkpoint_sha256", "image_size", "preset", "axis", "label", "label_name")
 # A trained head and its support features are far below this; a larger (or non-finite) value is
 # a damaged or forged file, whose masks would be empty or garbage without any other sign.
 MAX_TENSOR_MAGNITUDE = 1e6
-# The type each metadata field must have when present (int excludes bool; float accepts int).
-_FIELD_TYPES = {
-    "label": int, "label_name": str, "model": str, "config": str, "checkpoint_sha256": str, "image_size": int,
-    "preset": str, "axis": int, "tensors_file": str, "tensors_sha256": str, "format_version": int,
-    "learner_kernel_size": int, "intensity": dict, "training": dict,
-}
-
-# What to do when a field of the adapter differs from the current run.
-_ADVICE = {
-    "model": "select the model the adapter was trained with, or train a new adapter",
-    "config": "select the model the adapter was trained with, or train a new adapter",
-    "checkpoint_sha256": "use the checkpoint the adapter was trained with, or train a new adapter",
-    "image_size": "set the image size to the adapter's value, or train a new adapter",
-    "preset": "use the adapter's intensity preset, or train a new adapter",
-    "axis": "segment along the adapter's slice axis, or train a new adapter",
-}
 
 
 def save_adapter(
@@ -127,8 +119,8 @@ def load_adapter(
     ``checkpoint_sha256``, ``image_size``, ``preset``, ``axis``...); every field given must
     match. Raises :class:`AdapterError` for a missing, incomplete, corrupt or mismatched adapter.
     """
-    metadata_path = _metadata_path(Path(path), label)
-    metadata = _read_metadata(metadata_path)
+    metadata_path = find_metadata_file(Path(path), label)
+    metadata = read_metadata(metadata_path)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
             f"Adapter {metadata_path}: format_version is {metadata.get('format_version')!r}, this engine "
@@ -137,53 +129,29 @@ def load_adapter(
     missing = [key for key in (*REQUIRED_METADATA, "tensors_file", "tensors_sha256") if key not in metadata]
     if missing:
         raise AdapterError(f"Adapter {metadata_path} lacks {', '.join(missing)}: it was edited or is damaged. Train it again.")
-    _check_expected(metadata_path, metadata, expected or {})
-    tensors_path = _tensors_path(metadata_path, metadata["tensors_file"])
+    check_expected(metadata_path, metadata, expected or {})
+    tensors_path = tensors_file_path(metadata_path, metadata["tensors_file"])
     try:
-        digest = _sha256(tensors_path)
+        # Read, not memory-mapped (safetensors' load_file keeps the file mapped while its tensors
+        # live): Windows refuses to replace a mapped file, and an Update saves over the adapter it
+        # loaded. The bytes checked are the bytes loaded.
+        data = tensors_path.read_bytes()
     except OSError as error:
         raise AdapterError(
             f"Adapter {metadata_path}: its tensor file {tensors_path.name} cannot be read ({error}). "
             "Restore it or train the adapter again."
         ) from error
-    if digest != metadata.get("tensors_sha256"):
+    if hashlib.sha256(data).hexdigest() != metadata.get("tensors_sha256"):
         raise AdapterError(
             f"Adapter {metadata_path}: {tensors_path.name} does not match its metadata (truncated, modified, "
             "or left by an interrupted save). Train the adapter again."
         )
     try:
-        tensors = load_file(str(tensors_path), device="cpu")
+        tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"Adapter {metadata_path}: {tensors_path.name} is not a readable tensor file ({error}).") from error
     _check_values(metadata_path, tensors)
     return tensors, metadata
-
-
-def list_adapters(directory: str | os.PathLike) -> list[dict]:
-    """Metadata of every adapter in ``directory`` (plus ``path``: its JSON file), by label id.
-
-    Only the JSON files are read (:func:`load_adapter` verifies the tensors); an adapter's JSON
-    whose fields have the wrong types is refused (:class:`AdapterError` naming the file).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError(f"Adapter directory {directory} does not exist.")
-    found = []
-    for json_path in sorted(directory.glob("*" + METADATA_SUFFIX)):
-        try:
-            metadata = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(metadata, dict) and metadata.get("kind") == KIND:
-            _check_types(json_path, metadata)
-            found.append({**metadata, "path": str(json_path)})
-    return sorted(found, key=_label_order)
-
-
-def _label_order(metadata: dict) -> tuple:
-    """Integer label ids in numeric order, anything else after them."""
-    label = metadata.get("label")
-    return (0, label, "") if isinstance(label, int) else (1, 0, str(label))
 
 
 def _flatten(modules: Mapping[str, nn.Module | torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,7 +193,7 @@ def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record:
         tensors_tmp = _temporary(directory, stem, temporary)
         save_file(tensors, tensors_tmp)
         _fsync(tensors_tmp)
-        record["tensors_sha256"] = _sha256(Path(tensors_tmp))
+        record["tensors_sha256"] = file_sha256(Path(tensors_tmp))
         metadata_tmp = _temporary(directory, stem, temporary)
         Path(metadata_tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync(metadata_tmp)
@@ -259,72 +227,6 @@ def _fsync(path: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _metadata_path(path: Path, label: str | int | None) -> Path:
-    """The JSON file of the adapter meant by ``path`` (and ``label`` for a directory: a name,
-    or a label value, as :func:`oflsam2.adapter_labels.find_adapter` matches them)."""
-    if path.suffix in (TENSORS_SUFFIX, METADATA_SUFFIX):
-        return path.with_suffix(METADATA_SUFFIX)
-    if not path.is_dir():
-        raise AdapterError(f"No adapter at {path}: give an adapter directory or its .safetensors/.json file.")
-    adapters = list_adapters(path)
-    names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
-    if label is None:
-        if len(adapters) == 1:
-            return Path(adapters[0]["path"])
-        raise AdapterError(f"{path} holds adapters for: {names}. Say which label to use.")
-    if isinstance(label, str):
-        found = find_adapter(adapters, None, label, path)
-    else:
-        found = find_adapter(adapters, int(label), adapter_stem("", int(label)), path)
-    if found is None:
-        raise AdapterError(f"No adapter for label {label!r} in {path} (it holds: {names}). Train one for this label first.")
-    return Path(found["path"])
-
-
-def _tensors_path(metadata_path: Path, name) -> Path:
-    """The tensor file the metadata names: a plain file name in the adapter's own folder."""
-    if (not isinstance(name, str) or not name.endswith(TENSORS_SUFFIX) or os.path.basename(name) != name
-            or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name)):
-        raise AdapterError(
-            f"Adapter {metadata_path}: tensors_file {name!r} is not a file name in the adapter's folder (a path "
-            "elsewhere, or not a .safetensors name); the metadata was edited. Train the adapter again."
-        )
-    return metadata_path.parent / name
-
-
-def _check_types(metadata_path: Path, metadata: dict) -> None:
-    """Refuse metadata fields of the wrong type (a hand-edited file) before anything uses them."""
-    problems = []
-    for field, kind in _FIELD_TYPES.items():
-        value = metadata.get(field)
-        if field in metadata and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            problems.append(f"{field} is {value!r}, not {'a whole number' if kind is int else 'a ' + kind.__name__}")
-    if not problems:
-        if not 0 <= metadata.get("axis", 0) <= 2:
-            problems.append(f"axis is {metadata['axis']!r}, not 0, 1 or 2")
-        if metadata.get("label", 1) < 1 or metadata.get("image_size", 1) < 1:
-            problems.append("label and image_size must be positive")
-        intensity = metadata.get("intensity", {})
-        if intensity and not (isinstance(intensity.get("modality"), str) and all(
-                _is_number(intensity.get(k)) for k in ("low", "high"))):
-            problems.append(f"intensity is {intensity!r}, not a modality name with low and high numbers")
-    if problems:
-        raise AdapterError(f"Adapter {metadata_path} cannot be used: {'; '.join(problems)}. The file was edited or "
-                           "damaged; train and save the adapter again.")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_values(metadata_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse non-finite or implausibly large tensors (they load, then segment nothing)."""
     for name, tensor in tensors.items():
@@ -341,29 +243,3 @@ def _check_values(metadata_path: Path, tensors: dict[str, torch.Tensor]) -> None
                                "Train it again.")
 
 
-def _read_metadata(metadata_path: Path) -> dict:
-    try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise AdapterError(
-            f"Adapter metadata {metadata_path} is missing: the adapter is incomplete (an interrupted save?). "
-            "Train and save it again."
-        ) from error
-    except (OSError, ValueError) as error:
-        raise AdapterError(f"Adapter metadata {metadata_path} cannot be read ({error}). Train and save it again.") from error
-    if not isinstance(metadata, dict) or metadata.get("kind") != KIND:
-        raise AdapterError(f"{metadata_path} is not an OFLSAM2 adapter's metadata file.")
-    return metadata
-
-
-def _check_expected(metadata_path: Path, metadata: dict, expected: dict) -> None:
-    """Refuse the adapter if any field given in ``expected`` differs (JSON-normalised)."""
-    current = json.loads(json.dumps(expected))
-    problems = [
-        f"{field} is {metadata.get(field)!r} in the adapter but {value!r} now; "
-        f"{_ADVICE.get(field, 'match it or train a new adapter')}"
-        for field, value in current.items()
-        if metadata.get(field) != value
-    ]
-    if problems:
-        raise AdapterError(f"Adapter {metadata_path} does not fit this run: " + "; ".join(problems) + ".")
