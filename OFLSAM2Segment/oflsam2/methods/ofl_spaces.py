@@ -5,9 +5,10 @@ in does not depend on λ (:meth:`~oflsam2.ofl.learner.FewShotLearner.krylov_spac
 ``train_solver="krylov"`` builds it from the episode's samples, one pass over them per basis
 vector; ``"gram"`` from the Gram statistics of its fit set, one product with a (C·k²)² matrix per
 vector whatever the number of samples. A fit set's statistics are the whole bank's minus those of
-the slices it leaves out (the query's volume, or the annotated slices near the query): the
-bank's are computed once, and a left-out group's once for every episode that leaves it out, so
-that fitting on every support slice (the paper) costs about what a capped fit set did.
+the slices it leaves out (the query's volume, or the annotated slices near the query), or, for a
+fit set smaller than the rest, its own: the bank's are computed once, and a group's once for
+every episode that shares it, so that fitting on every support slice (the paper) costs about
+what a capped fit set did.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .ofl_bank import Bank
 # episode at 10 iterations, C = 256, D = 64, k = 3, whatever the image size; 12 MB from a τ0 ≠ 0);
 # past it, rebuilt.
 TRAIN_SPACE_CACHE_BYTES = 1 << 30
-LEFT_OUT_GROUPS_KEPT = 8  # Gram statistics of left-out groups kept (21 MB each at C·k² = 2304)
+GROUPS_KEPT = 8  # Gram statistics of fit sets or left-out groups kept (21 MB each at C·k² = 2304)
 GRAM_SAMPLES_PER_UPDATE = 8  # bank slices gathered per statistics update (bounds the copy)
 
 
@@ -33,8 +34,15 @@ class PoolStatistics:
 
     def __init__(self, learner: FewShotLearner, bank: Bank):
         self.learner, self.bank = learner, bank
-        self.total = self._sum(np.arange(len(bank)))
-        self.left_out: OrderedDict[tuple, GramFit] = OrderedDict()
+        self._total: GramFit | None = None
+        self.kept: OrderedDict[tuple, GramFit] = OrderedDict()
+
+    @property
+    def total(self) -> GramFit:
+        """The whole bank's statistics, summed on first use."""
+        if self._total is None:
+            self._total = self._sum(np.arange(len(self.bank)))
+        return self._total
 
     def _sum(self, indices: np.ndarray) -> GramFit:
         statistics = GramFit(self.learner, self.bank.vision.device)
@@ -45,18 +53,19 @@ class PoolStatistics:
 
     def of(self, fit: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(G, H, N) of the bank slices ``fit``: the total minus the rest, or summed directly
-        when the fit set is the smaller part of the bank (the subtraction would lose precision)."""
+        when the fit set is the smaller part of the bank (the subtraction would lose precision).
+        The sums of the last few groups are kept: the episodes of one volume share them."""
         rest = np.setdiff1d(np.arange(len(self.bank)), fit)
         if rest.size == 0:
             return self.total.gram, self.total.cross, self.total.count
-        if rest.size >= fit.size:
-            direct = self._sum(np.asarray(fit))
-            return direct.gram, direct.cross, direct.count
-        key = tuple(rest.tolist())
-        group = self.left_out.pop(key, None) or self._sum(rest)
-        self.left_out[key] = group
-        while len(self.left_out) > LEFT_OUT_GROUPS_KEPT:
-            self.left_out.popitem(last=False)
+        direct = rest.size >= fit.size
+        key = (direct, tuple((fit if direct else rest).tolist()))
+        group = self.kept.pop(key, None) or self._sum(np.asarray(fit if direct else rest))
+        self.kept[key] = group
+        while len(self.kept) > GROUPS_KEPT:
+            self.kept.popitem(last=False)
+        if direct:
+            return group.gram, group.cross, group.count
         return self.total.gram - group.gram, self.total.cross - group.cross, self.total.count - group.count
 
 
