@@ -227,11 +227,11 @@ def episode_loss(
     (``train_solver`` ``gram`` or ``krylov``, from ``spaces``) or through autograd on the
     samples; all take the same steps and give the same gradient in λ."""
     opts = ctx.options
-    space, samples = None, (bank.vision[episode.fit], bank.targets[episode.fit])
+    space = None
     if opts.train_solver != "samples":
         space = (spaces or EpisodeSpaces(head.learner, bank, opts.learner_iters_train, opts.train_solver, budget=0))(episode)
-    if opts.train_solver == "gram":  # the statistics stand for the samples: no copy of the fit set
-        samples = (None, None)
+    # with Gram statistics standing for them, the samples are not gathered (a copy of the fit set)
+    samples = (None, None) if opts.train_solver == "gram" else (bank.vision[episode.fit], bank.targets[episode.fit])
     tau = head.learner.fit(
         *samples, num_iters=opts.learner_iters_train,
         create_graph=create_graph, backprop_iters=opts.learner_backprop_iters, statistics=space,
