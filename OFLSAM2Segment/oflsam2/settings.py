@@ -166,7 +166,7 @@ class MethodOptions:
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
     warm_start_epochs: int = 10  # --adapter with new support; scaled by the share of support new to it (an update: corrected slices)
-    # OFL-SAM2 choices beyond the paper (issue 10; MethodOptions.extended() turns them on)
+    # OFL-SAM2 choices (issue 10): the paper's reading here; MethodOptions.extended() turns the project's on
     initial_fit: str = "episode"  # episode (as training fits: own slices first, objects, by similarity) | even
     fit_empty_fraction: float = 0.25  # share of a capped fit set kept for empty slices (negatives)
     retrieval_object_guarantee: bool = False  # a retrieved memory holds the object if any support does
@@ -178,8 +178,7 @@ class MethodOptions:
     accept_absent: bool = False  # confident "object absent" predictions enter the memory bank
     learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
     online_solver: str = "gram"  # online tau updates on Gram statistics (fixed cost) | samples (same steps)
-    train_solver: str = "gram"  # each episode's tau in its Krylov space: gram (from the pool's Gram statistics) |
-    #                             krylov (from the samples) | samples (autograd through the steps); same steps
+    train_solver: str = "gram"  # episode tau in its Krylov space from Gram statistics | krylov (from the samples) | samples
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
