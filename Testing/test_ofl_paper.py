@@ -28,7 +28,7 @@ from oflsam2.volume import apply_preset
 
 LIVER = 1
 ANNOTATED = [12, 18, 24]
-REFERENCE_CROPS = {2: slice(2, 16), 3: slice(4, 16)}  # liver and empty slices of two other volumes
+REFERENCE_CROPS = {2: slice(3, 11), 3: slice(6, 12)}  # 4 + 3 empty slices, 4 + 3 with the liver
 
 
 @pytest.fixture(scope="module")
