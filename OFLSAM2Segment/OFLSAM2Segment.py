@@ -25,7 +25,7 @@ from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
 
-from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS, MethodOptions
+from oflsam2.settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHOD_TITLES, OFL_PRESETS, SLICER_METHODS, MethodOptions
 from oflsam2.volume import PRESETS
 from OFLSAM2SegmentLib.compatibility import unsupported_slicer_reason
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic
@@ -117,6 +117,7 @@ class OFLSAM2SegmentParameterNode:
     numRetrieved: Annotated[int, WithinRange(1, 16)] = METHOD_DEFAULTS.num_retrieved
     epochs: Annotated[int, WithinRange(0, 1000)] = METHOD_DEFAULTS.epochs
     topK: Annotated[int, WithinRange(1, 20)] = METHOD_DEFAULTS.top_k
+    oflPreset: Annotated[str, Choice(list(OFL_PRESETS))] = OFL_PRESETS[0]  # paper | extended (README)
     saveAdapter: str = ""
     useAdapter: str = ""
     randomWeights: bool = False
@@ -126,7 +127,7 @@ class OFLSAM2SegmentParameterNode:
         options = {
             "model": self.model, "checkpoint": self.checkpoint, "device": self.device, "imageSize": self.imageSize,
             "preset": self.preset, "axis": self.axis, "gamma": self.gamma, "numRetrieved": self.numRetrieved,
-            "epochs": self.epochs, "topK": self.topK, "randomWeights": self.randomWeights,
+            "epochs": self.epochs, "topK": self.topK, "randomWeights": self.randomWeights, "oflPreset": self.oflPreset,
         }
         if self.saveAdapter:
             options["saveAdapter"] = self.saveAdapter

@@ -17,13 +17,15 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
-from oflsam2 import experiment
+from oflsam2 import cli, experiment
 from oflsam2.api import SegmentResult
 from oflsam2.errors import InputError
 from oflsam2.evaluation import read_csv
+from oflsam2.settings import MethodOptions
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "Resources" / "experiments"
+ABLATION_RUNS = ["ofl-paper", "ofl-extended", "revsam2", "sam2"]
 SHAPE = (10, 24, 24)  # (z, y, x)
 SPACING_XYZ = (1.0, 1.0, 3.0)
 
@@ -310,6 +312,8 @@ def placeholder_root(config_path: Path, root: Path) -> Path:
         ("promise12_ofl_2vol", 1, "volumes", 2, 3, ["ofl"]),
         ("promise12_ofl_3vol", 1, "volumes", 3, 3, ["ofl"]),
         ("chaos_revsam2", 4, "slices", 3, 3, ["revsam2", "forward"]),
+        ("ablation_synapse", 8, "volumes", 3, 3, ABLATION_RUNS),
+        ("ablation_chaos", 4, "slices", 3, 3, ABLATION_RUNS),
     ],
 )
 def test_paper_configs(tmp_path, monkeypatch, name, labels, mode, volumes, groups, methods):
@@ -326,8 +330,12 @@ def test_paper_configs(tmp_path, monkeypatch, name, labels, mode, volumes, group
         assert not set(config.queries) & set(config.support.pool)
     if name.startswith("synapse"):
         assert len(config.queries) == 12 and len(config.support.pool) == 18 and config.preset == "ct-abdomen"
-    if name == "chaos_revsam2":
+    if name in ("chaos_revsam2", "ablation_chaos"):
         assert config.support.slices_per_label == 10 and len(config.cases) == 20
+    if name.startswith("ablation"):  # OFL-SAM2 as its paper states it against the extended preset, same backbone
+        ofl_runs = {m.name: m.options for m in config.methods if m.method == "ofl"}
+        assert ofl_runs == {"ofl-paper": MethodOptions(), "ofl-extended": MethodOptions.extended()}
+        assert config.model.model == "sam2.1-base-plus"
 
 
 def test_chaos_shared_config(shared_data):
@@ -377,3 +385,55 @@ def test_real_engine_end_to_end(dataset, tiny_model):
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "data" / "label_3.nii.gz")))
     assert np.array_equal(prediction[plane] == 1, truth[plane] == 1)
     assert "RANDOM WEIGHTS" in (dataset / "out" / "results.md").read_text()
+
+
+def test_ofl_presets_in_an_experiment_file(dataset):
+    methods = [{"method": "ofl", "name": "p", "options": {"epochs": 2}},
+               {"method": "ofl", "name": "e", "options": {"ofl_preset": "extended", "max_fit_slices": 8}}]
+    config = experiment.load_config(write_config(dataset, {"methods": methods}, remove=("model",)))
+    assert [m.options for m in config.methods] == [MethodOptions(epochs=2), MethodOptions.extended(max_fit_slices=8)]
+    assert config.model.model == "sam2.1-base-plus"  # no model given: OFL-SAM2's backbone
+    bad = write_config(dataset, {"methods": [{"method": "ofl", "options": {"ofl_preset": "legacy"}}]})
+    with pytest.raises(InputError, match="ofl_preset` must be one of paper, extended"):
+        experiment.load_config(bad)
+
+
+def test_the_ablation_runs_end_to_end_in_one_command(shared_data, tiny_model, tmp_path, monkeypatch, capsys):
+    """Both shipped ablation files, their methods and options as shipped, in one ``oflsam2
+    experiment`` command with random weights: their data cut to 4 CHAOS cases of 8 slices, one
+    query, the liver, 1 epoch, 256 px."""
+    from oflsam2 import backend
+
+    data = tmp_path / "data"
+    for case in (1, 2, 3, 5):
+        for kind in ("image", "label"):
+            volume = sitk.ReadImage(str(shared_data / "chaos_t2_fewshot" / f"{kind}_{case}.nii.gz"))[:, :, 12:20]
+            data.mkdir(exist_ok=True)
+            sitk.WriteImage(sitk.Cast(volume, sitk.sitkFloat32), str(data / f"{kind}_{case}.nii.gz"))
+    paths = []
+    for name, variable in (("ablation_synapse", "SYNAPSE_ROOT"), ("ablation_chaos", "CHAOS_ROOT")):
+        raw = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+        assert [m.get("name", m["method"]) for m in raw["methods"]] == ABLATION_RUNS
+        for method in raw["methods"]:
+            if method["method"] == "ofl":
+                method["options"].update(epochs=1)
+        raw.update(cases={"ids": [1, 2, 3, 5], "image": "image_{id}.nii.gz", "label": "label_{id}.nii.gz"},
+                   labels={1: "liver"}, preset="mr", queries=[5], model={"model": "sam2.1-tiny", "image_size": 256})
+        support = {"volumes": 2, "pool": [1, 2, 3], "groups": 1} if raw["support"]["mode"] == "volumes" else {
+            "volumes": [1, 2], "slices_per_label": 4, "groups": 1}
+        raw["support"].update(support)
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(raw))
+        monkeypatch.setenv(variable, str(data))
+    monkeypatch.setattr(backend, "load_sam2", lambda settings: tiny_model)
+    out = tmp_path / "results"
+    status = cli.main(["experiment", *map(str, paths), "--random-weights", "--device", "cpu", "--out", str(out),
+                       "--no-montage", "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    for name in ("ablation_synapse", "ablation_chaos"):
+        rows = read_csv(out / name / "results.csv")
+        assert {r["method"] for r in rows} == set(ABLATION_RUNS)
+        recorded = json.loads((out / name / "run.json").read_text())["methods"]
+        assert recorded["ofl-paper"]["ofl_preset"] == "paper" and recorded["ofl-extended"]["ofl_preset"] == "extended"
+        assert recorded["ofl-extended"]["options"]["max_fit_slices"] == 64 and recorded["ofl-paper"]["options"]["max_fit_slices"] is None
+    assert "ablation_synapse" in capsys.readouterr().out

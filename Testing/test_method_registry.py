@@ -60,3 +60,25 @@ def test_cli_option_defaults_are_method_options_defaults(command):
         action = _option(parser, field)
         assert action.default == getattr(defaults, field), field
         assert f"{action.option_strings[0]} " in shown and f"(default {getattr(defaults, field)})" in shown, field
+
+
+@pytest.mark.parametrize("command", ["segment", "batch", "train", "demo"])
+def test_cli_ofl_preset_picks_the_method_options(command, tmp_path):
+    """``--ofl-preset`` (paper by default) is what the method options start from; the option
+    flags apply on top."""
+    argv = {"segment": ["--image", "a.nii.gz", "--out", str(tmp_path / "o.nii.gz")],
+            "batch": ["scans", "--out", str(tmp_path / "out")],
+            "train": ["--image", "a.nii.gz", "--support", "s.nii.gz", "--out", str(tmp_path / "adapter")],
+            "demo": []}[command]
+    assert _option(_subcommand(command), "ofl_preset").default == "paper"
+    for preset, expected in (("paper", MethodOptions(epochs=3)), ("extended", MethodOptions.extended(epochs=3))):
+        args = cli.build_parser().parse_args([command, *argv, "--epochs", "3", "--ofl-preset", preset])
+        if command in ("segment", "batch"):
+            assert cli.method_options(args) == expected
+        assert args.ofl_preset == preset
+
+
+def test_model_settings_default_to_ofl_sams_backbone():
+    from oflsam2.settings import ModelSettings, default_model
+
+    assert ModelSettings().model == default_model(DEFAULT_METHOD) == "sam2.1-base-plus"

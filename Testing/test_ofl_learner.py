@@ -251,6 +251,61 @@ def test_krylov_space_takes_the_unrolled_steps_and_gives_their_gradient(num_iter
     assert grad_samples != 0.0 and grad_space == pytest.approx(grad_samples, rel=1e-8)
 
 
+@pytest.mark.parametrize("tau_init, sample_weights, statistics", [
+    ("default", "mean", "samples"), ("default", "sum", "samples"), ("zero", "sum", "samples"),
+    ("zero", "mean", "gram"), ("default", "mean", "gram"), ("default", "sum", "gram"),
+])
+def test_krylov_space_follows_tau0_and_the_weighting_from_samples_or_gram(tau_init, sample_weights, statistics):
+    """From PyTorch's default initialisation the steps start at a τ0 ≠ 0, whose first gradient
+    depends on λ: the block Krylov space of {R − B τ0, τ0} takes the same steps and gives the
+    same gradient in λ as backpropagating through them, in fp64; so does the space built from
+    the samples' Gram statistics, and either weighting."""
+    features, targets = problem(samples=5, size=6, seed=23, noise=1.0)
+    model = learner(ridge_lambda=0.5, tau_init=tau_init, sample_weights=sample_weights)
+    if statistics == "samples":
+        space = model.krylov_space(features, targets, 10)
+    else:
+        gram = GramFit(model, "cpu", torch.float64)
+        gram.update(features, targets)
+        space = model.krylov_space_of(gram.gram, gram.cross, gram.count, 10)
+    vectors = 20 if tau_init == "default" else 10
+    assert space.basis.shape[0] == vectors
+    flat = space.basis.flatten(1)
+    assert torch.allclose(flat @ flat.T, torch.eye(vectors, dtype=torch.float64), atol=1e-12)
+    with torch.no_grad():
+        model.ridge_lambda.fill_(0.2)
+    results = []
+    for fit_statistics in (None, space):
+        model.zero_grad()
+        tau = model.fit(features, targets, num_iters=10, statistics=fit_statistics)
+        query_loss(model, tau).backward()
+        results.append((tau.detach(), model.ridge_lambda.grad.item()))
+    (tau_samples, grad_samples), (tau_space, grad_space) = results
+    assert (tau_space - tau_samples).norm() <= 1e-10 * tau_samples.norm()
+    assert grad_samples != 0.0 and grad_space == pytest.approx(grad_samples, rel=1e-8)
+    if tau_init == "default":  # the steps did start away from zero: τ0 is part of the result
+        assert model.origin.abs().max() > 0
+        zero_start = learner(ridge_lambda=0.2, sample_weights=sample_weights).fit(features, targets, num_iters=10)
+        assert (tau_samples - zero_start).norm() > 1e-3 * tau_samples.norm()
+
+
+def test_sample_weights_scale_the_data_term():
+    """``sum`` weights each sample 1 (the printed Eq. 2), ``mean`` 1/N (LWL's code): with N
+    samples the same steps as ``mean`` with the ridge weight divided by N."""
+    features, targets = problem(samples=4, seed=24)
+    tau = torch.randn(D, C, K, K, dtype=torch.float64, generator=torch.Generator().manual_seed(25))
+    mean, total = learner(ridge_lambda=0.3), learner(ridge_lambda=0.3, sample_weights="sum")
+    with torch.no_grad():
+        ridge = 0.5 * mean.ridge_weight() * tau.pow(2).sum()
+        data_sum, data_mean = total.loss(tau, features, targets) - ridge, mean.loss(tau, features, targets) - ridge
+        assert data_sum.item() == pytest.approx(4 * data_mean.item(), rel=1e-12)
+        scaled = learner()
+        scaled.ridge_lambda.fill_(total.ridge_lambda.item() / 2)  # β / N = λ² / 4
+        expected = scaled.fit(features, targets, num_iters=6)
+        assert torch.allclose(total.fit(features, targets, num_iters=6), expected, atol=1e-10)
+        assert not torch.allclose(mean.fit(features, targets, num_iters=6), expected, atol=1e-6)
+
+
 def test_krylov_space_that_stops_growing_still_takes_every_step():
     # one position of a 1×1 map: B = Xᵀ X has rank one along each output, so R spans the space
     features, targets = problem(samples=1, size=1, seed=22)
@@ -302,7 +357,7 @@ def test_statistics_are_refused_where_they_cannot_take_the_steps():
     space = model.krylov_space(features, targets, 4)
     with pytest.raises(ValueError, match="built for 4"):
         model.fit(features, targets, num_iters=5, statistics=space)
-    with pytest.raises(ValueError, match="starts from zero"):
+    with pytest.raises(ValueError, match="starts from the learner.s τ0"):
         model.fit(features, targets, tau_init=torch.zeros(D, C, K, K, dtype=torch.float64), num_iters=2, statistics=space)
     with pytest.raises(ValueError, match="default weights"):
         model.fit(features, targets, torch.full((3,), 1 / 3, dtype=torch.float64), num_iters=2, statistics=space)

@@ -8,6 +8,7 @@ that drew from it (the fusion head's initialisation did) gives another result.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from oflsam2 import cli
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings
+from oflsam2.volume import apply_preset
 
 LIVER = 1
 CROP = slice(8, 20)  # 12 slices through the liver: quick, with empty and object slices
@@ -158,3 +160,57 @@ def test_cli_segment_twice_gives_identical_label_maps(chaos_crop, tmp_path, monk
         outputs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
     assert outputs[0].any()
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_deterministic_runs_agree_across_thread_counts(tiny_model, chaos_crop):
+    """``deterministic``: the whole run, the encoding of the slices included, runs on one thread,
+    so 1 and 2 threads give the same features, floats and label maps (each run encodes afresh)."""
+    image, labels = chaos_crop
+    threads = torch.get_num_threads()
+    runs = []
+    for count in (1, 2):
+        settings = ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=tiny_model.image_size,
+                                 deterministic=True)
+        engine = Engine(settings, model=tiny_model)
+        torch.set_num_threads(count)
+        try:
+            result = engine.segment(image, support(labels), method="ofl", preset="mr", options=options(epochs=1))
+        finally:
+            torch.set_num_threads(threads)
+        cache = engine.feature_cache(apply_preset(image, "mr"), 0)  # the run's own, cached
+        runs.append((result, cache.backbone(list(range(len(image)))).vision))
+    (first, first_features), (second, second_features) = runs
+    assert torch.equal(first_features, second_features)
+    assert np.array_equal(first.masks[LIVER], second.masks[LIVER])
+    for key in ("confidence", "loss_history"):
+        assert first.info["labels"][LIVER][key] == second.info["labels"][LIVER][key]
+
+
+def test_a_run_never_seeds_the_cuda_generators(engine, chaos_crop, monkeypatch):
+    """Seeding torch's global generators seeds CUDA's too (at once, or queued until CUDA starts),
+    and ``fork_rng(devices=[])`` does not give them back: the head (τ0 drawn too) and
+    random weights are drawn from the CPU generator alone."""
+    from oflsam2.backend import load_sam2
+
+    seeded = []
+    for module, name in ((torch.cuda, "manual_seed"), (torch.cuda, "manual_seed_all"), (torch.mps, "manual_seed")):
+        monkeypatch.setattr(module, name, lambda *args, _name=name: seeded.append(_name))
+    image, labels = chaos_crop
+    torch_state = torch.random.get_rng_state()
+    engine.segment(image, support(labels), method="ofl", preset="mr", options=options(epochs=1, tau_init="default"))
+    load_sam2(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256))
+    assert seeded == []
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    torch.manual_seed(0)  # the check is not vacuous: the global seed would have been seen
+    assert "manual_seed_all" in seeded
+
+
+def test_deterministic_settings_prepare_cublas_before_the_model_is_built(tiny_model, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    Engine(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256), model=tiny_model)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # only a deterministic engine asks for it
+    Engine(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256, deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own choice is kept
+    Engine(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=256, deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -253,7 +253,7 @@ def test_a_warm_start_holds_out_slices_the_head_knows_not_the_new_ones():
     from oflsam2.methods.ofl import held_out_split
 
     episodes = [SimpleNamespace(query=q, has_object=True) for q in range(4)]
-    options = MethodOptions()
+    options = MethodOptions.extended()  # the held-out guard is an extension of the paper
     for seed in range(20):
         assert 2 not in held_out_split(episodes, options, np.random.default_rng(seed), keep_training=[2])
         assert held_out_split(episodes, options, np.random.default_rng(seed), keep_training=[2]).size == 1

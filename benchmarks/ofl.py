@@ -12,11 +12,11 @@ On a real CHAOS T2 volume with a random-weight SAM2.1-tiny on this CPU:
    10 slices, 40 epochs, 256 px;
 3. peak RSS of the process.
 
-Each figure is measured for the current defaults and, side by side in the same process, for
-the options that restore the behaviour before issue 10 (``LEGACY``); training also with
-``train_solver="samples"`` (the unrolled fit through autograd, the default before the Krylov
-solver). The summary lines ``train_s_10_slices=`` and ``accepted_over_sam2=`` (256 px, current
-defaults) come last.
+Each figure is measured for the ``paper`` preset (``MethodOptions()``) and, side by side in the
+same process, for the ``extended`` one and the options that restore the behaviour before issue
+10 (``LEGACY``, on top of ``extended``); training also with ``train_solver="samples"`` (the
+unrolled fit through autograd, the default before the Krylov solver). The summary lines
+``train_s_10_slices=`` and ``accepted_over_sam2=`` (256 px, ``paper``) come last.
 
     python benchmarks/ofl.py [--propagation-sizes 256 512] [--image-sizes 256 1024] [--epochs 40]
 """
@@ -52,16 +52,25 @@ def support_slices(labels: np.ndarray, label: int, count: int) -> list[int]:
     return sorted({int(i) for i in pool[np.linspace(0, len(pool) - 1, count).round().astype(int)]})
 
 
-# Options that restore OFL-SAM2 as it was before issue 10 (paper-fidelity fixes off).
+# Options that, on top of MethodOptions.extended(), restore OFL-SAM2 as it was before issue 10.
 LEGACY = dict(
-    initial_fit="even", retrieval_object_guarantee=False, empty_episodes_per_object=None, episode_recent_memories=False,
-    candidate_loss="min", overfit_guard="none", accept_absent=False, online_solver="samples", train_solver="samples",
+    initial_fit="even", learner_iters_first=None, retrieval_object_guarantee=False, empty_episodes_per_object=None,
+    episode_recent_memories=False, candidate_loss="min", overfit_guard="none", accept_absent=False, online_solver="samples",
+    train_solver="samples",
 )
+PRESETS = {"paper": {}, "extended": {"ofl_preset": "extended"}, "samples": {"ofl_preset": "extended", "train_solver": "samples"},
+           "legacy": {"ofl_preset": "extended", **LEGACY}}
+
+
+def ofl_options(ofl_preset: str = "paper", **overrides):
+    from oflsam2.api import MethodOptions
+
+    return MethodOptions.preset(ofl_preset, **overrides)
 
 
 def time_training(engine, image, labels, count: int, epochs: int, **overrides):
     """Seconds spent in OFL-SAM2's training loop for ``epochs`` epochs on ``count`` slices."""
-    from oflsam2.api import LabelSupport, MethodOptions
+    from oflsam2.api import LabelSupport
     from oflsam2.methods import ofl
 
     spent = []
@@ -77,7 +86,7 @@ def time_training(engine, image, labels, count: int, epochs: int, **overrides):
     try:
         slices = support_slices(labels, 1, count)
         support = LabelSupport(1, "liver", labels == 1, slices)
-        engine.segment(image, [support], method="ofl", preset="mr", options=MethodOptions(epochs=epochs, **overrides))
+        engine.segment(image, [support], method="ofl", preset="mr", options=ofl_options(epochs=epochs, **overrides))
     finally:
         ofl.train = original
     return spent[0]
@@ -98,7 +107,7 @@ def main() -> None:
 
     import torch
 
-    from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings
+    from oflsam2.api import Engine, LabelSupport, ModelSettings
 
     torch.set_num_threads(args.threads)
     image, labels = load_case(args.data)
@@ -107,16 +116,17 @@ def main() -> None:
     support = [LabelSupport(1, "liver", labels == 1, annotated)]
     summary = {}
     for size in args.propagation_sizes:
-        engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=size))
+        engine = Engine(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=size))
         engine.segment(image, support, method="sam2", preset="mr")  # encode once; both reuse the cache
         tracked = image.shape[0] - len(annotated)
         # Random weights pass the confidence gate rarely; "all accepted" (gamma 0) is the worst
         # case: every slice joins the bank and every object slice refits the learner.
         variants = {
             "sam2": ("sam2", None),
-            "ofl": ("ofl", MethodOptions(epochs=0)),
-            "ofl, all accepted": ("ofl", MethodOptions(epochs=0, gamma=0.0)),
-            "legacy, all accepted": ("ofl", MethodOptions(epochs=0, gamma=0.0, **LEGACY)),
+            "ofl": ("ofl", ofl_options(epochs=0)),
+            "ofl, all accepted": ("ofl", ofl_options(epochs=0, gamma=0.0)),
+            "extended, all accepted": ("ofl", ofl_options("extended", epochs=0, gamma=0.0)),
+            "legacy, all accepted": ("ofl", ofl_options(epochs=0, gamma=0.0, **PRESETS["legacy"])),
         }
         timings = {name: [] for name in variants}
         for _ in range(args.repeats):
@@ -131,10 +141,10 @@ def main() -> None:
         if size == 256:
             summary["accepted_over_sam2"] = per_slice["ofl, all accepted"] / per_slice["sam2"]
     for size in args.image_sizes:
-        engine = Engine(ModelSettings(random_weights=True, device="cpu", image_size=size))
+        engine = Engine(ModelSettings(model="sam2.1-tiny", random_weights=True, device="cpu", image_size=size))
         print(f"image size {size}: training")
         for count in args.support_counts:
-            for variant, overrides in (("current", {}), ("samples", {"train_solver": "samples"}), ("legacy", LEGACY)):
+            for variant, overrides in PRESETS.items():
                 if size <= args.full_epochs_max_size:
                     seconds = time_training(engine, image, labels, count, args.epochs, **overrides)
                     note = f"{args.epochs} epochs measured"
@@ -142,7 +152,7 @@ def main() -> None:
                     seconds = time_training(engine, image, labels, count, args.probe_epochs, **overrides) * args.epochs / args.probe_epochs
                     note = f"{args.probe_epochs} epochs measured, x{args.epochs / args.probe_epochs:g} extrapolated"
                 print(f"  {variant:9s} training on {count:2d} support slices: {seconds:7.1f} s for {args.epochs} epochs ({note})")
-                if size == 256 and count == 10 and variant == "current":
+                if size == 256 and count == 10 and variant == "paper":
                     summary["train_s_10_slices"] = seconds
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     for key, value in summary.items():

@@ -1,8 +1,9 @@
 """Run options as the Slicer logic receives them (``process(..., **options)``) -> engine objects.
 
 Option names are the fields of :class:`oflsam2.settings.ModelSettings` and
-:class:`oflsam2.settings.MethodOptions`, plus ``axis`` and ``preset``; each may be written in
-snake_case (``image_size``) or Slicer's camelCase (``imageSize``). No slicer, qt or torch here.
+:class:`oflsam2.settings.MethodOptions`, plus ``axis``, ``preset`` and ``ofl_preset`` (``paper``
+or ``extended``: what the method options start from); each may be written in snake_case
+(``image_size``) or Slicer's camelCase (``imageSize``). No slicer, qt or torch here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oflsam2.errors import InputError
-from oflsam2.settings import METHOD_TITLES, METHODS, MethodOptions, ModelSettings, default_model
+from oflsam2.settings import METHOD_TITLES, METHODS, OFL_PRESETS, MethodOptions, ModelSettings, default_model
 
 AXES = ("auto", "axial", "coronal", "sagittal")
 LOCAL_MODEL = "local"  # the model selector's "Local file..." entry: identify the file by its hash
@@ -22,7 +23,7 @@ METHOD_DEFAULT_MODEL = ""  # the model selector's "Method's default" entry: the 
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSettings)}
 _METHOD_FIELDS = {f.name: f for f in dataclasses.fields(MethodOptions)}
-_RUN_FIELDS = ("axis", "preset")
+_RUN_FIELDS = ("axis", "preset", "ofl_preset")
 
 
 @dataclass
@@ -55,7 +56,7 @@ def parse_options(method: str, options: dict) -> RunConfig:
     """
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
-    model_values, method_values, run_values = {}, {}, {"axis": "auto", "preset": "auto"}
+    model_values, method_values, run_values = {}, {}, {"axis": "auto", "preset": "auto", "ofl_preset": OFL_PRESETS[0]}
     given: dict[str, str] = {}
     for key, value in options.items():
         name = snake_case(key)
@@ -65,12 +66,16 @@ def parse_options(method: str, options: dict) -> RunConfig:
         if name in _MODEL_FIELDS:
             model_values[name] = value
         elif name in _METHOD_FIELDS:
-            method_values[name] = _coerce(name, value, _METHOD_FIELDS[name])
+            method_values[name] = value
         elif name in _RUN_FIELDS:
             run_values[name] = str(value)
         else:
             raise InputError(f"Unknown option {key!r}. Known options: {', '.join(option_names())}.")
-    method_options = MethodOptions(**method_values)  # checks itself: the engine's messages, as in the CLI
+    if run_values["ofl_preset"] not in OFL_PRESETS:
+        raise InputError(f"Unknown OFL-SAM2 preset {run_values['ofl_preset']!r}; choose one of: {', '.join(OFL_PRESETS)}.")
+    base = MethodOptions.preset(run_values["ofl_preset"])  # empty values fall back to its values
+    method_values = {name: _coerce(name, value, _METHOD_FIELDS[name], getattr(base, name)) for name, value in method_values.items()}
+    method_options = MethodOptions.preset(run_values["ofl_preset"], **method_values)  # checks itself, as in the CLI
     settings = _model_settings(model_values, method, method_options.adapter)
     axis = run_values["axis"].lower()
     if axis not in AXES:
@@ -214,15 +219,18 @@ def _identify_local(checkpoint: str | None) -> str:
     return model
 
 
-def _coerce(name: str, value, field: dataclasses.Field):
-    """Convert GUI/console values ("40", 40.0, Path) to the field's type; '' or None -> default."""
-    default = field.default if field.default is not dataclasses.MISSING else None
+def _coerce(name: str, value, field: dataclasses.Field, default=dataclasses.MISSING):
+    """Convert GUI/console values ("40", 40.0, Path) to the field's type; '' or None -> ``default``
+    (the field's own unless given)."""
+    if default is dataclasses.MISSING:
+        default = field.default if field.default is not dataclasses.MISSING else None
     if value is None or (isinstance(value, str) and value == ""):
         return default
     if default is not None:
         kind = type(default)
     else:  # an optional field ("int | None"): its declared type, not str
-        kind = int if str(field.type).startswith("int") else str
+        declared = str(field.type)
+        kind = int if declared.startswith("int") else float if declared.startswith("float") else str
     try:
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(value)  # True is not a number of epochs

@@ -15,7 +15,7 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from oflsam2.settings import DEFAULT_METHOD, MAX_IMAGE_SIZE, METHOD_TITLES, SLICER_METHODS
+from oflsam2.settings import DEFAULT_METHOD, MAX_IMAGE_SIZE, METHOD_TITLES, OFL_PRESETS, SLICER_METHODS
 from OFLSAM2SegmentLib.device import available_devices
 from OFLSAM2SegmentLib.options import METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from OFLSAM2SegmentLib.progress import progress_text
@@ -86,6 +86,13 @@ More options (several segments at once, extra support volumes, adapters) are in 
             "SAM2 input size (multiple of 32, at least 256); smaller is faster and needs less memory.")
         self.scriptedEffect.addLabeledOptionsWidget("Image size:", self.imageSizeSpinBox)
 
+        self.oflPresetComboBox = qt.QComboBox()
+        for name in OFL_PRESETS:
+            self.oflPresetComboBox.addItem(name, name)
+        self.oflPresetComboBox.setToolTip(
+            "OFL-SAM2: paper = the method as its paper states it; extended = with the project's additions (see the README).")
+        self.scriptedEffect.addLabeledOptionsWidget("OFL-SAM2 preset:", self.oflPresetComboBox)
+
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.applyButton.setToolTip("Propagate the selected segment; becomes Cancel while running.")
@@ -109,7 +116,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.review = QualityReview(self.qualityTable, self.nextSliceButton, lambda: self._logic, self._selectedSegmentId,
                                     self._showStatus)
 
-        for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
+        for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox, self.oflPresetComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.imageSizeSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.applyButton.connect("clicked()", self.onApply)
@@ -121,7 +128,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
             self._logic.lastRun.cancel()
         if hasattr(self, "applyButton"):
             self.applyButton.disconnect("clicked()", self.onApply)
-            for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox):
+            for combo in (self.methodComboBox, self.modelComboBox, self.deviceComboBox, self.oflPresetComboBox):
                 combo.disconnect("currentIndexChanged(int)", self.updateMRMLFromGUI)
             self.imageSizeSpinBox.disconnect("valueChanged(int)", self.updateMRMLFromGUI)
         if self.review is not None:
@@ -135,10 +142,15 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self.scriptedEffect.setParameterDefault("Model", METHOD_DEFAULT_MODEL)  # an explicit choice is kept
         self.scriptedEffect.setParameterDefault("Device", "auto")
         self.scriptedEffect.setParameterDefault("ImageSize", 0)
+        self.scriptedEffect.setParameterDefault("OFLPreset", OFL_PRESETS[0])
         self.scriptedEffect.setParameterDefault("RandomWeights", "false")  # tests only; no GUI
 
+    def _combos(self):
+        return ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device"),
+                (self.oflPresetComboBox, "OFLPreset"))
+
     def updateGUIFromMRML(self):
-        for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
+        for combo, name in self._combos():
             wasBlocked = combo.blockSignals(True)
             combo.currentIndex = max(combo.findData(self.scriptedEffect.parameter(name)), 0)
             combo.blockSignals(wasBlocked)
@@ -150,7 +162,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self._refreshReview()  # the selected segment may have changed
 
     def updateMRMLFromGUI(self):
-        for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):
+        for combo, name in self._combos():
             self.scriptedEffect.setParameter(name, combo.itemData(combo.currentIndex))
         self.scriptedEffect.setParameter("ImageSize", self.imageSizeSpinBox.value)
         self._showMethodDefaultModel()  # the method may have changed
@@ -213,6 +225,7 @@ More options (several segments at once, extra support volumes, adapters) are in 
                     model=self.scriptedEffect.parameter("Model"),
                     device=self.scriptedEffect.parameter("Device"),
                     imageSize=self.scriptedEffect.integerParameter("ImageSize"),
+                    oflPreset=self.scriptedEffect.parameter("OFLPreset") or OFL_PRESETS[0],
                     randomWeights=self.scriptedEffect.parameter("RandomWeights"),
                 )
             except Exception:

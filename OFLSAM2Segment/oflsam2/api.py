@@ -7,7 +7,11 @@ one volume for one or more labels, one binary propagation per label, along one a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import logging
+import os
+import sys
 import time
 from collections import OrderedDict
 from typing import Sequence
@@ -27,6 +31,7 @@ from .settings import (
     check_method_options,
     check_model_settings,
     default_model,
+    ofl_preset,
 )
 
 # What callers import from here; the run's inputs and result are defined in settings.py.
@@ -59,6 +64,8 @@ class Engine:
         if not isinstance(settings, ModelSettings):
             raise InputError(f"Engine needs a ModelSettings, e.g. ModelSettings(model='sam2.1-tiny'); got {type(settings).__name__}.")
         self.settings = settings
+        if settings.deterministic:
+            prepare_deterministic_cublas()
         self.max_cached_volumes = max_cached_volumes
         self._model = model
         self._caches: OrderedDict[str, object] = OrderedDict()
@@ -127,8 +134,14 @@ class Engine:
         :class:`~oflsam2.errors.Cancelled` when ``events.is_cancelled()`` turns true. Slices are
         reported through ``events.slice_done`` as they finish; a caller that writes them at once
         must restore its previous state when the run raises. The user's annotated slices are
-        never reported and are returned unchanged.
+        never reported and are returned unchanged. With ``settings.deterministic`` the whole run,
+        the encoding of the slices included, is in :func:`deterministic_mode`.
         """
+        with deterministic_mode(self.settings.deterministic):
+            return self._segment(image, supports, method=method, axis=axis, preset=preset, options=options,
+                                 references=references, events=events, previous=previous, staged=staged)
+
+    def _segment(self, image, supports, *, method, axis, preset, options, references, events, previous, staged) -> SegmentResult:
         import torch
 
         from .driver import Sam2Driver
@@ -161,8 +174,8 @@ class Engine:
         events.progress("loading", 1, 1, f"{self.settings.model} on {model.device}")
         target = self.feature_cache(apply_preset(image, preset), axis)
         if update is None:  # an update encodes only the slices it visits
-            with torch.no_grad(), deterministic_mode(self.settings.deterministic):  # as the methods: the same features
-                target.encode(events=events)  # whatever this process's thread count (Ray actors run with fewer)
+            with torch.no_grad():
+                target.encode(events=events)
         ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
         ctx.previous = update
         ctx.staged = staged
@@ -174,7 +187,7 @@ class Engine:
         masks = {}
         for support in supports:
             label_support = _support_set(support, axis, reference_slices, run_slices)
-            with torch.no_grad(), deterministic_mode(self.settings.deterministic):
+            with torch.no_grad():
                 result = runner(method)(ctx, label_support)
             result = finish_label(ctx, support.label, result)
             for index, annotation in label_support.in_volume.items():
@@ -189,6 +202,8 @@ class Engine:
             "random_weights": model.random_weights,
             "model": model.name,
             "image_digest": digest,
+            "options": dataclasses.asdict(options),
+            **({"ofl_preset": ofl_preset(options)} if method == "ofl" else {}),
             "labels": ctx.info,
             **review_info(ctx, run_slices, previous),
         }
@@ -203,6 +218,21 @@ class Engine:
 
 
 DETERMINISTIC_THREADS = 1
+CUBLAS_WORKSPACE = ":4096:8"  # a workspace configuration under which cuBLAS is deterministic
+log = logging.getLogger(__name__)
+
+
+def prepare_deterministic_cublas() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` (unless set): cuBLAS reads it when CUDA is first used in
+    the process, so an :class:`Engine` with ``deterministic`` sets it before building its model;
+    if CUDA already ran without it, that may be too late, and the log says so."""
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ:
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log.warning("CUDA was used before deterministic mode set CUBLAS_WORKSPACE_CONFIG; set it to %s before starting "
+                    "the process for deterministic cuBLAS kernels.", CUBLAS_WORKSPACE)
 
 
 @contextlib.contextmanager
@@ -213,11 +243,9 @@ def deterministic_mode(enabled: bool):
     if not enabled:
         yield
         return
-    import os
-
     import torch
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    prepare_deterministic_cublas()
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(DETERMINISTIC_THREADS)

@@ -118,8 +118,8 @@ def load_sam2(settings: ModelSettings) -> Sam2Model:
     overrides = _PREDICTOR_OVERRIDES + [f"++model.image_size={settings.image_size}"]
     cfg = compose(config_name=entry["config"], overrides=overrides)
     OmegaConf.resolve(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: CUDA's generators are never seeded
+        torch.default_generator.manual_seed(RANDOM_WEIGHTS_SEED)
         net = instantiate(cfg.model, _recursive_=True)
     if state_dict is not None:
         try:

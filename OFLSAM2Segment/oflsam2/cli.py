@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from .errors import Cancelled, InputError, OFLSAM2Error
-from .settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHODS, MIN_IMAGE_SIZE, REVSAM2_MODES, MethodOptions
+from .settings import DEFAULT_METHOD, DEVICES, MAX_IMAGE_SIZE, METHODS, MIN_IMAGE_SIZE, OFL_PRESETS, REVSAM2_MODES, MethodOptions
 from .version import __version__
 
 EXIT_USER_ERROR = 2
@@ -223,6 +223,11 @@ def _add_method_options(parser, *fields: str) -> None:
         parser.add_argument(
             "--" + field.replace("_", "-"), default=getattr(defaults, field), help=f"{text} (default %(default)s)", **parse,
         )
+    parser.add_argument(
+        "--ofl-preset", choices=OFL_PRESETS, default="paper",
+        help="OFL-SAM2 as its paper states it, or with the project's extensions (README: OFL-SAM2 choices; "
+        "the options above apply on top) (default %(default)s)",
+    )
 
 
 def _add_model_options(parser) -> None:
@@ -278,8 +283,8 @@ def _run_reviewed(args) -> int:
 
 def method_options(args):
     """:class:`~oflsam2.settings.MethodOptions` from the ``segment`` options (also used by ``batch``)."""
-    return MethodOptions(
-        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
+    return MethodOptions.preset(
+        args.ofl_preset, epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
         revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter,
         save_adapter=getattr(args, "save_adapter", None), warm_start_epochs=args.warm_start_epochs,
     )
@@ -293,8 +298,8 @@ def run_train(args) -> int:
     inputs = [args.image, args.support, *(p for pair in args.reference for p in pair)]
     for output in (adapter_dir, adapter_dir / TRAINING_SEGMENTATION):
         refuse_inputs_as_output(output, inputs)
-    options = MethodOptions(
-        epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
+    options = MethodOptions.preset(
+        args.ofl_preset, epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
         adapter=args.adapter, save_adapter=str(adapter_dir),
     )
     created = _create_folder(adapter_dir)
@@ -420,6 +425,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         print(f"wrote {path}")
     if "model" in summary.get("engine", {}):
         print(f"model {summary['engine']['model']}")
+    if "ofl_preset" in summary.get("engine", {}):
+        print(f"OFL-SAM2 preset {summary['engine']['ofl_preset']}")
     print(f"took {summary['timings']['total']:.1f} s")
     if "warning" in summary:
         print(summary["warning"])
@@ -637,7 +644,7 @@ def run_demo(args) -> int:
     from . import demo
 
     settings = model_settings(args)
-    result = demo.run(Path(args.out), args.method, settings, MethodOptions(epochs=args.epochs), progress_events())
+    result = demo.run(Path(args.out), args.method, settings, MethodOptions.preset(args.ofl_preset, epochs=args.epochs), progress_events())
     for path in result["files"]:
         print(f"wrote {path}")
     print(f"Dice vs the MNI152 white-matter map (> {demo.WM_THRESHOLD}): {result['dice']:.3f} "

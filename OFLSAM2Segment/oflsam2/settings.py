@@ -41,16 +41,20 @@ INITIAL_FITS = ("episode", "even")
 CANDIDATE_LOSSES = ("predicted", "min", "all")
 OVERFIT_GUARDS = ("holdout", "none")
 ONLINE_SOLVERS = ("gram", "samples")
-TRAIN_SOLVERS = ("krylov", "samples")
+TRAIN_SOLVERS = ("gram", "krylov", "samples")
+SAMPLE_WEIGHTS = ("mean", "sum")
+TAU_INITS = ("zero", "default")
+OFL_LOSSES = ("ce_dice", "sam2")
 MODEL_MEMORY_SLOTS = 7  # num_maskmem of every SAM2 and SAM2.1 config: the memory bank cannot hold more
 
 
 @dataclass
 class ModelSettings:
     """Which SAM2 to run and where. ``model`` is a name from ``oflsam2/models.json``
-    (``sam2.1-tiny`` ... ``sam2-large``, ``medsam2``)."""
+    (``sam2.1-tiny`` ... ``sam2-large``, ``medsam2``); by default the default method's (OFL-SAM2's)
+    paper backbone, ``sam2.1-base-plus``: for RevSAM2's, name it (``default_model("revsam2")``)."""
 
-    model: str = "sam2.1-tiny"
+    model: str = DEFAULT_MODELS[DEFAULT_METHOD]
     checkpoint: str | None = None  # local path; None -> the verified cached download
     random_weights: bool = False  # real architecture, untrained: tests and smoke runs only
     device: str = "auto"  # auto | cuda | mps | cpu
@@ -130,11 +134,15 @@ class Reference:
 
 @dataclass
 class MethodOptions:
-    """Every method's knobs in one place; each method reads the ones it needs."""
+    """Every method's knobs in one place; each method reads the ones it needs.
+
+    ``MethodOptions()`` is OFL-SAM2 as its paper states it; :meth:`extended` is the project's own
+    choices on top of it (:data:`EXTENDED_OFL`); :func:`ofl_preset` says which a value is.
+    """
 
     # SAM2 propagation / shared
     num_maskmem: int | None = None  # None -> the model's own (7)
-    # OFL-SAM2
+    # OFL-SAM2 (paper values; README "OFL-SAM2: where the code chooses" has the extended ones)
     epochs: int = 40
     lr: float = 1e-3
     lr_milestones: tuple[int, ...] = (10, 30)
@@ -143,28 +151,34 @@ class MethodOptions:
     retrieval: str = "flat"  # flat | pooled
     learner_iters_train: int = 10
     learner_iters_online: int = 5
+    learner_iters_first: int | None = None  # the first tau at inference; None: learner_iters_online (paper)
     use_learner: bool = True
     use_afm: bool = True
     online_update: bool = True
     exclude_radius: int = 2  # leave-one-slice-out: also exclude annotated slices within +-2
-    max_fit_slices: int = 64
+    max_fit_slices: int | None = None  # learner samples per fit (training episodes, first tau); None: all (paper)
+    max_online_samples: int | None = None  # accepted slices kept as learner samples (oldest dropped); None: all (paper)
+    sample_weights: str = "mean"  # the learner's sample weights: mean (1/N, LWL's code) | sum (1 each)
+    tau_init: str = "zero"  # tau_0 of every fit: zero (LWL's initializer) | default (PyTorch's conv initialisation)
+    loss: str = "ce_dice"  # ce_dice (paper: CE + Dice, every episode) | sam2 (mask loss on object episodes + object BCE)
+    adapter_empty_slices: int | None = None  # empty support slices an adapter keeps; None: all
     seed: int = 0
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
     warm_start_epochs: int = 10  # --adapter with new support; scaled by the share of support new to it (an update: corrected slices)
-    # OFL-SAM2 choices (issue 10); the value after "|" restores the behaviour before it
-    initial_fit: str = "episode"  # episode (as training fits: own slices, objects first, 10 iters) | even
-    fit_empty_fraction: float = 0.25  # share of a fit set kept for empty slices (negatives)
-    retrieval_object_guarantee: bool = True  # a retrieved memory holds the object if any support does | False
-    empty_episodes_per_object: float | None = 1.0  # empty-slice training episodes per object episode | None (all)
-    episode_recent_memories: bool = True  # training E1 also sees ground-truth recent memories | False
+    # OFL-SAM2 choices (issue 10): the paper's reading here; MethodOptions.extended() turns the project's on
+    initial_fit: str = "episode"  # episode (as training fits: own slices first, objects, by similarity) | even
+    fit_empty_fraction: float = 0.25  # share of a capped fit set kept for empty slices (negatives)
+    retrieval_object_guarantee: bool = False  # a retrieved memory holds the object if any support does
+    empty_episodes_per_object: float | None = None  # empty-slice training episodes per object episode; None: all
+    episode_recent_memories: bool = False  # training E1 also sees ground-truth recent memories
     candidate_loss: str = "predicted"  # mask loss on the candidate inference outputs | min | all
-    overfit_guard: str = "holdout"  # below holdout_below_episodes, keep the weights best on held-out episodes | none
+    overfit_guard: str = "none"  # holdout: below holdout_below_episodes keep the weights best on held-out episodes | none
     holdout_below_episodes: int = 16
-    accept_absent: bool = True  # confident "object absent" predictions enter the memory bank | False
+    accept_absent: bool = False  # confident "object absent" predictions enter the memory bank
     learner_backprop_iters: int | None = None  # training backpropagates through the last N learner steps | None (all)
     online_solver: str = "gram"  # online tau updates on Gram statistics (fixed cost) | samples (same steps)
-    train_solver: str = "krylov"  # training fits in each episode's Krylov space (built once) | samples (autograd; same steps, gradient)
+    train_solver: str = "gram"  # episode tau in its Krylov space from Gram statistics | krylov (from the samples) | samples
     # RevSAM2
     top_k: int = 3
     revsam2_mode: str = "full"  # full | forward | forward_fifo | random
@@ -175,6 +189,47 @@ class MethodOptions:
 
     def __post_init__(self):
         check_method_options(self)
+
+    @classmethod
+    def extended(cls, **changes) -> MethodOptions:
+        """The ``extended`` preset: the paper plus the project's choices (:data:`EXTENDED_OFL`);
+        ``changes`` (any fields) apply on top."""
+        return cls(**{**EXTENDED_OFL, **changes})
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> MethodOptions:
+        """``MethodOptions()`` (``paper``) or :meth:`extended` (``extended``), then ``changes``."""
+        _choice(name, OFL_PRESETS, "OFL-SAM2 preset")
+        return cls.extended(**changes) if name == "extended" else cls(**changes)
+
+
+# The OFL-SAM2 fields where the `extended` preset departs from the paper (MethodOptions() holds
+# the paper's values): the project's choices before issue 22, each described in the README.
+EXTENDED_OFL = {
+    "retrieval_object_guarantee": True,  # the 2nd retrieved slice replaced by an object slice when both are empty
+    "max_fit_slices": 64,  # own slices, then ~75 % object slices ranked by similarity, fixed for the sweep
+    "max_online_samples": 32,  # a window of accepted slices
+    "learner_iters_first": 10,  # the first tau at inference as training fits it
+    "accept_absent": True,  # confident empty predictions enter the memory bank
+    "empty_episodes_per_object": 1.0,  # empty episodes re-balanced to one per object episode
+    "overfit_guard": "holdout",  # a held-out third and best-epoch restore below 16 episodes
+    "episode_recent_memories": True,  # training E1 sees ground-truth recent memories
+    "loss": "sam2",  # mask loss on object episodes only, plus BCE on the object score
+    "adapter_empty_slices": 16,  # an adapter keeps every object slice and 16 empty ones
+    "train_solver": "krylov",  # each episode's Krylov space from its samples (the same steps as gram)
+}
+OFL_PRESETS = ("paper", "extended")
+
+
+def ofl_preset(options: MethodOptions) -> str:
+    """``paper`` or ``extended`` when ``options`` hold that preset's value in every field of
+    :data:`EXTENDED_OFL`, else ``custom``: what run records say beside every field."""
+    paper = MethodOptions.__dataclass_fields__
+    if all(getattr(options, name) == paper[name].default for name in EXTENDED_OFL):
+        return "paper"
+    if all(getattr(options, name) == value for name, value in EXTENDED_OFL.items()):
+        return "extended"
+    return "custom"
 
 
 @dataclass
@@ -226,7 +281,12 @@ def check_method_options(options: MethodOptions) -> None:
     _whole(options.learner_iters_train, "learner_iters_train", 0)
     _whole(options.learner_iters_online, "learner_iters_online", 0)
     _whole(options.exclude_radius, "exclude_radius", 0)
-    _whole(options.max_fit_slices, "max_fit_slices", 1)
+    for name in ("learner_iters_first", "max_fit_slices", "max_online_samples", "adapter_empty_slices"):
+        if getattr(options, name) is not None:
+            _whole(getattr(options, name), name, 1 if name.startswith("max_") else 0)
+    _choice(options.sample_weights, SAMPLE_WEIGHTS, "sample weighting")
+    _choice(options.tau_init, TAU_INITS, "tau initialisation")
+    _choice(options.loss, OFL_LOSSES, "OFL-SAM2 loss")
     _whole(options.seed, "seed", 0)
     _whole(options.top_k, "top_k", 1)
     _choice(options.revsam2_mode, REVSAM2_MODES, "RevSAM2 mode")

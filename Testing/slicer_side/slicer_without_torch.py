@@ -74,6 +74,10 @@ def main(out: Path) -> dict:
         created = logic.segmentVolumesWithAdapter([volume], str(adapter), randomWeights=True, device="cpu")
         found["with_adapter"] = [list(mrml_io.segment_names(node).values()) for node in created]
 
+        # The effect on a fresh annotated volume: on the one above, the random-weight results and
+        # the inverted plane leave strokes whose drawing axis depends on those results.
+        volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 48, 48))
+        target = ids[0]
         editor = slicer.vtkSlicerSegmentEditorLogic()
         editor.SetMRMLScene(scene)
         editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")

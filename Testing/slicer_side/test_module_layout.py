@@ -8,6 +8,7 @@ method defaults come from the engine's registry (``oflsam2.settings``)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import shutil
 import subprocess
@@ -120,6 +121,24 @@ def test_the_parameter_node_takes_the_method_defaults_from_method_options(sessio
     typed = [item.target.id for item in node.body if isinstance(item, ast.AnnAssign) and item.target.id in fields
              and isinstance(item.value, ast.Constant)]
     assert not typed, f"defaults typed again instead of read from MethodOptions(): {typed}"
+
+
+def test_the_ofl_preset_is_an_advanced_choice_of_the_module_and_the_effect(session, monkeypatch):
+    from OFLSAM2SegmentLib.options import parse_options
+
+    parameters = session.module.OFLSAM2SegmentParameterNode()
+    assert parameters.oflPreset == "paper" and parameters.runOptions()["oflPreset"] == "paper"
+    parameters.oflPreset = "extended"
+    chosen = parse_options("ofl", parameters.runOptions()).options  # (the session loads its own copy of the classes)
+    assert dataclasses.asdict(chosen) == dataclasses.asdict(MethodOptions.extended())
+    ui = (MODULE_DIR / "Resources" / "UI" / "OFLSAM2Segment.ui").read_text(encoding="utf-8")
+    assert "<string>oflPreset</string>" in ui  # the advanced section's combo box is bound to it
+    monkeypatch.setattr(sys.modules["qt"], "QComboBox", mock.MagicMock(side_effect=lambda *args: mock.MagicMock()))
+    (effect,) = session.registered_effects
+    effect.setMRMLDefaults()
+    effect.setupOptionsFrame()
+    assert [call.args for call in effect.oflPresetComboBox.addItem.call_args_list] == [("paper", "paper"), ("extended", "extended")]
+    assert effect.scriptedEffect.parameter("OFLPreset") == "paper"
 
 
 def test_the_effect_offers_the_registry_methods(session, monkeypatch):

@@ -24,6 +24,19 @@ def test_camel_and_snake_case_options_reach_the_right_objects():
     assert snake_case("numRetrieved") == "num_retrieved" and "gamma" in option_names()
 
 
+def test_the_ofl_preset_option_picks_the_method_options_and_fields_apply_on_top():
+    from oflsam2.settings import MethodOptions
+
+    assert parse_options("ofl", {}).options == MethodOptions()  # the paper, by default
+    assert parse_options("ofl", {"oflPreset": "extended"}).options == MethodOptions.extended()
+    config = parse_options("ofl", {"ofl_preset": "extended", "maxFitSlices": "8", "acceptAbsent": "false", "learnerItersFirst": ""})
+    assert config.options == MethodOptions.extended(max_fit_slices=8, accept_absent=False)  # "": the preset's own value
+    assert parse_options("ofl", {"emptyEpisodesPerObject": "2.5"}).options.empty_episodes_per_object == 2.5  # optional float
+    assert "ofl_preset" in option_names()
+    with pytest.raises(InputError, match="Unknown OFL-SAM2 preset 'legacy'"):
+        parse_options("ofl", {"oflPreset": "legacy"})
+
+
 def test_image_size_zero_is_the_models_own():
     assert parse_options("ofl", {"imageSize": 0}).settings.image_size == 1024
     assert parse_options("ofl", {"model": "medsam2", "imageSize": 0}).settings.image_size == 512

@@ -25,9 +25,12 @@ Paths are relative to ``data_root``; ``data_root`` is relative to the config fil
       - method: revsam2               # ofl | revsam2 | forward | sam2
         name: revsam2-k5              # default: the method
         options: {top_k: 5}           # MethodOptions fields
+      - method: ofl
+        name: ofl-extended
+        options: {ofl_preset: extended}   # paper (default) | extended, then the fields given
       - method: sam2                  # needs annotated planes in the query itself:
         annotate_query: 1             # per label, N planes of the query's own reference
-    model: {model: sam2.1-tiny, image_size: 1024}   # ModelSettings fields
+    model: {model: sam2.1-tiny, image_size: 1024}   # ModelSettings fields (default: sam2.1-base-plus)
     evaluation: {nsd_tolerance_mm: 1.0, both_empty: one}
     report: {montage: true, montage_slices: 12}
 
@@ -49,7 +52,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..metrics import BOTH_EMPTY_CHOICES
-from ..settings import METHODS, MethodOptions, ModelSettings
+from ..settings import METHODS, OFL_PRESETS, MethodOptions, ModelSettings
 
 SUPPORT_MODES = ("slices", "volumes")
 
@@ -325,7 +328,11 @@ def _parse_methods(raw, where: _Where) -> list[MethodRun]:
         name = str(entry.get("name") or method)
         if not re.fullmatch(r"[\w.+-]+", name):
             raise where.fail(f"{key}.name", f"must be a plain folder name (letters, digits, _ . + -); got {name!r}.")
-        options = _dataclass_from(MethodOptions, entry.get("options") or {}, f"{key}.options", where)
+        values = entry.get("options") or {}
+        where.keys(values, f"{key}.options", tuple(f.name for f in dataclasses.fields(MethodOptions)) + ("ofl_preset",))
+        values = dict(values)
+        preset = where.choice(values.pop("ofl_preset", "paper"), f"{key}.options.ofl_preset", OFL_PRESETS)
+        options = _dataclass_from(MethodOptions, values, f"{key}.options", where, MethodOptions.preset(preset))
         annotate = where.integer(entry.get("annotate_query", 0), f"{key}.annotate_query", 0)
         runs.append(MethodRun(name, method, options, annotate))
     names = [r.name for r in runs]
@@ -334,16 +341,17 @@ def _parse_methods(raw, where: _Where) -> list[MethodRun]:
     return runs
 
 
-def _dataclass_from(cls, values, key: str, where: _Where):
-    """``cls(**values)`` after checking every name and value type against ``cls``'s defaults."""
+def _dataclass_from(cls, values, key: str, where: _Where, base=None):
+    """``base`` (default ``cls()``) with ``values`` after checking every name and value type
+    against its values."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     where.keys(values, key, tuple(fields))
-    defaults = cls()
+    defaults = cls() if base is None else base
     checked = {}
     for name, value in values.items():
         default = getattr(defaults, name)
         checked[name] = _typed(value, default, f"{key}.{name}", where)
-    return cls(**checked)
+    return dataclasses.replace(defaults, **checked)
 
 
 def _typed(value, default, key: str, where: _Where):

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation import read_csv, write_csv
 from ..metrics import case_metrics
-from ..settings import LabelSupport, ModelSettings
+from ..settings import LabelSupport, ModelSettings, ofl_preset
 from .config import ExperimentConfig, MethodRun
 from .draws import CaseLoader, LoadedCase, draw_groups, run_seeds, scan_cases, support_references
 from .tables import CASE_COLUMNS, ExperimentOutcome, write_tables
@@ -244,7 +244,10 @@ def _record_run(config: ExperimentConfig, groups: list[dict], path: Path) -> Non
                 "evaluation": {"nsd_tolerance_mm": config.nsd_tolerance_mm, "both_empty": config.both_empty},
                 "groups": groups,
                 "methods": {
-                    r.name: {"method": r.method, "options": dataclasses.asdict(r.options), "annotate_query": r.annotate_query}
+                    r.name: {
+                        "method": r.method, "options": dataclasses.asdict(r.options), "annotate_query": r.annotate_query,
+                        **({"ofl_preset": ofl_preset(r.options)} if r.method == "ofl" else {}),
+                    }
                     for r in config.methods
                 },
                 "seeds": run_seeds(config),

@@ -7,9 +7,12 @@ E_tar = AFM(E1, lift(T_τ(F))) fed to SAM2's heads, and confident slices (S_cf >
 memory bank and the learner's fit set.
 
 Training and inference put E1 and τ together the same way: the learner's fit set is built by
-:func:`~.ofl_bank.fit_set` (the target's annotated slices, then object slices, then a share of
-empty ones, by similarity) and fitted with ``learner_iters_train`` iterations; E1 attends to the
-retrieved support memories, recent memories and object pointers in both.
+:func:`~.ofl_bank.fit_set` (every support slice, as the paper; or, with ``max_fit_slices``, the
+target's annotated slices, then object slices, then a share of empty ones, by similarity); E1
+attends to the retrieved support memories (and, in training with ``episode_recent_memories``,
+ground-truth recent memories) and object pointers in both. τ is fitted with
+``learner_iters_train`` iterations in training, ``learner_iters_first`` (default: the online 5)
+for the first τ at inference and ``learner_iters_online`` per online update.
 """
 
 from __future__ import annotations
@@ -27,23 +30,19 @@ from ..driver import Memory
 from ..errors import InputError
 from ..events import check_cancel
 from ..ofl.fusion import AdaptiveFusion, ChannelLift, sum_fusion
-from ..ofl.learner import FewShotLearner, GramFit, KrylovSpace
+from ..ofl.learner import FewShotLearner, GramFit
 from .base import RunContext, SupportSet
 from .ofl_adapters import load_for_run, save_after_run
 from .ofl_bank import Bank, fit_set, retrieval_key, retrieve
-
-MAX_ONLINE_SAMPLES = 32  # learner samples added while propagating (oldest dropped first)
-# Training keeps each episode's Krylov space across epochs up to this many bytes (6 MB per
-# episode at 10 iterations, C = 256, D = 64, k = 3, whatever the image size); past it, rebuilt.
-TRAIN_SPACE_CACHE_BYTES = 1 << 30
+from .ofl_spaces import EpisodeSpaces
 
 
 class FusionHead(nn.Module):
     """What OFL-SAM2 trains for one label: the learner's λ, the channel lift and the AFM."""
 
-    def __init__(self, use_learner: bool = True, use_afm: bool = True):
+    def __init__(self, use_learner: bool = True, use_afm: bool = True, sample_weights: str = "mean", tau_init: str = "zero"):
         super().__init__()
-        self.learner = FewShotLearner()
+        self.learner = FewShotLearner(sample_weights=sample_weights, tau_init=tau_init)
         self.lift = ChannelLift()
         self.afm = AdaptiveFusion()
         self.use_learner = use_learner
@@ -114,18 +113,24 @@ def episode_pools(bank: Bank, exclude_radius: int) -> dict[int, np.ndarray]:
 
 
 def segmentation_loss(
-    candidates: torch.Tensor, ious: torch.Tensor, object_score: torch.Tensor, target: torch.Tensor, candidate: str = "predicted"
+    candidates: torch.Tensor, ious: torch.Tensor, object_score: torch.Tensor, target: torch.Tensor, candidate: str = "predicted",
+    terms: str = "sam2",
 ) -> torch.Tensor:
-    """CE + Dice on pre-gating logits + BCE on the object score.
+    """CE + Dice on pre-gating logits (``terms="ce_dice"``, the paper's loss, on every episode) or,
+    as in SAM2's training (``"sam2"``), BCE on the object score plus CE + Dice only when the
+    object is present.
 
     candidates: (1, 3, s, s) logits; ious: (1, 3) predicted IoUs; object_score: (1, 1); target:
-    (1, 1, s, s) in {0, 1}. The mask terms apply only when the object is present, as in SAM2's
-    training, to the candidate chosen by ``candidate``: ``predicted`` the one inference outputs
-    (highest predicted IoU), ``min`` the best of the three (SAM2's training), ``all`` their mean.
+    (1, 1, s, s) in {0, 1}. The mask terms apply to the candidate chosen by ``candidate``:
+    ``predicted`` the one inference outputs (highest predicted IoU), ``min`` the best of the
+    three (SAM2's training), ``all`` their mean.
     """
     present = target.flatten(1).amax(dim=1, keepdim=True)  # (1, 1)
-    loss = F.binary_cross_entropy_with_logits(object_score, present)
-    if present.item() > 0:
+    if terms == "ce_dice":
+        loss = candidates.new_zeros(())
+    else:
+        loss = F.binary_cross_entropy_with_logits(object_score, present)
+    if present.item() > 0 or terms == "ce_dice":
         target3 = target.expand_as(candidates)
         ce = F.binary_cross_entropy_with_logits(candidates, target3, reduction="none").mean(dim=(2, 3))
         prob = candidates.sigmoid()
@@ -192,7 +197,7 @@ def build_episodes(ctx: RunContext, bank: Bank) -> list[Episode]:
         e1 = driver.attend(bank.backbones[q], spatial, pointers, ctx.num_slices)
         target = torch.from_numpy(bank.masks[q].astype(np.float32))[None, None].to(e1.device)
         target = (F.interpolate(target, size=(low_res, low_res), mode="bilinear", antialias=True) >= 0.5).float()
-        fit = fit_set(bank, pool, bank.keys[q], opts.max_fit_slices, opts.fit_empty_fraction)
+        fit = fit_set(bank, pool, bank.keys[q], opts.max_fit_slices, opts.fit_empty_fraction)  # None: the whole pool
         episodes.append(Episode(q, e1, target, torch.from_numpy(fit).to(bank.vision.device), bool(bank.has_object[q])))
     return episodes
 
@@ -215,44 +220,25 @@ def epoch_order(has_object: np.ndarray, empty_per_object: float | None, rng: np.
     return rng.permutation(np.concatenate([objects, empties]))
 
 
-class EpisodeSpaces:
-    """Each training episode's :class:`~oflsam2.ofl.learner.KrylovSpace` (the space its τ fit
-    moves in), built on first use and kept across epochs while they fit in ``budget`` bytes:
-    an episode's fit set never changes, only λ does, and the space does not depend on λ."""
-
-    def __init__(self, learner: FewShotLearner, bank: Bank, num_iters: int, budget: int = TRAIN_SPACE_CACHE_BYTES):
-        self.learner, self.bank, self.num_iters, self.budget = learner, bank, num_iters, budget
-        self.kept: dict[int, KrylovSpace] = {}
-        self.used = 0
-
-    def __call__(self, episode: Episode) -> KrylovSpace:
-        space = self.kept.get(episode.query)
-        if space is None:
-            with torch.no_grad():
-                space = self.learner.krylov_space(self.bank.vision[episode.fit], self.bank.targets[episode.fit], self.num_iters)
-            size = space.basis.numel() * space.basis.element_size()
-            if self.used + size <= self.budget:
-                self.kept[episode.query], self.used = space, self.used + size
-        return space
-
-
 def episode_loss(
     ctx: RunContext, head: FusionHead, bank: Bank, episode: Episode, create_graph: bool, spaces: EpisodeSpaces | None = None
 ) -> torch.Tensor:
     """The episode's segmentation loss with τ fitted on its fit set: in its Krylov space
-    (``train_solver="krylov"``, from ``spaces``) or through autograd on the samples; both take
-    the same steps and give the same gradient in λ."""
+    (``train_solver`` ``gram`` or ``krylov``, from ``spaces``) or through autograd on the
+    samples; all take the same steps and give the same gradient in λ."""
     opts = ctx.options
     space = None
-    if opts.train_solver == "krylov":
-        space = (spaces or EpisodeSpaces(head.learner, bank, opts.learner_iters_train, budget=0))(episode)
+    if opts.train_solver != "samples":
+        space = (spaces or EpisodeSpaces(head.learner, bank, opts.learner_iters_train, opts.train_solver, budget=0))(episode)
+    # with Gram statistics standing for them, the samples are not gathered (a copy of the fit set)
+    samples = (None, None) if opts.train_solver == "gram" else (bank.vision[episode.fit], bank.targets[episode.fit])
     tau = head.learner.fit(
-        bank.vision[episode.fit], bank.targets[episode.fit], num_iters=opts.learner_iters_train,
+        *samples, num_iters=opts.learner_iters_train,
         create_graph=create_graph, backprop_iters=opts.learner_backprop_iters, statistics=space,
     )
     e_tar = head.fuse(episode.e1, tau, bank.vision[episode.query : episode.query + 1])
     candidates, ious, object_score = ctx.driver.decode_candidates(e_tar, bank.backbones[episode.query])
-    return segmentation_loss(candidates, ious, object_score, episode.target, opts.candidate_loss)
+    return segmentation_loss(candidates, ious, object_score, episode.target, opts.candidate_loss, opts.loss)
 
 
 def held_out_split(episodes: list[Episode], opts, rng: np.random.Generator, keep_training=()) -> np.ndarray:
@@ -307,7 +293,7 @@ def train(ctx: RunContext, head: FusionHead, bank: Bank, epochs: int, label_name
         (no_decay if name.startswith("learner.") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(opts.lr_milestones), gamma=0.1)
-    spaces = EpisodeSpaces(head.learner, bank, opts.learner_iters_train)
+    spaces = EpisodeSpaces(head.learner, bank, opts.learner_iters_train, opts.train_solver)
 
     def held_out_loss() -> float:
         with torch.no_grad():
@@ -354,33 +340,40 @@ def confidence(high_res_logits: torch.Tensor) -> float:
 
 
 class OnlineLearner:
-    """τ and the samples it is fitted on: the initial fit set plus accepted slices (capped).
+    """τ and the samples it is fitted on: the initial fit set plus accepted slices.
 
-    ``initial_fit="episode"`` builds the first fit set as a training episode does (every
-    annotated slice of the target, object slices first, by similarity to ``first_key``) and
-    fits it with ``learner_iters_train`` iterations; ``"even"`` takes evenly spaced bank slices
-    and ``learner_iters_online`` iterations (the behaviour before issue 10). The first fit and
-    the online updates (``learner_iters_online`` steps warm-started from the current τ) run on
-    the samples' Gram statistics (``online_solver="gram"``, :class:`GramFit`: a fixed cost per
-    update) or on the samples themselves (``"samples"``: a cost growing with the fit set); both
-    take the same steps.
+    ``initial_fit="episode"`` builds the first fit set as a training episode does (every support
+    slice; with ``max_fit_slices``, every annotated slice of the target, then object slices by
+    similarity to ``first_key``), ``"even"`` takes evenly spaced bank slices (the behaviour
+    before issue 10); it is fitted with ``learner_iters_first`` iterations (default: the online
+    ``learner_iters_online``). Each accepted slice joins the samples (with ``max_online_samples``,
+    the oldest beyond it leave) and τ takes ``learner_iters_online`` steps warm-started from the
+    current τ. The fits run on the samples' Gram statistics (``online_solver="gram"``,
+    :class:`GramFit`: a fixed cost per update) or on the samples themselves (``"samples"``: a
+    cost growing with them); both take the same steps.
     """
 
     def __init__(self, head: FusionHead, bank: Bank, opts, first_key: torch.Tensor):
         self.head, self.opts = head, opts
+        everything = np.arange(len(bank))
         if opts.initial_fit == "episode":
-            keep = fit_set(bank, np.arange(len(bank)), first_key, opts.max_fit_slices, opts.fit_empty_fraction)
-            iterations = opts.learner_iters_train
+            keep = fit_set(bank, everything, first_key, opts.max_fit_slices, opts.fit_empty_fraction)
         else:
-            keep = np.unique(np.linspace(0, len(bank) - 1, num=min(len(bank), opts.max_fit_slices)).round().astype(int))
-            iterations = opts.learner_iters_online
+            count = min(len(bank), opts.max_fit_slices or len(bank))
+            keep = np.unique(np.linspace(0, len(bank) - 1, num=count).round().astype(int))
+        iterations = opts.learner_iters_online if opts.learner_iters_first is None else opts.learner_iters_first
         self.initial_fit = {
             "target_slices": sorted(int(i) for i in bank.index[keep][bank.in_target[keep]]),
             "slices": int(keep.size),
             "iterations": iterations if head.use_learner else 0,
         }
-        keep = torch.from_numpy(keep).to(bank.vision.device)
-        self.base = (bank.vision[keep], bank.targets[keep])
+        if np.array_equal(keep, everything):  # the whole bank: no copy
+            self.base = (bank.vision, bank.targets)
+        else:
+            keep = torch.from_numpy(keep).to(bank.vision.device)
+            self.base = (bank.vision[keep], bank.targets[keep])
+        # accepted samples are kept only where a later step reads them again
+        self.keep_samples = opts.online_solver != "gram" or opts.max_online_samples is not None
         self.online: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.gram: GramFit | None = None
         self.tau = None
@@ -398,8 +391,11 @@ class OnlineLearner:
 
     def add(self, vision: torch.Tensor, target: torch.Tensor) -> None:
         sample = (vision, target.float())
-        dropped = self.online[: max(len(self.online) + 1 - MAX_ONLINE_SAMPLES, 0)]
-        self.online = (self.online + [sample])[-MAX_ONLINE_SAMPLES:]
+        window, dropped = self.opts.max_online_samples, []
+        if self.keep_samples:
+            self.online.append(sample)
+            if window is not None and len(self.online) > window:
+                dropped, self.online = self.online[:-window], self.online[-window:]
         if not self.head.use_learner:
             return
         if self.gram is None:
@@ -502,11 +498,12 @@ def label_seed(seed: int, label: int) -> int:
 
 
 def build_head(opts, seed: int, device) -> FusionHead:
-    """A fusion head whose random initialisation (the lift) depends on ``seed`` only; torch's
-    global random state is left as it was (a fork, seeded locally)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = FusionHead(opts.use_learner, opts.use_afm)
+    """A fusion head whose random initialisation (τ0 with ``tau_init="default"``, the lift)
+    depends on ``seed`` only; torch's global random state, CUDA's included, is left as it was
+    (the head is built on the CPU from a fork of the CPU generator, then moved)."""
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's are never seeded
+        torch.default_generator.manual_seed(seed)
+        head = FusionHead(opts.use_learner, opts.use_afm, opts.sample_weights, opts.tau_init)
     return head.to(device)
 
 

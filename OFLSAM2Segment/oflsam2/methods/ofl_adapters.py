@@ -1,16 +1,19 @@
 """OFL-SAM2 adapters in a run: what is saved after training and how a saved one is used.
 
-An adapter holds the trained head (λ, lift, AFM) and a support bank, so that it segments new
-volumes with no support at all — the cohort batch path. The bank keeps every support slice that
-holds the object and up to ``ADAPTER_EMPTY_SLICES`` empty ones (evenly spread): image features
-and memory features in bf16, object pointers and object scores in fp32, and the retrieval keys
-when they are pooled (flat keys are the normalised features themselves and are recomputed).
-At 1024 px a slice costs about 2.5 MiB (2 MiB features + 0.5 MiB memory), so a support of 90
-object slices from 3 volumes makes an adapter of about 265 MiB.
+An adapter holds the trained head (λ, lift, AFM, and τ0 when it is not zero) and a support bank,
+so that it segments new volumes with no support at all — the cohort batch path. The bank keeps
+every support slice, or (``adapter_empty_slices``) every one that holds the object and that many
+empty ones, evenly spread: image features and memory features in bf16, object pointers and
+object scores in fp32, and the retrieval keys when they are pooled (flat keys are the normalised
+features themselves and are recomputed). At 1024 px a slice costs about 2.5 MiB (2 MiB features
++ 0.5 MiB memory): 90 object slices and 16 empty ones from 3 volumes make about 265 MiB, every
+slice of 3 Synapse volumes (about 450) about 1.1 GiB. The metadata records every option of the
+run that trained it (``training.options``) and its preset (``training.ofl_preset``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 from ..adapter_labels import require_adapter
 from ..errors import AdapterError
 from ..ofl.adapter import list_adapters, load_adapter, save_adapter
+from ..settings import ofl_preset
 from .base import RunContext, SupportSet
 from .ofl_bank import Bank, retrieval_key
 
@@ -26,14 +30,17 @@ FEATURE_STRIDE = 16  # SAM2's image features F: one per 16x16 pixels of the mode
 ADAPTER_EMPTY_SLICES = 16  # empty support slices kept as negatives (retrieval, learner)
 _BANK_FIELDS = ("vision", "targets", "obj_ptr", "object_score")
 _BF16_FIELDS = ("vision", "targets")  # the large ones; bf16 is what SAM2's own memory bank keeps
+# Options that decide what the trained weights mean (λ's scale, τ0): an adapter is used only
+# with its own values. Adapters written before they were recorded had these.
+_TRAINED_WITH = {"sample_weights": "mean", "tau_init": "zero"}
 
 
-def adapter_slices(bank: Bank) -> np.ndarray:
-    """Bank indices an adapter keeps: every slice holding the object, plus up to
-    ADAPTER_EMPTY_SLICES empty ones evenly spread over the rest."""
+def adapter_slices(bank: Bank, empty_slices: int | None = None) -> np.ndarray:
+    """Bank indices an adapter keeps: every slice, or every slice holding the object plus up to
+    ``empty_slices`` empty ones evenly spread over the rest."""
     objects, empties = np.flatnonzero(bank.has_object), np.flatnonzero(~bank.has_object)
-    if empties.size > ADAPTER_EMPTY_SLICES:
-        empties = empties[np.unique(np.linspace(0, empties.size - 1, ADAPTER_EMPTY_SLICES).round().astype(int))]
+    if empty_slices is not None and empties.size > empty_slices:
+        empties = empties[np.unique(np.linspace(0, empties.size - 1, empty_slices).round().astype(int))]
     return np.sort(np.concatenate([objects, empties]))
 
 
@@ -63,7 +70,8 @@ def load_for_run(ctx: RunContext, support: SupportSet, head):
         chosen = {"path": str(folder)}
     else:
         chosen = require_adapter(list_adapters(folder), support.label, support.name, folder)
-    tensors, _ = load_adapter(chosen["path"], expected=expected_metadata(ctx))
+    tensors, metadata = load_adapter(chosen["path"], expected=expected_metadata(ctx))
+    _check_trained_with(metadata, ctx.options)
     device = ctx.model.device
     try:
         head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
@@ -109,13 +117,26 @@ def _check_bank(path, tensors: dict, side: int) -> None:
         )
 
 
+def _check_trained_with(metadata: dict, options) -> None:
+    """Refuse an adapter whose weights mean something else under this run's options."""
+    trained = (metadata.get("training") or {}).get("options") or {}
+    for name, before in _TRAINED_WITH.items():
+        value = trained.get(name, before)
+        if value != getattr(options, name):
+            raise AdapterError(
+                f"The adapter for {metadata.get('label_name')!r} was trained with {name}={value!r}, this run uses "
+                f"{getattr(options, name)!r}: its trained weights would mean something else. Run with {name}={value!r} "
+                f"(its preset: {(metadata.get('training') or {}).get('ofl_preset', 'extended')}) or train the adapter again."
+            )
+
+
 def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict) -> None:
     """Queue this label's adapter for ``options.save_adapter``; the engine writes it (atomically)
     only once every label of the run has succeeded, so a cancelled run leaves no adapter."""
     opts = ctx.options
     if not opts.save_adapter:
         return
-    keep = torch.from_numpy(adapter_slices(bank)).to(bank.vision.device)
+    keep = torch.from_numpy(adapter_slices(bank, opts.adapter_empty_slices)).to(bank.vision.device)
     tensors = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
     for name in _BANK_FIELDS:
         value = getattr(bank, name)[keep].detach()
@@ -143,6 +164,8 @@ def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict
             "adapter_object_slices": int(bank.has_object.sum()),
             "support_volumes": int(len(set(bank.source.tolist()))),
             "final_loss": (stats.get("loss_history") or [None])[-1],
+            "ofl_preset": ofl_preset(opts),
+            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("adapter", "save_adapter")},
         },
     )
     ctx.on_success.append(lambda: save_adapter(opts.save_adapter, tensors, metadata, staged=ctx.staged))

@@ -92,18 +92,19 @@ def retrieve(
     return top
 
 
-def fit_set(bank: Bank, pool: np.ndarray, query_key: torch.Tensor, cap: int, empty_fraction: float) -> np.ndarray:
-    """The learner's fit set for one query: indices into the bank, at most ``cap`` unless the
-    target's own annotated slices alone exceed it.
+def fit_set(bank: Bank, pool: np.ndarray, query_key: torch.Tensor, cap: int | None, empty_fraction: float) -> np.ndarray:
+    """The learner's fit set for one query: indices into the bank.
 
-    The target's annotated slices in ``pool`` always come first, whatever ``cap``: they are the
-    user's own statement about this volume. The rest is filled with slices holding the object,
-    the most similar to the query first, keeping up to ``empty_fraction`` of ``cap`` for empty
-    slices (negatives: they teach the mapping what "no object" looks like), also by similarity;
-    empty slices fill whatever the object slices leave free.
+    ``cap`` None: the whole ``pool``, in its order (the paper: every training sample). Otherwise
+    at most ``cap`` slices unless the target's own annotated slices alone exceed it: the target's
+    annotated slices in ``pool`` always come first, whatever ``cap``: they are the user's own
+    statement about this volume. The rest is filled with slices holding the object, the most
+    similar to the query first, keeping up to ``empty_fraction`` of ``cap`` for empty slices
+    (negatives: they teach the mapping what "no object" looks like), also by similarity; empty
+    slices fill whatever the object slices leave free.
     """
     pool = np.asarray(pool, dtype=int)
-    if pool.size == 0:
+    if pool.size == 0 or cap is None:
         return pool
     similarity = (bank.keys[torch.from_numpy(pool).to(bank.keys.device)] @ query_key).cpu().numpy()
     ranked = pool[np.argsort(-similarity, kind="stable")]

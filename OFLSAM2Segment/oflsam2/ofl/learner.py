@@ -6,8 +6,11 @@ learner produces it from support pairs (F_i, M_i) by minimising the ridge loss
 
     L(τ) = ½ Σ_i w_i ‖T_τ(F_i) − M_i‖² + ½ β ‖τ‖²,   β = λ² (clamped ≥ 1e-6),
 
-where λ is the only trained weight. T_τ is linear in τ, so the exact line search along the
-gradient g has the closed form α = ‖g‖² / (Σ_i w_i ‖conv(F_i, g)‖² + β ‖g‖²) (LWL lineage).
+where λ is the only trained weight and w_i = 1/N (``sample_weights="mean"``, as LWL's code
+weights the same sum) or 1 (``"sum"``, the paper's Eq. 2 as printed). Every fit starts from τ0:
+zero (``tau_init="zero"``, LWL's initializer) or a fixed draw of PyTorch's default convolution
+initialisation (``"default"``). T_τ is linear in τ, so the exact line search along the gradient
+g has the closed form α = ‖g‖² / (Σ_i w_i ‖conv(F_i, g)‖² + β ‖g‖²) (LWL lineage).
 
 Several episodes (independent fits, each with its own τ and α) can be fitted at once by passing
 5-D features (E, N, C, H, W): they run as one grouped convolution.
@@ -15,6 +18,7 @@ Several episodes (independent fits, each with its own τ and α) can be fitted a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +32,19 @@ KRYLOV_BREAKDOWN = 1e-6  # a Lanczos residual this small relative to its product
 
 @dataclass
 class KrylovSpace:
-    """Where steepest descent from τ0 = 0 moves on one fit set (see :meth:`FewShotLearner.krylov_space`):
+    """Where steepest descent from τ0 moves on one fit set (see :meth:`FewShotLearner.krylov_space`):
     basis (m, D, C, k, k) orthonormal, projected (m, m) fp64 = basisᵀ B basis, norm = ‖R‖.
-    ``built_for``: the steps it was built for (m is fewer when the space became invariant)."""
+    ``built_for``: the steps it was built for (m is fewer when the space became invariant).
+    From a τ0 ≠ 0 also ``origin`` (τ0), ``residual`` (basisᵀ (R − B τ0)) and ``start``
+    (basisᵀ τ0), fp64 coordinates; None from τ0 = 0 (the residual is then ‖R‖ e1)."""
 
     basis: torch.Tensor
     projected: torch.Tensor
     norm: torch.Tensor
     built_for: int = 0
+    origin: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    start: torch.Tensor | None = None
 
 
 class FewShotLearner(nn.Module):
@@ -53,17 +62,32 @@ class FewShotLearner(nn.Module):
         kernel_size: int = 3,
         init_lambda: float = 1e-2,
         chunk_size: int = 8,
+        sample_weights: str = "mean",
+        tau_init: str = "zero",
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number (same-size output); got {kernel_size}.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
+        if sample_weights not in ("mean", "sum") or tau_init not in ("zero", "default"):
+            raise ValueError(f"sample_weights is mean or sum, tau_init zero or default; got {sample_weights!r}, {tau_init!r}.")
         self.feature_channels = feature_channels
         self.target_channels = target_channels
         self.kernel_size = kernel_size
         self.chunk_size = chunk_size
+        self.sample_weights = sample_weights
         self.ridge_lambda = nn.Parameter(torch.tensor(float(init_lambda)))
+        if tau_init == "default":  # τ0 = what nn.Conv2d(C, D, k, bias=False) starts from; saved with the head
+            origin = torch.empty(target_channels, feature_channels, kernel_size, kernel_size)
+            nn.init.kaiming_uniform_(origin, a=math.sqrt(5))
+            self.register_buffer("origin", origin)
+        else:
+            self.origin = None  # τ0 = 0
+
+    def default_weight(self, samples: int) -> float:
+        """Each sample's weight w_i when none are given: 1/N or 1."""
+        return 1.0 / samples if self.sample_weights == "mean" else 1.0
 
     def ridge_weight(self) -> torch.Tensor:
         """β = λ², clamped so that the inner problem stays strictly convex."""
@@ -71,8 +95,8 @@ class FewShotLearner(nn.Module):
 
     def fit(
         self,
-        features: torch.Tensor,
-        targets: torch.Tensor,
+        features: torch.Tensor | None,
+        targets: torch.Tensor | None,
         weights: torch.Tensor | None = None,
         tau_init: torch.Tensor | None = None,
         num_iters: int = 10,
@@ -80,11 +104,12 @@ class FewShotLearner(nn.Module):
         backprop_iters: int | None = None,
         statistics: KrylovSpace | GramFit | None = None,
     ) -> torch.Tensor:
-        """Run ``num_iters`` steepest-descent steps from τ0 = 0 (or ``tau_init``) and return τ.
+        """Run ``num_iters`` steepest-descent steps from τ0 (or ``tau_init``) and return τ.
 
         features: (N, C, H, W), or (E, N, C, H, W) for E episodes, any float dtype (cast to
         fp32 chunk by chunk); targets: (N, D, H, W) / (E, N, D, H, W); weights: (N,) / (E, N)
-        non-negative sample weights, default 1/N; tau_init: (D, C, k, k) / (E, D, C, k, k).
+        non-negative sample weights, default :meth:`default_weight`; tau_init: (D, C, k, k) /
+        (E, D, C, k, k).
         Returns τ of the matching shape, fp32 (fp64 if the targets are fp64).
 
         ``create_graph`` (default: whether grad mode is on at the call) keeps the unrolled
@@ -96,26 +121,27 @@ class FewShotLearner(nn.Module):
 
         ``statistics``: what these same samples reduce to, computed once, which takes the same
         steps without going through the samples again: a :class:`KrylovSpace` from
-        :meth:`krylov_space` (from τ0 = 0, with the graph to λ: training episodes) or a
+        :meth:`krylov_space` or :meth:`krylov_space_of` (from τ0, with the graph to λ: training episodes) or a
         :class:`GramFit` holding them (detached, warm starts allowed). Single fits with the
-        default weights only; the samples are then checked but not read.
+        default weights only; the samples are then checked but not read, and may be None.
         """
         if num_iters < 0:
             raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
         if create_graph is None:
             create_graph = torch.is_grad_enabled()
-        episodic = features.dim() == 5
         if statistics is not None:
-            if episodic or weights is not None:
+            if (features is not None and features.dim() == 5) or weights is not None:
                 raise ValueError("A fit from precomputed statistics takes one episode with the default weights.")
-            self._episodes(features, targets, None)
+            if features is not None or targets is not None:
+                self._episodes(features, targets, None)
             if isinstance(statistics, GramFit):
                 if create_graph and (tau_init is not None and tau_init.requires_grad):
                     raise ValueError("A fit on Gram statistics is detached: it cannot carry tau_init's graph.")
                 return statistics.fit(tau_init, num_iters)
             if tau_init is not None:
-                raise ValueError("A fit in a Krylov space starts from zero; tau_init must be None.")
+                raise ValueError("A fit in a Krylov space starts from the learner's τ0; tau_init must be None.")
             return self._fit_in_space(statistics, num_iters, create_graph, backprop_iters)
+        episodic = features.dim() == 5
         features, targets, weights = self._episodes(features, targets, weights)
         dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
         targets, weights = targets.to(dtype), weights.to(dtype)
@@ -166,15 +192,17 @@ class FewShotLearner(nn.Module):
         return _grouped_conv(features.to(tau.dtype), tau)
 
     def krylov_space(self, features: torch.Tensor, targets: torch.Tensor, num_iters: int) -> KrylovSpace:
-        """The space in which ``num_iters`` steps from τ0 = 0 on these samples move, for any λ.
+        """The space in which ``num_iters`` steps from τ0 on these samples move, for any λ.
 
         From τ0 = 0 the k-th iterate lies in the Krylov space span{R, BR, …, B^(k−1) R} of the
         data term B v = Σ_i w_i X_iᵀ X_i v and R = Σ_i w_i X_iᵀ M_i (the negative first
         gradient), and the ridge term only shifts B by β·I, which leaves that space unchanged.
-        ``num_iters`` products with B (Lanczos, orthogonalised twice) give an orthonormal basis
-        Q and the projection Qᵀ B Q; :meth:`fit` given this space then takes the same steps at a
-        negligible cost per fit, for whatever λ is at the time, with the same graph to λ.
-        Features (N, C, H, W), targets (N, D, H, W), the default weights 1/N; no graph is kept.
+        From a τ0 ≠ 0 the first gradient β τ0 − (R − B τ0) depends on β: the iterates then lie
+        in τ0 + the block Krylov space of {R − B τ0, τ0}, twice as many vectors.
+        ``num_iters`` products with B per starting vector (Lanczos, orthogonalised twice) give an
+        orthonormal basis Q and the projection Qᵀ B Q; :meth:`fit` given this space then takes the
+        same steps at a negligible cost per fit, for whatever λ is at the time, with the same graph
+        to λ. Features (N, C, H, W), targets (N, D, H, W), the default weights; no graph is kept.
         """
         if num_iters < 0:
             raise ValueError(f"num_iters must be 0 or more; got {num_iters}.")
@@ -183,32 +211,71 @@ class FewShotLearner(nn.Module):
         features, targets, weights = self._episodes(features, targets, None)
         dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
         targets, weights = targets.to(dtype), weights.to(dtype)
-        shape = (1, self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
-        zero_tau = torch.zeros(shape, dtype=dtype, device=features.device)
+        origin = self._initial_tau(None, 1, dtype, features.device) if self.origin is not None else None
         zero_targets = torch.zeros_like(targets)
         no_ridge = torch.zeros((), dtype=dtype, device=features.device)
         with torch.inference_mode(False), torch.enable_grad():
             targets, weights = _autograd_usable(targets), _autograd_usable(weights)
-            residual = -self._gradient(zero_tau.requires_grad_(True), features, targets, weights, no_ridge, False).detach()
-            norm = residual.double().norm()
-            basis, products = [], []
-            vector = residual
-            for _ in range(num_iters):
-                length = vector.double().norm()
-                scale = products[-1].double().norm() if products else norm
-                if length == 0 or length <= KRYLOV_BREAKDOWN * scale:  # the space is invariant: the steps stay in it
-                    break
-                basis.append(vector / length.to(vector.dtype))
-                leaf = basis[-1].detach().requires_grad_(True)
-                products.append(self._gradient(leaf, features, zero_targets, weights, no_ridge, False).detach())
-                vector = products[-1]
-                for _ in range(2):  # once loses orthogonality in floating point; twice is enough
-                    for q in basis:
-                        vector = vector - (vector * q).sum() * q
-        stacked = torch.cat(basis) if basis else zero_tau[:0]  # (m, D, C, k, k)
+
+            def product(vector):  # B v
+                leaf = vector.detach().requires_grad_(True)
+                return self._gradient(leaf, features, zero_targets, weights, no_ridge, False).detach()
+
+            start = origin if origin is not None else torch.zeros((1,) + self._tau_shape(), dtype=dtype, device=features.device)
+            residual = -self._gradient(start.requires_grad_(True), features, targets, weights, no_ridge, False).detach()
+            return self._lanczos(residual, origin, product, num_iters)
+
+    def krylov_space_of(self, gram: torch.Tensor, cross: torch.Tensor, count: int, num_iters: int) -> KrylovSpace:
+        """:meth:`krylov_space` of the ``count`` samples whose Gram statistics (:class:`GramFit`)
+        are G = Σ X_iᵀ X_i (C·k², C·k²) and H = Σ X_iᵀ M_i (C·k², D): each product with B is
+        one product with G, whatever the number of samples. The basis is in G's dtype."""
+        if count <= 0:
+            raise ValueError("The learner needs at least one support sample to fit.")
+        scale = self.default_weight(count)
+        shape = (1,) + self._tau_shape()
+
+        def matrix(vector):  # (1, D, C, k, k) -> (C·k², D), GramFit's layout
+            return vector.reshape(shape[1], -1).T
+
+        def product(vector):
+            return (scale * (gram @ matrix(vector))).T.reshape(shape)
+
+        origin = None if self.origin is None else self.origin.to(gram.device, gram.dtype)[None]
+        with torch.no_grad():
+            gradient = cross if origin is None else cross - gram @ matrix(origin)
+            return self._lanczos((scale * gradient).T.reshape(shape), origin, product, num_iters)
+
+    def _tau_shape(self) -> tuple[int, int, int, int]:
+        return (self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
+
+    @staticmethod
+    def _lanczos(residual: torch.Tensor, origin: torch.Tensor | None, product, num_iters: int) -> KrylovSpace:
+        """Orthonormal basis of the (block) Krylov space of ``residual`` (and ``origin``) under
+        ``product``, ``num_iters`` vectors per start, and what :class:`KrylovSpace` holds."""
+        norm = residual.double().norm()
+        queue = [(residual, norm)] + ([(origin, origin.double().norm())] if origin is not None else [])
+        wanted = num_iters * len(queue)
+        basis, products = [], []
+        while queue and len(basis) < wanted:
+            vector, scale = queue.pop(0)
+            for _ in range(2 if basis else 0):  # once loses orthogonality in floating point; twice is enough
+                for q in basis:
+                    vector = vector - (vector * q).sum() * q
+            length = vector.double().norm()
+            if length == 0 or length <= KRYLOV_BREAKDOWN * scale:  # nothing new: the steps stay in the space
+                continue
+            basis.append(vector / length.to(vector.dtype))
+            products.append(product(basis[-1]))
+            queue.append((products[-1], products[-1].double().norm()))
+        stacked = torch.cat(basis) if basis else residual[:0]  # (m, D, C, k, k)
         flat_basis = stacked.flatten(1).double()
         projected = flat_basis @ (torch.cat(products).flatten(1).double().T if products else flat_basis.T)
-        return KrylovSpace(stacked, (0.5 * (projected + projected.T)).cpu(), norm.cpu(), num_iters)
+        space = KrylovSpace(stacked, (0.5 * (projected + projected.T)).cpu(), norm.cpu(), num_iters)
+        if origin is not None:
+            space.origin = origin[0]
+            space.residual = (flat_basis @ residual.flatten().double()).cpu()
+            space.start = (flat_basis @ origin.flatten().double()).cpu()
+        return space
 
     def _fit_in_space(self, space: KrylovSpace, num_iters: int, create_graph: bool, backprop_iters: int | None) -> torch.Tensor:
         """τ (D, C, k, k) after ``num_iters`` steps from τ0 = 0 in ``space``'s coordinates: the
@@ -218,9 +285,12 @@ class FewShotLearner(nn.Module):
         size = space.basis.shape[0]
         beta = self.ridge_weight().double().cpu()
         detached_steps = 0 if backprop_iters is None or not create_graph else max(num_iters - backprop_iters, 0)
-        first = torch.zeros(size, dtype=torch.float64)
-        if size:
-            first[0] = space.norm
+        if space.residual is not None:
+            first = space.residual
+        else:
+            first = torch.zeros(size, dtype=torch.float64)
+            if size:
+                first[0] = space.norm
         coordinates = torch.zeros(size, dtype=torch.float64)
         with torch.inference_mode(False), (torch.enable_grad() if create_graph else torch.no_grad()):
             for iteration in range(num_iters):
@@ -228,6 +298,8 @@ class FewShotLearner(nn.Module):
                 step_beta = beta if graph else beta.detach()
                 hessian = space.projected + step_beta * torch.eye(size, dtype=torch.float64)
                 gradient = hessian @ coordinates - first
+                if space.start is not None:  # + β τ0
+                    gradient = gradient + step_beta * space.start
                 squared_norm = gradient.pow(2).sum()
                 curvature = gradient @ hessian @ gradient
                 coordinates = coordinates - squared_norm / curvature.clamp(min=MIN_STEP_DENOMINATOR) * gradient
@@ -235,6 +307,8 @@ class FewShotLearner(nn.Module):
                     coordinates = coordinates.detach()
             coordinates = coordinates.to(device=space.basis.device, dtype=space.basis.dtype)
             tau = torch.einsum("m,mdcij->dcij", coordinates, space.basis)
+            if space.origin is not None:
+                tau = tau + space.origin
         return tau if create_graph else tau.detach()
 
     def _episodes(self, features, targets, weights):
@@ -258,7 +332,7 @@ class FewShotLearner(nn.Module):
         if samples == 0:
             raise ValueError("The learner needs at least one support sample to fit.")
         if weights is None:
-            return features, targets, targets.new_full((episodes, samples), 1.0 / samples)
+            return features, targets, targets.new_full((episodes, samples), self.default_weight(samples))
         if tuple(weights.shape) != (episodes, samples) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError(
                 f"Sample weights must be finite, non-negative and of shape ({samples},) per episode; "
@@ -268,6 +342,8 @@ class FewShotLearner(nn.Module):
 
     def _initial_tau(self, tau_init, episodes, dtype, device) -> torch.Tensor:
         shape = (episodes, self.target_channels, self.feature_channels, self.kernel_size, self.kernel_size)
+        if tau_init is None and self.origin is not None:
+            return self.origin.to(device, dtype).expand(shape).clone()
         if tau_init is None:
             return torch.zeros(shape, dtype=dtype, device=device)
         tau = tau_init if tau_init.dim() == 5 else tau_init[None]
@@ -325,8 +401,8 @@ GRAM_CHUNK_POSITIONS = 4096  # feature-map positions (samples × H × W) per Gra
 class GramFit:
     """The learner's ridge problem kept as sufficient statistics, for fast fits.
 
-    With X_i = im2col(F_i) (P, C·k²), t = τ as a (C·k², D) matrix and equal weights 1/N, the
-    inner loss ½ Σ_i (1/N) ‖X_i t − M_i‖² + ½ β ‖t‖² depends on the samples only through
+    With X_i = im2col(F_i) (P, C·k²), t = τ as a (C·k², D) matrix and the learner's equal weights
+    w (1/N or 1), the inner loss ½ Σ_i w ‖X_i t − M_i‖² + ½ β ‖t‖² depends on the samples only through
     G = Σ X_iᵀ X_i (C·k², C·k²), H = Σ X_iᵀ M_i (C·k², D) and N. Steepest descent with the exact
     line search on (G, H, N) takes the same steps as :meth:`FewShotLearner.fit` on the samples
     (up to rounding) at a cost that does not grow with N:
@@ -376,7 +452,10 @@ class GramFit:
                     self.gram[lower_low:lower_high, low:high] = self.gram[low:high, lower_low:lower_high].T
 
     def _start(self, tau_init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """t (C·k², D) from τ (D, C, k, k) and G t: carried when τ is the last fit's result."""
+        """t (C·k², D) from τ (D, C, k, k; None: the learner's τ0) and G t: carried when τ is
+        the last fit's result."""
+        if tau_init is None and self.learner.origin is not None:
+            return self._start(self.learner.origin)
         if tau_init is None:
             return torch.zeros_like(self.cross), torch.zeros_like(self.cross)
         t = tau_init.detach().to(self.gram.dtype).reshape(tau_init.shape[0], -1).T.contiguous()
@@ -393,7 +472,7 @@ class GramFit:
         shape = (learner.target_channels, learner.feature_channels, learner.kernel_size, learner.kernel_size)
         with torch.no_grad():
             beta = self.learner.ridge_weight().detach().to(self.gram.dtype)
-            scale = 1.0 / self.count
+            scale = learner.default_weight(self.count)
             t, gram_t = self._start(tau_init)
             for _ in range(num_iters):
                 gradient = (gram_t - self.cross) * scale + beta * t
