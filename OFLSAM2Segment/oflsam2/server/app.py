@@ -29,6 +29,7 @@ import secrets
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, Response
+from starlette.requests import ClientDisconnect
 
 from ..engine_session import json_default
 from ..errors import Cancelled, CheckpointError
@@ -243,12 +244,15 @@ async def _receive_blob(request: Request, session, digest: str, length: int, max
     hasher, received = hashlib.sha256(), 0
     try:
         with open(temporary, "xb") as out:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > length:
-                    raise HTTPException(400, "The upload is longer than its Content-Length.")
-                hasher.update(chunk)
-                out.write(chunk)
+            try:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > length:
+                        raise HTTPException(400, "The upload is longer than its Content-Length.")
+                    hasher.update(chunk)
+                    out.write(chunk)
+            except ClientDisconnect:  # the client went away mid-upload: nothing is kept
+                raise HTTPException(400, "The upload was cut off.") from None
         if received != length:
             raise HTTPException(400, f"The upload ended after {received} of {length} bytes; send it again.")
         if hasher.hexdigest() != digest:

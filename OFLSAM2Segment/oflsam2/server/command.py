@@ -77,7 +77,11 @@ def run_serve(args) -> int:
     ))
     if args.stop_with_stdin:
         threading.Thread(target=_stop_at_end_of_stdin, args=(server,), name="oflsam2-serve-stdin", daemon=True).start()
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn stopped cleanly on Ctrl+C or SIGTERM, then passes the signal on
+        pass
+    print("oflsam2 serve: stopped; every session's data was removed", flush=True)
     return 0
 
 
