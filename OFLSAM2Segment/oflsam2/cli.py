@@ -395,11 +395,10 @@ def model_settings(args):
 def adapter_settings(folder) -> dict:
     """The model and image size every adapter in ``folder`` was trained with (the defaults of a
     run that uses them); empty when there is no readable adapter there or they disagree."""
-    from .errors import AdapterError
-    from .ofl.adapter import list_adapters
-
     if folder is None or not Path(folder).is_dir():
         return {}
+    from .errors import AdapterError
+    from .ofl.adapter import list_adapters  # torch: only when there is an adapter to read
     try:
         adapters = list_adapters(folder)
     except AdapterError:
