@@ -44,7 +44,9 @@ class ServerProcess:
         else:
             self.token_file = Path(token_file)
             self.token = self.token_file.read_text().strip()
-        env = dict(os.environ, OFLSAM2_CONFIG_DIR=str(self.folder / "config"), PYTHONUNBUFFERED="1")
+        (self.folder / "tmp").mkdir(exist_ok=True)  # what a killed server leaves stays in the test's folder
+        env = dict(os.environ, OFLSAM2_CONFIG_DIR=str(self.folder / "config"), TMPDIR=str(self.folder / "tmp"),
+                   PYTHONUNBUFFERED="1")
         command = [sys.executable, "-m", "oflsam2.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--device",
                    "cpu", "--token-file", str(self.token_file), "--stop-with-stdin", *args]
         self.log = open(self.folder / f"server-{time.monotonic_ns()}.log", "w")

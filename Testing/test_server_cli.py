@@ -245,3 +245,18 @@ def test_without_a_token_file_the_server_makes_a_private_one_and_keeps_it(tmp_pa
     assert made and path == tmp_path / "config" / "server-token" and oct(path.stat().st_mode)[-3:] == "600"
     assert path.read_text().strip() == token and len(token) >= 40
     assert server_token(None) == (token, path, False)  # the clients' copy stays valid after a restart
+
+
+def test_a_new_server_removes_what_a_killed_one_left(tmp_path):
+    from oflsam2.server.sessions import ROOT_PREFIX, remove_crashed_servers_folders
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait(60)
+    left = tmp_path / f"{ROOT_PREFIX}{ended.pid}-abc"
+    (left / "session-1" / "blobs").mkdir(parents=True)
+    alive = tmp_path / f"{ROOT_PREFIX}{os.getpid()}-def"
+    alive.mkdir()
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    remove_crashed_servers_folders(str(tmp_path))
+    assert not left.exists() and alive.exists() and other.exists()
