@@ -232,5 +232,5 @@ class HttpTransport(Transport):
 
 
 def _waiting(job, ahead: int) -> dict:
-    text = f"waiting for the server: {ahead} job(s) ahead" if ahead else "starting on the server"
+    text = f"{ahead} job(s) ahead of this one" if ahead else "starting"
     return {"event": "progress", "job": job, "stage": "queued", "done": 0, "total": 1, "text": text}

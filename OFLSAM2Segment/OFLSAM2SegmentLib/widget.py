@@ -18,6 +18,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import device as devices
+from .compute_view import ComputePanel
 from .logic import shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
@@ -46,6 +47,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OFLSAM2Segment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.compute = self._addComputeSection()
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = OFLSAM2SegmentLogic()
 
@@ -82,6 +84,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel()
+        if getattr(self, "compute", None) is not None:
+            self.compute.disconnect()
         self.removeObservers()
         self._segmentationObserver.deactivate()
         if self._supportTimer is not None:
@@ -100,6 +104,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        self.compute.refresh()  # the effect may have changed where runs compute
         self._segmentationObserver.activate()
         self.initializeParameterNode()
         self.scheduleSupportUpdate()  # strokes made while the module was hidden
@@ -222,6 +227,15 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(name, name)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
         self.ui.modelComboBox.addItem(_("Local file..."), LOCAL_MODEL)
+
+    def _addComputeSection(self) -> ComputePanel:
+        """"Compute on: this computer | a server", below the panel (built here: the .ui stays the run's own)."""
+        import ctk
+
+        section = ctk.ctkCollapsibleButton()
+        section.text = _("Compute")
+        self.layout.addWidget(section)
+        return ComputePanel(qt.QFormLayout(section).addRow)
 
     def _showDeviceProbe(self) -> None:
         found = [d for d in devices.available_devices() if d != "cpu"]

@@ -35,6 +35,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._logic = None
         self._restoreIntensityMask = None
         self.review = None  # the last run's quality table and "Next slice to check", once the frame is set up
+        self.compute = None  # "Compute on", shared with the module through Slicer's settings
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -85,6 +86,11 @@ More options (several segments at once, extra support volumes, adapters) are in 
             "SAM2 input size (multiple of 32, at least 256); smaller is faster and needs less memory.")
         self.scriptedEffect.addLabeledOptionsWidget("Image size:", self.imageSizeSpinBox)
 
+        from OFLSAM2SegmentLib.compute_view import ComputePanel
+
+        self.compute = ComputePanel(lambda label, widget: self.scriptedEffect.addLabeledOptionsWidget(label, widget)
+                                    if label else self.scriptedEffect.addOptionsWidget(widget))
+
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.applyButton.setToolTip("Propagate the selected segment; becomes Cancel while running.")
@@ -125,6 +131,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
             self.imageSizeSpinBox.disconnect("valueChanged(int)", self.updateMRMLFromGUI)
         if self.review is not None:
             self.review.disconnect()
+        if self.compute is not None:
+            self.compute.disconnect()
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
@@ -147,6 +155,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self._showMethodDefaultModel()
         self._updateApplyButton()
         self._refreshReview()  # the selected segment may have changed
+        if self.compute is not None:
+            self.compute.refresh()  # the module may have changed where runs compute
 
     def updateMRMLFromGUI(self):
         for combo, name in ((self.methodComboBox, "Method"), (self.modelComboBox, "Model"), (self.deviceComboBox, "Device")):

@@ -133,7 +133,7 @@ def remote_error(event: dict) -> OFLSAM2Error:
 
 
 def _waiting(ahead: int) -> str:
-    return f"waiting for the server: {ahead} job(s) ahead" if ahead else "starting on the server"
+    return f"{ahead} job(s) ahead of this one" if ahead else "starting"
 
 
 def _starting_masks(shape, supports, axis: int, previous) -> dict:
