@@ -484,3 +484,24 @@ def test_tls_with_a_certificate_made_here_and_an_untrusted_one_refused(tmp_path)
         plain = ServerClient(server.target().__class__(server.url.replace("https", "http"), server.token))
         with pytest.raises(ServerUnreachable, match="https://"):
             plain.open_session()
+
+
+def test_one_model_per_device_is_shared_by_every_session():
+    from oflsam2.server.models import ModelPool
+    from oflsam2.settings import ModelSettings
+
+    loaded, evicted = [], []
+
+    def loader(settings):
+        loaded.append(settings.model)
+        return object()
+
+    pool = ModelPool(2, on_evict=lambda: evicted.append(True), loader=loader)
+    tiny = ModelSettings(**SETTINGS)
+    first, second = pool.engine_factory(tiny), pool.engine_factory(ModelSettings(**SETTINGS, cache_megabytes=64))
+    assert first is not second and first._caches is not second._caches  # each session its own encoded slices
+    assert first.model is second.model and loaded == ["sam2.1-tiny"]  # one model for both
+    pool.model(ModelSettings(**{**SETTINGS, "image_size": 512}))
+    assert loaded == ["sam2.1-tiny"] * 2 and not evicted
+    pool.model(ModelSettings(**{**SETTINGS, "model": "sam2.1-small"}))  # a third: the least recent one goes
+    assert evicted == [True] and pool.loaded == ["sam2.1-tiny @ 512 px", "sam2.1-small @ 256 px"]
