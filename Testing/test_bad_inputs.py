@@ -57,7 +57,7 @@ class FakeEngine:
     def __init__(self, settings, *args, **kwargs):
         FakeEngine.built.append(settings)
 
-    def segment(self, image, supports, *, method, axis, preset, options, references, events):
+    def segment(self, image, supports, *, method, axis, preset, options, references, events, **rest):
         image = api.validate_run(image, supports, method=method, axis=axis, preset=preset, options=options,
                                  references=references)
         if FakeEngine.error is not None:

@@ -155,30 +155,6 @@ def test_output_under_a_file_says_it_is_a_file(ws, fake_engine, capsys):
     assert code == cli.EXIT_USER_ERROR and "is a file, not a folder" in err
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 64 KiB tmpfs filled to the last block (root only)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    folder = tmp_path / "full"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        (folder / "scores.csv").write_text("old scores\n")
-        filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(filler, b"\0" * 1024):
-                pass
-        except OSError:  # the disk is full
-            pass
-        finally:
-            os.close(filler)
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
 def test_eval_on_a_full_disk_keeps_the_old_csv_and_says_why(ws, full_disk, capsys):
     """A full disk ended in an OSError traceback from write_csv."""
     code, _, err = run_cli(

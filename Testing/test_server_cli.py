@@ -248,7 +248,8 @@ def test_without_a_token_file_the_server_makes_a_private_one_and_keeps_it(tmp_pa
 
 
 def test_a_new_server_removes_what_a_killed_one_left(tmp_path):
-    from oflsam2.server.sessions import ROOT_PREFIX, remove_crashed_servers_folders
+    from oflsam2.server.sessions import ROOT_PREFIX
+    from oflsam2.worker_state import remove_stale_state_folders
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait(60)
@@ -258,5 +259,5 @@ def test_a_new_server_removes_what_a_killed_one_left(tmp_path):
     alive.mkdir()
     other = tmp_path / "not-ours"
     other.mkdir()
-    remove_crashed_servers_folders(str(tmp_path))
+    remove_stale_state_folders(str(tmp_path), ROOT_PREFIX)
     assert not left.exists() and alive.exists() and other.exists()

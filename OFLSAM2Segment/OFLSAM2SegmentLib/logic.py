@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -410,6 +411,7 @@ class OFLSAM2Logic:
         self.adapterPath: str | None = None
         self.lastRun: Run | None = None  # the latest run started by this logic, kept after it ends
         self._reviewed: Run | None = None  # the latest completed run: its quality, suggestions and Update
+        self._review_gone: str | None = None  # why there is none (the run was undone)
         self.computeSettings: compute.ComputeSettings | None = None
 
     @property
@@ -496,6 +498,7 @@ class OFLSAM2Logic:
                              "models it has. Clear the local checkpoint and choose the model by name.")
         plan = self.prepare(volumeNode, segmentationNode, segmentIds, config, references)
         check_outputs(config, [t.name for t in plan.targets])  # before installing, downloading or any model work
+        plan.warnings += _adapter_warnings(config, plan)
         steps = self._steps_before(plan.config, progressCallback) + [plan.request]
         return self._start(plan, steps, waitForCompletion, progressCallback, writer, saveUndoState)
 
@@ -516,14 +519,14 @@ class OFLSAM2Logic:
         plan = self._update_plan(self._reviewable_run())
         kept = (plan.axis, {i for t in plan.targets for i in t.slices})  # annotated and corrected: never written
         writer = mrml_io.SegmentPlaneReplacer(plan.segmentation_node, plan.geometry, protected=kept)
-        return self._start(plan, [plan.request], waitForCompletion, progressCallback, writer, None, whole_snapshot=True)
+        return self._start(plan, [plan.request], waitForCompletion, progressCallback, writer, None, replaces=True)
 
     def _start(self, plan: RunPlan, steps: list, waitForCompletion: bool, progressCallback, writer, saveUndoState,
-               whole_snapshot: bool = False):
+               replaces: bool = False):
         segmentation = plan.segmentation_node
-        # An update replaces planes (not only adds voxels): a cancel puts the whole segments back.
-        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets],
-                                           None if whole_snapshot else plan.geometry)
+        # An update replaces planes (not only adds voxels): a cancel puts back what each plane held.
+        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets], plan.geometry,
+                                           replaces=replaces)
         if saveUndoState is not None:
             saveUndoState()
         else:
@@ -643,6 +646,12 @@ class OFLSAM2Logic:
     def planeCenterRas(volumeNode, axis: int, index: int) -> tuple[float, float, float]:
         """RAS position of the centre of plane ``index`` along array ``axis`` (0: k, 1: j, 2: i)."""
         dims = volumeNode.GetImageData().GetDimensions()  # (i, j, k)
+        if isinstance(axis, bool) or axis not in (0, 1, 2):
+            raise InputError(f"The plane axis must be 0, 1 or 2 (array order); got {axis!r}.")
+        count = dims[2 - axis]
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) or not 0 <= index < count:
+            raise InputError(f"Plane {index!r} does not exist: volume {volumeNode.GetName()!r} has planes 0..{count - 1} "
+                             "along this axis.")
         ijk = [(d - 1) / 2.0 for d in dims]
         ijk[2 - axis] = float(index)
         matrix = vtk.vtkMatrix4x4()
@@ -662,7 +671,7 @@ class OFLSAM2Logic:
     def _reviewable_run(self) -> Run:
         run = self._reviewed
         if run is None:
-            raise InputError("No completed OFLSAM2 run to review; run a segmentation first.")
+            raise InputError(self._review_gone or "No completed OFLSAM2 run to review; run a segmentation first.")
         return run
 
     def _reviewed_target(self, segmentId: str) -> tuple[Run, SegmentTarget]:
@@ -704,11 +713,16 @@ class OFLSAM2Logic:
             raise InputError(f"The corrections since the last run were drawn on {other} slices; Update takes corrections "
                              f"on {base.plan.axis_name} slices (the run's axis). Undo them and correct on "
                              f"{base.plan.axis_name} slices, or run a fresh segmentation along the {other} axis.")
-        for target in base.plan.targets:
-            erased = [i for i in target.slices if not np.take(masks[target.segment_id], i, axis=axis).any()]
-            if erased:
-                raise InputError(f"Annotated slice(s) {erased} of segment {target.name!r} were erased: an update cannot "
-                                 "remove an annotation. Undo the erase, or run a fresh segmentation. Nothing was changed.")
+        # An annotated plane may be empty (a cleared false positive, or a target absent from another
+        # target's plane): only one that held voxels after the run and holds none now was erased.
+        def holds(where: dict, index: int) -> bool:
+            return any(np.take(where[s], index, axis=axis).any() for s in ids)
+
+        erased = sorted(i for i in {i for t in base.plan.targets for i in t.slices}
+                        if holds(base.result_masks, i) and not holds(masks, i))
+        if erased:
+            raise InputError(f"Annotated slice(s) {erased} were erased: an update cannot remove an annotation. Undo the "
+                             "erase, or run a fresh segmentation. Nothing was changed.")
         annotated = {int(i) for i in base.summary["engine"].get("annotated", [])} | {i for t in base.plan.targets for i in t.slices}
         slices = sorted(annotated | edited)
         image, geometry = mrml_io.volume_array(volume)
@@ -735,6 +749,10 @@ class OFLSAM2Logic:
         undone = self._undo.undo()
         self._stop_watching_edits()
         self._undo_run = None
+        if undone and self._reviewed is self.lastRun:  # its quality, suggestions and Update no longer apply
+            self._reviewed = None
+            self._review_gone = ("The last run was undone, so there is no result to review or update; run a "
+                                 "segmentation first.")
         return undone
 
     def canUndo(self) -> bool:
@@ -787,12 +805,14 @@ class OFLSAM2Logic:
         intensity preset and slice axis default to the adapter's. Blocking; returns the new
         segmentation nodes. If any volume fails, every segmentation this call created is
         removed again and the error is raised: the scene is left as it was."""
+        from oflsam2.adapter_labels import adapter_stem
         from oflsam2.volume import axis_name
 
         adapters = read_adapters(adapterPath)
         if isinstance(segmentNames, str):
             segmentNames = [segmentNames]
-        names = list(segmentNames) if segmentNames is not None else [a.get("label_name") or str(a["label"]) for a in adapters]
+        names = (list(segmentNames) if segmentNames is not None
+                 else [a.get("label_name") or adapter_stem("", a["label"]) for a in adapters])
         if not names or not all(isinstance(n, str) and n for n in names) or len({n.casefold() for n in names}) != len(names):
             raise InputError(f"segmentNames must be distinct, non-empty names of the adapter's labels (or None for all "
                              f"of them); got {segmentNames!r}.")
@@ -802,12 +822,9 @@ class OFLSAM2Logic:
             options.setdefault(key, trained[key])
         options["adapter"] = str(adapterPath)
         volumeNodes = [volumeNodes] if _is_node(volumeNodes, "vtkMRMLNode") else list(volumeNodes or ())
-        for volumeNode in volumeNodes:  # every volume and option checked before any node is made
-            _check_input_nodes(volumeNode, None, need_segmentation=False)
-            if not np.isfinite(slicer.util.arrayFromVolume(volumeNode)).all():  # else found only when its turn comes
-                raise InputError(f"Volume {volumeNode.GetName()!r} contains NaN or infinite voxels; fix or mask them "
-                                 "before segmenting. No volume was segmented.")
         config = parse_options("ofl", {**options, "axis": options.get("axis") or "auto"})
+        for volumeNode in volumeNodes:  # every volume and option checked before any node is made
+            _check_cohort_volume(volumeNode, options.get("axis") or None, int(trained["axis"]))
         check_outputs(config, names)
         created = []
         try:
@@ -816,6 +833,7 @@ class OFLSAM2Logic:
                 segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} OFL-SAM2")
                 created.append(segmentation)
                 segmentation.CreateDefaultDisplayNodes()
+                segmentation.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())  # lies where its volume does
                 segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
                 ids = [segmentation.GetSegmentation().AddEmptySegment("", name) for name in names]
                 if not all(ids):
@@ -848,7 +866,7 @@ class OFLSAM2Logic:
         if run._worker.active_run is run:
             run._worker.active_run = None
         if run.state == "completed" and run.result_masks is not None:
-            self._reviewed = run
+            self._reviewed, self._review_gone = run, None
 
     def _steps_before(self, config: RunConfig, progress: ProgressCallback | None) -> list:
         """Install packages now (main thread, asks first); return a download step if needed.
@@ -904,6 +922,39 @@ class OFLSAM2Logic:
     def _default_pump(self) -> Pump:
         self._pump = QtTimerPump()
         return self._pump
+
+
+def _adapter_warnings(config: RunConfig, plan: RunPlan) -> list[str]:
+    """The CLI's warning when the volume does not look like the adapter's training volumes
+    (an MR adapter on a CT volume, or the reverse)."""
+    from oflsam2.adapter_labels import find_adapter, intensity_warning
+    from oflsam2.volume import intensity_summary
+
+    folder = config.options.adapter
+    if not folder or plan.request is None or os.path.isfile(folder):
+        return []
+    adapters = read_adapters(folder)
+    target = intensity_summary(plan.request.image)
+    found = [(t, find_adapter(adapters, None, t.name, folder)) for t in plan.targets]
+    return [w for w in (intensity_warning(a, f"segment {t.name!r}", target) for t, a in found if a) if w]
+
+
+def _check_cohort_volume(volumeNode, axis_choice: str | None, adapter_axis: int) -> None:
+    """What :meth:`OFLSAM2Logic.process` would refuse about a volume of a cohort (before any
+    volume is segmented): not a scalar volume, NaN voxels, slices too small along the axis."""
+    from oflsam2.volume import check_plane_size, resolve_axis
+
+    _check_input_nodes(volumeNode, None, need_segmentation=False)
+    name = volumeNode.GetName()
+    if not np.isfinite(slicer.util.arrayFromVolume(volumeNode)).all():
+        raise InputError(f"Volume {name!r} contains NaN or infinite voxels; fix or mask them before segmenting. "
+                         "No volume was segmented.")
+    geometry = mrml_io.volume_geometry(volumeNode)
+    axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz) if axis_choice else adapter_axis
+    try:
+        check_plane_size(geometry.shape, axis)
+    except InputError as error:
+        raise InputError(f"Volume {name!r}: {error} No volume was segmented.") from None
 
 
 @dataclass

@@ -619,14 +619,20 @@ class SegmentSnapshot:
     before adding it, and :meth:`restore` removes the voxels the run added (mapped onto each
     segment's own grid as the writers map them, and not set before the run) and keeps every other
     voxel as it is now: edits the user made during the run survive, except on voxels the run
-    itself added. Without ``geometry``, :meth:`restore` puts the whole segments back. Runs only
-    add voxels to the target segments (see :class:`SegmentSliceWriter`), so this is exact, and
-    the targets are all a restore has to cover.
+    itself added. Runs only add voxels to the target segments (see :class:`SegmentSliceWriter`),
+    so this is exact, and the targets are all a restore has to cover.
+
+    ``replaces``: the run replaces planes (an update, :class:`SegmentPlaneReplacer`): each voxel
+    of a written plane that still holds what the run wrote gets its value from before the run
+    back; a voxel the user changed since, and every voxel of the planes the run did not write,
+    stay as they are now. Without ``geometry``, :meth:`restore` puts the whole segments back.
     """
 
-    def __init__(self, segmentation_node, segment_ids: Sequence[str], geometry: VolumeGeometry | None = None):
+    def __init__(self, segmentation_node, segment_ids: Sequence[str], geometry: VolumeGeometry | None = None,
+                 replaces: bool = False):
         self.segmentation_node = segmentation_node
         self.geometry = geometry
+        self.replaces = replaces
         self._labelmaps = {}
         self._statuses = {}
         self._planes: dict[str, dict] = {s: {} for s in segment_ids}  # (axis, index) -> bool plane written
@@ -652,7 +658,7 @@ class SegmentSnapshot:
         written = self._planes[segment_id]
         key = (axis, index)
         plane = np.asarray(plane) > 0
-        written[key] = written[key] | plane if key in written else plane
+        written[key] = written[key] | plane if key in written and not self.replaces else plane
 
     def mark_in_progress(self) -> None:
         self._set_statuses({s: slicer.vtkSlicerSegmentationsModuleLogic.InProgress for s in self._labelmaps})
@@ -685,10 +691,14 @@ class SegmentSnapshot:
             found = grid.plane_voxels(self.geometry, axis, index, plane)
             if found is None:
                 continue
-            extent, _, value = found
+            extent, hit, value = found
             box = (slice(extent[4] - k0, extent[5] - k0 + 1), slice(extent[2] - j0, extent[3] - j0 + 1),
                    slice(extent[0] - i0, extent[1] - i0 + 1))
-            restored[box][value & ~before[box]] = False  # what the run added; the rest is the user's
+            if self.replaces:  # voxels still as the run wrote them get their old value; the user's changes stay
+                kept = hit & (current[box] == value)
+                restored[box][kept] = before[box][kept]
+            else:
+                restored[box][value & ~before[box]] = False  # what the run added; the rest is the user's
         if np.array_equal(restored, current):
             return
         logic = slicer.vtkSlicerSegmentationsModuleLogic

@@ -133,15 +133,21 @@ def check_outputs(config: RunConfig, target_names: list[str]) -> None:
 
 
 def _check_adapter_labels(path: str, target_names: list[str]) -> None:
-    from oflsam2.ofl.adapter import METADATA_SUFFIX, adapter_stem
+    """Each segment uses the adapter of its name (:mod:`oflsam2.adapter_labels`; segment label
+    values are only the selection's order, so never by value)."""
+    from oflsam2.adapter_labels import check_distinct_names, describe, find_adapter
+    from oflsam2.errors import AdapterError
 
     adapters = read_adapters(path)
-    held = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
+    check_distinct_names(enumerate(target_names, start=1))
     for name in target_names:
-        by_file = os.path.isfile(os.path.join(path, adapter_stem(name, 0) + METADATA_SUFFIX))
-        by_label = any(name.casefold() in (str(a.get("label_name")).casefold(), str(a.get("label"))) for a in adapters)
-        if not (by_file or by_label):
-            raise InputError(f"No adapter for label {name!r} in {path} (it holds: {held}). Train one for this label first.")
+        try:
+            found = find_adapter(adapters, None, name, path)
+        except AdapterError as error:  # the module reports every option problem as an InputError
+            raise InputError(str(error)) from None
+        if found is None:
+            raise InputError(f"No adapter for label {name!r} in {path} (it holds: {describe(adapters)}). Name the "
+                             "segment like the adapter's label, or train one for this label first.")
 
 
 def needs_download(settings: ModelSettings) -> bool:

@@ -393,5 +393,6 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             if self.logic.undoLastRun():
                 self.ui.statusLabel.text = _("The last run was undone.")
+        self.review.refresh_table()  # an undone run is no longer reviewed
         self._updateButtons()
         self.scheduleSupportUpdate()

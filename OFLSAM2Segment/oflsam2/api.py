@@ -107,6 +107,7 @@ class Engine:
         references: Sequence[Reference] = (),
         events: RunEvents | None = None,
         previous: SegmentResult | None = None,
+        staged=None,
     ) -> SegmentResult:
         """Segment ``image`` (raw intensities, ``(z, y, x)``) for every label in ``supports``.
 
@@ -114,7 +115,13 @@ class Engine:
         correction (see :func:`oflsam2.review.previous_run`): slices annotated now but drawn
         differently there are the edits, propagation restarts from them only, and every slice it
         does not reach keeps the previous result. ``info["quality"]`` holds each label's per-slice
-        quality; :func:`oflsam2.review.suggest` reads it.
+        quality; :func:`oflsam2.review.suggest` reads it, and ``info["image_digest"]`` the image's
+        fingerprint (an update of another image is refused).
+
+        ``staged``: a :class:`~oflsam2.outputs.StagedOutputs` that the adapters of
+        ``options.save_adapter`` are written into, to be moved into place when the caller commits
+        it with its own outputs (the CLI: an adapter replaces the previous one only once the
+        outputs are written); by default they are saved when the run succeeds.
 
         Raises :class:`~oflsam2.errors.InputError` for unusable input and
         :class:`~oflsam2.errors.Cancelled` when ``events.is_cancelled()`` turns true. Slices are
@@ -128,6 +135,7 @@ class Engine:
         from .methods import runner
         from .methods.base import RunContext
         from .review import finish_label, previous_run, review_info
+        from .review_checks import image_digest
         from .volume import apply_preset, intensity_summary, resolve_preset
 
         if previous is not None and not isinstance(previous, SegmentResult):
@@ -145,7 +153,8 @@ class Engine:
         )
         preset = resolve_preset(image, preset)  # recorded by adapters: "auto" would say nothing
         run_slices = annotated_in_run(supports)
-        update = None if previous is None else previous_run(previous, supports, image.shape, method, axis, run_slices)
+        digest = image_digest(image)
+        update = None if previous is None else previous_run(previous, supports, image.shape, method, axis, run_slices, digest)
         started = time.perf_counter()
         events.progress("loading", 0, 1, f"loading {self.settings.model}")
         model = self.model
@@ -155,6 +164,7 @@ class Engine:
             target.encode(events=events)
         ctx = RunContext(model, Sam2Driver(model, target.position_encoding()), target, options, events, axis, preset)
         ctx.previous = update
+        ctx.staged = staged
         ctx.intensity = intensity_summary(image)
         reference_slices = [
             (self.feature_cache(apply_preset(np.asarray(r.image, dtype=np.float32), preset), axis), np.moveaxis(r.labels, axis, 0))
@@ -177,6 +187,7 @@ class Engine:
             "device": str(model.device),
             "random_weights": model.random_weights,
             "model": model.name,
+            "image_digest": digest,
             "labels": ctx.info,
             **review_info(ctx, run_slices, previous),
         }
@@ -271,6 +282,10 @@ def validate_run(
         LabelSupport.__post_init__(s)  # fields may have been replaced after construction
     if len({s.label for s in supports}) != len(supports):
         raise InputError("Each label may appear only once in one run.")
+    if method == "ofl" and options is not None and (options.adapter or options.save_adapter):
+        from .adapter_labels import check_distinct_names
+
+        check_distinct_names((s.label, s.name) for s in supports)  # adapters are saved and found by name
     for s in supports:
         if s.mask.shape != image.shape:
             raise InputError(f"The support of label {s.name!r} has shape {s.mask.shape}, the image {image.shape}.")

@@ -79,6 +79,7 @@ class BatchJob:
     axis: str = "auto"
     preset: str = "auto"
     references: list[tuple[str, str]] = field(default_factory=list)
+    label_names: dict[int, str] | None = None
 
 
 @dataclass
@@ -254,6 +255,7 @@ def settings_hash(job: BatchJob, case: BatchCase) -> str:
         "model": model,
         "options": options,
         "labels": job.labels,
+        "label_names": job.label_names,
         "support_slices": job.support_slices,
         "axis": job.axis,
         "preset": job.preset,
@@ -342,7 +344,7 @@ def segment_case(job: BatchJob, case: BatchCase, digest: str, engine, events) ->
             case.image, case.support, case.out,
             labels=job.labels, support_slices=job.support_slices, method=job.method, axis=job.axis,
             preset=job.preset, settings=job.settings, options=job.options, references=job.references,
-            seg_nrrd_path=case.seg_nrrd, events=events, engine=engine,
+            seg_nrrd_path=case.seg_nrrd, events=events, engine=engine, label_names=job.label_names,
         )
     except BaseException:
         if not any(p.exists() for p in case.outputs):
@@ -383,6 +385,7 @@ def check_job(job: BatchJob, out_dir) -> Path:
         raise InputError("A batch does not save adapters (every case would overwrite it); train one with `oflsam2 train`.")
     if job.options.adapter is not None:
         check_adapter_fits(job.options.adapter, job.settings)
+        check_adapter_labels(job.options.adapter, job.labels, job.label_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -406,6 +409,21 @@ def check_adapter_fits(folder, settings: ModelSettings) -> None:
                 f"The adapter {metadata['path']} was trained with {' and '.join(problems)}; run the batch with the "
                 "adapter's --model and --image-size, or train an adapter for this model."
             )
+
+
+def check_adapter_labels(folder, labels, names) -> None:
+    """Refuse, before the model loads, a label the adapter folder has no adapter for (by the
+    rule the loader applies, :mod:`oflsam2.adapter_labels`); no ``labels``: the folder's own."""
+    from .adapter_labels import UNNAMED, describe, require_adapter
+    from .ofl.adapter import list_adapters
+
+    adapters = list_adapters(folder)
+    values = [a.get("label") for a in adapters]
+    if labels is None and len(set(map(str, values))) != len(values):
+        raise AdapterError(f"The adapters in {folder} share label values ({describe(adapters)}); say which to use with "
+                           "--labels and --label-names VALUE=NAME.")
+    for value in labels or ():
+        require_adapter(adapters, value, (names or {}).get(value, UNNAMED.format(value)), folder)
 
 
 def run_batch(

@@ -175,6 +175,11 @@ def _add_inputs(parser, support_required: bool) -> None:
     parser.add_argument("--support-slices", type=_slice_list, help="use only these annotated slices, e.g. 12,20,30-33")
     parser.add_argument("--labels", type=_label_list, help="label values to segment, e.g. 1,3 (default: all in the support)")
     parser.add_argument(
+        "--label-names", type=_label_names, metavar="V=NAME,...",
+        help="names of the labels, e.g. 1=liver,3=spleen: the output's segments and the adapters are named so, and a "
+        "named label uses the adapter of its name (default: label_V, which uses the adapter saved for value V)",
+    )
+    parser.add_argument(
         "--reference", action="append", default=[], type=_reference_pair, metavar="IMG:LABELS",
         help="another image and its label map used as extra support (repeatable)",
     )
@@ -290,7 +295,7 @@ def _run_reviewed(args) -> int:
             method=args.method, axis=args.axis, preset=args.preset, labels=args.labels, support_slices=args.support_slices,
             references=args.reference, settings=settings, options=method_options(args), events=progress_events(),
             previous_path=args.previous, state_dir=args.save_state, quality_out=args.quality_out,
-            suggest_count=args.suggest, engine=engine,
+            suggest_count=args.suggest, label_names=args.label_names, engine=engine,
         )
     if settings.random_weights:
         summary["warning"] = random_weights_banner()
@@ -361,7 +366,7 @@ def _run_pipeline(args, method: str, out_path: Path, seg_nrrd, options) -> dict:
             args.image, args.support, out_path,
             labels=args.labels, support_slices=args.support_slices, method=method, axis=args.axis,
             preset=args.preset, settings=settings, options=options, references=args.reference,
-            seg_nrrd_path=seg_nrrd, events=progress_events(), engine=engine,
+            seg_nrrd_path=seg_nrrd, events=progress_events(), label_names=args.label_names, engine=engine,
         )
     if settings.random_weights:
         summary["warning"] = random_weights_banner()
@@ -399,6 +404,7 @@ def adapter_settings(folder) -> dict:
         return {}
     from .errors import AdapterError
     from .ofl.adapter import list_adapters  # torch: only when there is an adapter to read
+
     try:
         adapters = list_adapters(folder)
     except AdapterError:
@@ -504,6 +510,7 @@ def run_batch_command(args) -> int:
     job = BatchJob(
         method=args.method, settings=model_settings(args), options=method_options(args), labels=args.labels,
         support_slices=args.support_slices, axis=args.axis, preset=args.preset, references=args.reference,
+        label_names=args.label_names,
     )
     out_dir = check_job(job, args.out)
     cases = collect_cases(args.input, out_dir, support_dir=args.support_dir, seg_nrrd=args.seg_nrrd)
@@ -784,6 +791,18 @@ def _label_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"{text!r}: give positive label values separated by commas, e.g. 1,3")
         values.append(int(item))
     return values
+
+
+def _label_names(text: str) -> dict[int, str]:
+    """``1=liver,3=left kidney`` -> {1: "liver", 3: "left kidney"}."""
+    names = {}
+    for item in text.split(","):
+        value, _, name = item.partition("=")
+        value, name = value.strip(), name.strip()
+        if not value.isdigit() or int(value) == 0 or not name or int(value) in names:
+            raise argparse.ArgumentTypeError(f"{text!r}: give VALUE=NAME pairs separated by commas, each value once, e.g. 1=liver,3=spleen")
+        names[int(value)] = name
+    return names
 
 
 def _reference_pair(text: str) -> tuple[str, str]:

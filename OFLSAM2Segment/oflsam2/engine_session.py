@@ -169,7 +169,12 @@ class EngineSession:
 
     def _state_folder(self) -> Path:
         if self._state is None:
-            self._state = Path(tempfile.mkdtemp(prefix="oflsam2-worker-state-", dir=self._state_parent))
+            if self._state_parent is None:  # the worker process's, named so that one killed is cleaned up
+                from .worker_state import new_state_folder
+
+                self._state = new_state_folder()
+            else:
+                self._state = Path(tempfile.mkdtemp(prefix="state-", dir=self._state_parent))
         return self._state
 
 

@@ -120,7 +120,8 @@ class StagedOutputs:
     """
 
     def __init__(self):
-        self._staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, destination), moved in this order
+        self._folders: list[Path] = []  # created for staged files: removed again (if empty) on discard
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -147,6 +148,25 @@ class StagedOutputs:
         except (RuntimeError, OSError) as error:
             raise OFLSAM2Error(f"Could not write {path}: {str(error).strip().splitlines()[-1]}") from error
 
+    def adopt(self, temporary: Path, destination: Path) -> None:
+        """Move ``temporary`` (a complete file, written in ``destination``'s folder) into place on
+        commit; remove it on discard."""
+        self._staged.append((Path(temporary), Path(destination)))
+
+    def text(self, path: Path, text: str) -> None:
+        """Stage a text file (UTF-8) for ``path``."""
+        path = Path(path)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        self.adopt(Path(temporary), path)
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def remove_if_empty(self, folder: Path) -> None:
+        """``folder`` is about to be created for staged files: remove it again if they are discarded."""
+        self._folders.append(Path(folder))
+
     def commit(self) -> None:
         try:
             for temporary, destination in self._staged:
@@ -156,12 +176,17 @@ class StagedOutputs:
         except OSError as error:
             self.discard()
             raise OFLSAM2Error(f"Could not move the outputs into place: {error}") from error
-        self._staged = []
+        self._staged, self._folders = [], []
 
     def discard(self) -> None:
         for temporary, _ in self._staged:
             temporary.unlink(missing_ok=True)
-        self._staged = []
+        for folder in reversed(self._folders):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (other files), or never created
+                pass
+        self._staged, self._folders = [], []
 
 
 def apply_destination_mode(temporary, destination) -> None:

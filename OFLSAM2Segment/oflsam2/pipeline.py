@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import AdapterError, InputError
+from .adapter_labels import UNNAMED, find_adapter, intensity_warning, require_adapter
+from .errors import AdapterError, InputError, OFLSAM2Error
 from .events import Events, RunEvents
 from .outputs import (
     SEG_NRRD_SUFFIX,
@@ -27,6 +28,7 @@ from .outputs import (
     write_label_volume,
     write_seg_nrrd,
 )
+from .review_checks import image_digest
 from .settings import DEFAULT_METHOD, METHODS, LabelSupport, MethodOptions, ModelSettings, Reference
 from .volume import (
     AXIS_CHOICES,
@@ -65,6 +67,8 @@ def segment_files(
     events: RunEvents | None = None,
     engine=None,
     label_names: Mapping[int, str] | None = None,
+    cleared_slices: Sequence[int] = (),
+    adapter_files: StagedOutputs | None = None,
 ) -> dict:
     """Segment ``image_path`` from the annotated slices in ``support_path`` and write the result.
 
@@ -79,7 +83,14 @@ def segment_files(
       the only support (``support_path=None``) except for ``sam2``, which needs a prompt in the
       volume.
     - ``support_path=None`` needs references or ``options.adapter`` (a trained OFL-SAM2 adapter).
-    - ``label_names``: names for the output segments (default ``label_<n>``).
+    - ``label_names``: names for the output segments and the adapters (default: the name of the
+      label's adapter when ``options.adapter`` holds one for its value, else ``label_<n>``).
+    - ``cleared_slices``: planes of ``support_slices`` that hold no label in the support and are
+      annotated as such ("object absent" for every label: an update's cleared false positives).
+    - ``adapter_files``: a :class:`~oflsam2.outputs.StagedOutputs` the adapter of
+      ``options.save_adapter`` is written into, for the caller to commit (an update commits it
+      with its saved state). Default: it replaces the folder's adapter right after the outputs
+      are written, never before (a failed write leaves the previous adapter).
 
     The output holds all labels in one map; where two labels' masks overlap, the label listed
     later wins, except on annotated slices, which are copied from the support unchanged. The
@@ -114,12 +125,12 @@ def segment_files(
                 "as IMAGE:LABELS, the CT/MR volume first."
             )
     chosen = _choose_labels(support, labels, support_path, adapters, reference_list)
-    names = _label_names(chosen, label_names)
+    names = _label_names(chosen, label_names, adapters, options.adapter)
     axis_index = resolve_axis(axis, direction, image.GetSpacing(), _restrict(support, chosen))
     if axis != "auto" and support is not None:
         _check_drawn_across(_restrict(support, chosen), axis_index, direction, image.GetSpacing())
     check_plane_size(volume.shape, axis_index)
-    slices = _choose_slices(support, chosen, axis_index, support_slices, volume.shape, bool(reference_list))
+    slices = _choose_slices(support, chosen, axis_index, support_slices, volume.shape, bool(reference_list), cleared_slices)
     supports = [_label_support(support, value, names[value], slices, volume.shape) for value in chosen]
     warnings += _check_reference_labels(chosen, support, slices, axis_index, reference_list, method)
     if adapters:
@@ -138,25 +149,37 @@ def segment_files(
         from .api import Engine
 
         engine = Engine(settings)
-    result = engine.segment(
-        volume,
-        supports,
-        method=method,
-        axis=axis_index,
-        preset=preset,
-        options=options,
-        references=reference_list,
-        events=events,
-    )
-    segment_seconds = time.perf_counter() - started - read_seconds
+    own_adapter_files = adapter_files is None and options.save_adapter is not None
+    if own_adapter_files:
+        adapter_files = StagedOutputs()
+    staging = {"staged": adapter_files} if options.save_adapter is not None else {}
+    try:
+        result = engine.segment(
+            volume,
+            supports,
+            method=method,
+            axis=axis_index,
+            preset=preset,
+            options=options,
+            references=reference_list,
+            events=events,
+            **staging,
+        )
+        segment_seconds = time.perf_counter() - started - read_seconds
 
-    events.progress("writing", 0, len(outputs), "writing outputs")
-    composed = compose_labels(result.masks, supports, volume.shape, axis_index)
-    with StagedOutputs() as staged:  # both files or neither
-        write_label_volume(composed, image, outputs[0], staged=staged)
-        if seg_nrrd_path is not None:
-            segments = [(value, names[value], segment_color(names[value], value)) for value in chosen]
-            write_seg_nrrd(composed, image, outputs[1], segments, staged=staged)
+        events.progress("writing", 0, len(outputs), "writing outputs")
+        composed = compose_labels(result.masks, supports, volume.shape, axis_index)
+        with StagedOutputs() as staged:  # both files or neither
+            write_label_volume(composed, image, outputs[0], staged=staged)
+            if seg_nrrd_path is not None:
+                segments = [(value, names[value], segment_color(names[value], value)) for value in chosen]
+                write_seg_nrrd(composed, image, outputs[1], segments, staged=staged)
+    except BaseException:
+        if own_adapter_files:  # the previous adapter stays
+            adapter_files.discard()
+        raise
+    if own_adapter_files:
+        _commit_after_outputs(adapter_files, [str(p) for p in outputs], f"the adapter in {options.save_adapter}")
     events.progress("writing", len(outputs), len(outputs), "done")
     total = time.perf_counter() - started
     return {
@@ -168,6 +191,7 @@ def segment_files(
         "axis": axis_index,
         "axis_name": axis_name(axis_index, direction),
         "preset": resolve_preset(volume, preset),
+        "image_digest": image_digest(volume),
         "slices": {value: list(slices) for value in chosen},
         "voxels": {value: int(np.count_nonzero(composed == value)) for value in chosen},
         "outputs": [str(p) for p in outputs],
@@ -180,6 +204,17 @@ def segment_files(
         },
         "engine": dict(result.info),
     }
+
+
+def _commit_after_outputs(files: StagedOutputs, outputs: Sequence[str], what: str) -> None:
+    """Commit ``files`` (written after ``outputs``, which are in place); a failure says so."""
+    try:
+        files.commit()
+    except OFLSAM2Error as error:
+        raise OFLSAM2Error(
+            f"{' and '.join(outputs)} {'were' if len(outputs) > 1 else 'was'} written, but {what} could not be: "
+            f"{error}. Make room (or fix the folder) and run the same command again."
+        ) from None
 
 
 def compose_labels(masks: Mapping[int, np.ndarray], supports: Sequence[LabelSupport], shape, axis: int) -> np.ndarray:
@@ -265,13 +300,6 @@ def _read_adapters(folder) -> list[dict]:
     return found
 
 
-def _adapter_for(adapters: list[dict], value: int, name: str) -> dict | None:
-    for adapter in adapters:
-        if str(adapter.get("label_name")).casefold() == name.casefold() or adapter.get("label") == value:
-            return adapter
-    return None
-
-
 def _adapter_preset(adapters: list[dict], preset: str) -> str:
     """``auto`` with an adapter means the preset the adapter was trained with."""
     recorded = {a.get("preset") for a in adapters} - {None, "auto"}
@@ -285,10 +313,7 @@ def _check_adapters(adapters, folder, chosen, names, settings, axis, volume, pre
     resolved = resolve_preset(volume, preset)
     target = intensity_summary(volume)
     for value in chosen:
-        adapter = _adapter_for(adapters, value, names[value])
-        if adapter is None:
-            held = ", ".join(f"{a.get('label_name')} ({a.get('label')})" for a in adapters)
-            raise AdapterError(f"The adapter folder {folder} has no adapter for label {value}; it holds: {held}.")
+        adapter = require_adapter(adapters, value, names[value], folder)  # the rule the OFL-SAM2 loader applies
         current = {"model": settings.model, "image_size": settings.image_size, "axis": axis, "preset": resolved}
         problems = [
             f"{key} is {adapter.get(key)!r} in the adapter but {wanted!r} now"
@@ -300,13 +325,9 @@ def _check_adapters(adapters, folder, chosen, names, settings, axis, volume, pre
                 f"The adapter {adapter['path']} does not fit this run: {'; '.join(problems)}. Use the adapter's "
                 "settings (--model, --image-size, --axis, --preset) or train a new adapter."
             )
-        trained = adapter.get("intensity")
-        if isinstance(trained, dict) and trained.get("modality") != target["modality"]:
-            warnings.append(
-                f"The adapter for label {value} was trained on {trained.get('modality')}-like intensities "
-                f"({trained.get('low'):.0f}..{trained.get('high'):.0f}), but this volume looks like "
-                f"{target['modality']} ({target['low']:.0f}..{target['high']:.0f}); its masks may be poor."
-            )
+        warning = intensity_warning(adapter, f"label {value}", target)
+        if warning:
+            warnings.append(warning)
     return warnings
 
 
@@ -353,8 +374,20 @@ def _choose_labels(support, labels, support_path, adapters, references) -> list[
     return chosen
 
 
-def _label_names(chosen, label_names) -> dict[int, str]:
-    names = {value: str((label_names or {}).get(value, f"label_{value}")).strip() for value in chosen}
+def _label_names(chosen, label_names, adapters, folder) -> dict[int, str]:
+    """Each label's name: given, else its adapter's (found by value, see :mod:`oflsam2.adapter_labels`), else ``label_<n>``."""
+    given = dict(label_names or {})
+    unused = sorted(set(given) - set(chosen))
+    if unused:
+        raise InputError(f"Names were given for label(s) {unused}, which this run does not segment (labels {list(chosen)}).")
+    names = {}
+    for value in chosen:
+        if value in given:
+            names[value] = str(given[value]).strip()
+            continue
+        adapter = find_adapter(adapters, value, UNNAMED.format(value), folder) if adapters else None
+        names[value] = str(adapter.get("label_name") or "").strip() if adapter else ""
+        names[value] = names[value] or UNNAMED.format(value)
     for value, name in names.items():
         if not name or "\n" in name or "\r" in name:
             raise InputError(f"The name of label {value} must be one line of text; got {name!r}.")
@@ -394,9 +427,10 @@ def _check_drawn_across(annotation: np.ndarray, axis: int, direction, spacing) -
         )
 
 
-def _choose_slices(support, chosen, axis, support_slices, shape, has_references: bool) -> list[int]:
-    """The annotated planes of the run: every plane holding a chosen label, or those requested.
-    Each is annotated for every label (an absent label there is an "object absent" annotation)."""
+def _choose_slices(support, chosen, axis, support_slices, shape, has_references: bool, cleared=()) -> list[int]:
+    """The annotated planes of the run: every plane holding a chosen label, or those requested
+    (``cleared``: requested planes that may hold no label). Each is annotated for every label
+    (an absent label there is an "object absent" annotation)."""
     if support is None:
         return []
     count = shape[axis]
@@ -410,7 +444,7 @@ def _choose_slices(support, chosen, axis, support_slices, shape, has_references:
                 f"Slice(s) {format_indices(outside)} lie outside the volume: it has slices 0..{count - 1} along this axis."
             )
         planes = ranges.within(count)
-        empty = sorted(set(planes) - set(annotated))
+        empty = sorted(set(planes) - set(annotated) - set(cleared))
         if empty:
             raise InputError(
                 f"Slice(s) {format_indices(empty)} hold no annotation of the chosen labels in the support; "

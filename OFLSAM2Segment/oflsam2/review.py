@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import InputError
 from .methods.sweep import PreviousRun
+from .review_checks import check_result
 
 SUGGESTION_SPACING = 3  # suggested slices lie at least this many slices from each other and from annotated ones
 QUALITY_COLUMNS = ("label", "slice", "quality", "source")
@@ -56,6 +57,7 @@ def suggest(result, n: int, *, labels: Sequence[int] | None = None, spacing: int
         raise InputError(f"The number of slices to suggest must be a whole number from 0; got {n!r}.")
     if isinstance(spacing, bool) or not isinstance(spacing, (int, np.integer)) or spacing < 1:
         raise InputError(f"The spacing of suggested slices must be a whole number from 1; got {spacing!r}.")
+    check_result(result)
     annotated = sorted(int(i) for i in result.info.get("annotated", []))
     quality = result.info.get("quality", {})
     chosen = {}
@@ -130,15 +132,26 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def previous_run(previous, supports, shape: tuple, method: str, axis: int, run_slices: Sequence[int]) -> PreviousRun:
+def previous_run(previous, supports, shape: tuple, method: str, axis: int, run_slices: Sequence[int],
+                 image_digest: str | None = None) -> PreviousRun:
     """Check that ``previous`` (a :class:`~oflsam2.api.SegmentResult`) can be updated by this run
     and return it along the run's axis with the edited slices.
 
     An edited slice is one annotated now whose annotation of some label differs from the
-    previous result there. Refused with :class:`InputError`: another method or axis, another
-    grid, a label the previous run did not segment, and a slice annotated in the previous run
-    that is no longer annotated (an update cannot remove an annotation).
+    previous result there (a slice emptied of the object is one: a correction to "absent").
+    Refused with :class:`InputError`: a malformed result, another image (its recorded
+    ``image_digest`` differs from ``image_digest``, the fingerprint of this run's image), another
+    method or axis, another grid, a label the previous run did not segment, and a slice
+    annotated in the previous run that is no longer annotated (an update cannot remove an
+    annotation).
     """
+    check_result(previous, "previous result")
+    recorded = previous.info.get("image_digest")
+    if recorded is not None and image_digest is not None and recorded != image_digest:
+        raise InputError(
+            "The previous result was made on another image (the voxels differ, though the grid may be the same): "
+            "an update must segment the image the previous run segmented. Give that image, or run a fresh segmentation."
+        )
     if previous.method != method:
         raise InputError(
             f"The previous result was made with method {previous.method!r}, this run uses {method!r}: update "

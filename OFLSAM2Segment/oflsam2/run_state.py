@@ -2,12 +2,16 @@
 and ``--suggest``.
 
 A run given ``--save-state DIR`` writes ``DIR/state.json`` after its outputs: the model and
-image size, method, axis, labels, annotated slices, the image grid, a digest of the output, the
-per-slice quality and, for ``ofl``, the trained adapter in ``DIR/adapter``. An update is the same
-command with ``--previous PREV`` (the untouched output of that run) and ``--support CORRECTED``
-(PREV with corrections drawn on some slices): every plane along the run's axis where CORRECTED
-differs from PREV becomes an annotated slice, the engine re-propagates from those planes only
-(:func:`oflsam2.review.previous_run`), and the state is rewritten for the next round.
+image size, method, axis, labels and their names, annotated slices, the image grid and a
+fingerprint of its voxels, a digest of the output, the per-slice quality and, for ``ofl``, the
+trained adapter in ``DIR/adapter``. An update is the same command with ``--previous PREV`` (the
+untouched output of that run) and ``--support CORRECTED`` (PREV with corrections drawn on some
+slices): every plane along the run's axis where CORRECTED differs from PREV becomes an annotated
+slice (a plane emptied of every label is a cleared false positive: annotated as "absent"), the
+engine re-propagates from those planes only (:func:`oflsam2.review.previous_run`), and the state
+is rewritten for the next round. The refined adapter and ``state.json`` replace the old ones
+together, after the outputs are written: a failed update leaves the state as it was, so running
+it again gives the same result.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OFLSAM2Error
-from .review import quality_rows, suggest, write_quality_csv, write_text_atomic
-from .volume import format_indices, grid_text, read_image, read_label_image, read_labels
+from .outputs import StagedOutputs
+from .review import quality_rows, suggest, write_quality_csv
+from .review_checks import image_digest
+from .volume import AXIS_NAMES, MAX_LABEL, format_indices, grid_text, read_image, read_label_image, read_labels, to_array
 
 STATE_FILE = "state.json"
 ADAPTER_FOLDER = "adapter"
 KIND = "oflsam2-run-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: image_digest (an update of another image on the same grid is refused)
 _GRID_TOLERANCE = 1e-4  # relative, on spacing, origin and direction
 # what an update reads from the state (a hand-edited or truncated state lacks some)
-_REQUIRED_STATE_KEYS = frozenset({"method", "axis", "axis_name", "preset", "labels", "annotated", "grid", "output_digest"})
+_REQUIRED_STATE_KEYS = frozenset(
+    {"method", "axis", "axis_name", "preset", "labels", "annotated", "grid", "output_digest", "image_digest"}
+)
 
 
 class _RecordingEngine:
@@ -82,6 +90,9 @@ def load_state(state_dir, settings) -> dict:
     if (not isinstance(state, dict) or state.get("kind") != KIND or state.get("format_version") != FORMAT_VERSION
             or not _REQUIRED_STATE_KEYS <= state.keys()):
         raise InputError(f"{path} is not a run state this version reads; run a fresh segmentation with --save-state.")
+    problem = _state_problem(state)
+    if problem:
+        raise InputError(f"{path} is damaged ({problem}); it was edited or truncated. Run a fresh segmentation with --save-state.")
     current = {"model": settings.model, "image_size": settings.image_size, "random_weights": settings.random_weights}
     problems = [f"{key} is {state.get(key)!r} there but {value!r} now" for key, value in current.items() if state.get(key) != value]
     if problems:
@@ -90,6 +101,54 @@ def load_state(state_dir, settings) -> dict:
             "--model and --image-size (and weights), or run a fresh segmentation."
         )
     return state
+
+
+def _state_problem(state: dict) -> str | None:
+    """What is wrong with the fields of a state read from disk, or None."""
+    from .settings import METHODS
+
+    def whole(value, low=0, high=None) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
+
+    def numbers(value, count) -> bool:
+        return (isinstance(value, list) and len(value) == count
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value))
+
+    grid, labels, annotated = state["grid"], state["labels"], state["annotated"]
+    if state["method"] not in METHODS:
+        return f"method is {state['method']!r:.60}, not one of {', '.join(METHODS)}"
+    if not whole(state["axis"], 0, 2) or state["axis_name"] not in AXIS_NAMES:
+        return f"axis is {state['axis']!r:.40} / {state['axis_name']!r:.40}, not 0..2 and one of {', '.join(AXIS_NAMES)}"
+    if not isinstance(state["preset"], str):
+        return f"preset is {state['preset']!r:.60}, not a preset name"
+    if (not isinstance(grid, dict) or not (isinstance(grid.get("size"), list) and len(grid["size"]) == 3
+                                           and all(whole(n, 1) for n in grid["size"]))
+            or not numbers(grid.get("spacing"), 3) or not numbers(grid.get("origin"), 3) or not numbers(grid.get("direction"), 9)):
+        return f"grid is {grid!r:.120}, not size, spacing, origin (3 numbers each) and direction (9)"
+    if not isinstance(labels, list) or not labels or not all(whole(v, 1, MAX_LABEL) for v in labels) or len(set(labels)) != len(labels):
+        return f"labels is {labels!r:.80}, not a list of distinct label values 1..{MAX_LABEL}"
+    count = grid["size"][2 - state["axis"]]
+    if not isinstance(annotated, list) or not all(whole(i, 0, count - 1) for i in annotated):
+        return f"annotated is {annotated!r:.80}, not a list of slice indices 0..{count - 1}"
+    if not isinstance(state["output_digest"], str) or not isinstance(state["image_digest"], str):
+        return "output_digest and image_digest must be strings"
+    names = state.get("label_names", {})
+    if not isinstance(names, dict) or not all(isinstance(n, str) and n.strip() for n in names.values()):
+        return f"label_names is {names!r:.80}, not label -> name"
+    for key in ("quality", "label_stats"):
+        value = state.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict) for k, v in value.items()):
+            return f"{key} is {value!r:.80}, not label -> entries"
+    for label, entries in state.get("quality", {}).items():
+        for index, entry in entries.items():
+            if not (isinstance(index, str) and index.isdigit() and int(index) < count and isinstance(entry, dict)
+                    and numbers([entry.get("quality")], 1) and isinstance(entry.get("source"), str)):
+                return f"the quality of label {label}, slice {index!r:.20} is {entry!r:.80}, not {{quality, source}}"
+    for label, stats in state.get("label_stats", {}).items():
+        selected = stats.get("selected", [])
+        if not isinstance(selected, list) or not all(whole(i, 0, count - 1) for i in selected):
+            return f"the selected slices of label {label} are {selected!r:.80}, not slice indices"
+    return None
 
 
 def label_digest(labels: np.ndarray) -> str:
@@ -141,11 +200,21 @@ def _read_previous(previous_path, image: sitk.Image, state: dict) -> np.ndarray:
 def _edited_planes(support: np.ndarray, previous: np.ndarray, labels, axis: int, annotated) -> list[int]:
     """Planes along ``axis`` where the support's labels differ from the previous result.
 
-    Refused: corrections drawn on another axis (the changes fill one plane of another axis but
-    several of the run's: a sagittal stroke in an axial run), an annotated slice erased, and a
-    corrected plane left without any label (the file cannot say "annotated, object absent").
+    A plane emptied of every label is a correction to "absent" (a cleared false positive): the
+    support is a copy of the whole previous result, so an empty plane that held a label there
+    was emptied on purpose. Refused: a label the previous run did not segment (it would be
+    dropped), corrections drawn on another axis (the changes fill one plane of another axis but
+    several of the run's: a sagittal stroke in an axial run), and an annotated slice erased.
     """
-    ours = np.where(np.isin(support, labels), support, 0)
+    added = [int(v) for v in np.unique(support) if v != 0 and v not in set(labels)]
+    if added:
+        planes = np.flatnonzero(np.moveaxis(np.isin(support, added), axis, 0).any(axis=(1, 2)))
+        raise InputError(
+            f"Label(s) {', '.join(map(str, added))} appear on slice(s) {format_indices([int(i) for i in planes])} of the "
+            f"corrected copy, but the previous run segmented label(s) {', '.join(map(str, labels))}: an update keeps the "
+            "run's labels, and the new one would be lost. Remove it, or run a fresh segmentation with it in --labels."
+        )
+    ours = support
     theirs = np.where(np.isin(previous, labels), previous, 0)
     changed = ours != theirs
     planes = {a: np.flatnonzero(changed.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)}
@@ -164,17 +233,12 @@ def _edited_planes(support: np.ndarray, previous: np.ndarray, labels, axis: int,
             f"Annotated slice(s) {format_indices(erased)} were erased in the support: an update cannot remove an "
             "annotation. Restore them, or run a fresh segmentation without them."
         )
-    if empty:
-        raise InputError(
-            f"Slice(s) {format_indices(empty)} were cleared of every label: a cleared slice cannot be told apart "
-            "from an unannotated one in a label file. Run a fresh segmentation with your corrected slices as support."
-        )
     return edited
 
 
 def prepare_update(state: dict, image_path, support_path, previous_path, labels, axis: str, method: str):
     """Check an update against its state; return (previous SegmentResult, annotated slices,
-    edited slices, axis name). Nothing is written."""
+    edited slices, the annotated slices that hold no label, axis name). Nothing is written."""
     from .settings import SegmentResult
 
     if method != state["method"]:
@@ -194,6 +258,11 @@ def prepare_update(state: dict, image_path, support_path, previous_path, labels,
     image = read_image(image_path)
     if not _same_grid(state["grid"], image):
         raise InputError(f"The image {image_path} is not on the grid of the image the saved state was made on.")
+    if image_digest(to_array(image)) != state["image_digest"]:
+        raise InputError(
+            f"The image {image_path} is not the image the saved state was made on (same grid, other voxels: another "
+            "patient or a processed copy?). Update with the first run's --image, or run a fresh segmentation."
+        )
     previous = _read_previous(previous_path, image, state)
     support = read_labels(support_path, image)
     axis_index, annotated = int(state["axis"]), [int(i) for i in state["annotated"]]
@@ -202,14 +271,19 @@ def prepare_update(state: dict, image_path, support_path, previous_path, labels,
         masks={int(label): previous == int(label) for label in state["labels"]},
         axis=axis_index,
         method=state["method"],
-        info={"annotated": annotated, "quality": state.get("quality", {}), "labels": state.get("label_stats", {})},
+        info={"annotated": annotated, "quality": state.get("quality", {}), "labels": state.get("label_stats", {}),
+              "image_digest": state["image_digest"]},
     )
     result.info["labels"] = {int(k): v for k, v in result.info["labels"].items()}
-    return result, sorted(set(annotated) | set(edited)), edited, state["axis_name"]
+    planes = sorted(set(annotated) | set(edited))
+    cleared = [i for i in planes if not np.take(support, i, axis=axis_index).any()]
+    return result, planes, edited, cleared, state["axis_name"]
 
 
-def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, output_path) -> Path:
-    """Write ``state.json`` for the next update (atomically, after the outputs)."""
+def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, output_path,
+               staged: StagedOutputs | None = None) -> Path:
+    """Write ``state.json`` for the next update, after the outputs: staged and committed with
+    ``staged`` (the update's refined adapter), so that both replace the old ones or neither does."""
     output = sitk.GetArrayFromImage(sitk.ReadImage(str(output_path)))
     labels = summary["labels"]
     state = {
@@ -226,6 +300,7 @@ def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, ou
         "label_names": {str(k): v for k, v in summary["label_names"].items()},
         "annotated": [int(i) for i in result.info["annotated"]],
         "grid": _grid(image),
+        "image_digest": summary["image_digest"],
         "output": str(output_path),
         "output_digest": label_digest(output),
         "quality": {str(label): {str(i): e for i, e in entries.items()} for label, entries in result.info["quality"].items()},
@@ -234,9 +309,15 @@ def save_state(state_dir, summary: dict, result, settings, image: sitk.Image, ou
         },
     }
     folder = Path(state_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / STATE_FILE
-    write_text_atomic(path, json.dumps(state, indent=1, default=_plain) + "\n")
+    files = staged if staged is not None else StagedOutputs()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files.text(path, json.dumps(state, indent=1, default=_plain) + "\n")
+        files.commit()
+    except BaseException:
+        files.discard()
+        raise
     return path
 
 
@@ -250,6 +331,7 @@ def _plain(value):
 def segment_reviewed(
     *, image_path, support_path, out_path, seg_nrrd_path, method, axis, preset, labels, support_slices, references,
     settings, options, events, previous_path=None, state_dir=None, quality_out=None, suggest_count=None, engine=None,
+    label_names=None,
 ) -> dict:
     """:func:`oflsam2.pipeline.segment_files` plus the review options (see the module doc).
 
@@ -266,51 +348,89 @@ def segment_reviewed(
             refuse_inputs_as_output(output, [previous_path])
     previous = None
     edited = None
+    cleared = ()
     if previous_path is not None:
         if support_slices is not None:
             raise InputError("--support-slices cannot be combined with --previous: the corrected slices are found by comparison.")
         state = load_state(state_dir, settings)
-        previous, support_slices, edited, axis = prepare_update(
+        previous, support_slices, edited, cleared, axis = prepare_update(
             state, image_path, support_path, previous_path, labels, axis, method
         )
         labels = state["labels"]
+        label_names = _state_names(state, label_names)
         preset = state["preset"] if preset == "auto" else preset
-        if method == "ofl" and options.adapter is None and (Path(state_dir) / ADAPTER_FOLDER).is_dir():
-            options = dataclasses.replace(options, adapter=str(Path(state_dir) / ADAPTER_FOLDER))
+        if method == "ofl" and options.adapter is None:
+            options = dataclasses.replace(options, adapter=_state_adapter(state_dir))
+    pending = None
     if state_dir is not None and method == "ofl":
         options = dataclasses.replace(options, save_adapter=str(Path(state_dir) / ADAPTER_FOLDER))
+        pending = StagedOutputs()  # the refined adapter: committed with state.json, after the outputs
     recording = _RecordingEngine(engine or Engine(settings), previous)
-    summary = segment_files(
-        image_path, support_path, out_path,
-        labels=labels, support_slices=support_slices, method=method, axis=axis, preset=preset, settings=settings,
-        options=options, references=references, seg_nrrd_path=seg_nrrd_path, events=events, engine=recording,
-    )
+    try:
+        summary = segment_files(
+            image_path, support_path, out_path,
+            labels=labels, support_slices=support_slices, method=method, axis=axis, preset=preset, settings=settings,
+            options=options, references=references, seg_nrrd_path=seg_nrrd_path, events=events, engine=recording,
+            label_names=label_names, cleared_slices=cleared, adapter_files=pending,
+        )
+    except BaseException:
+        if pending is not None:
+            pending.discard()
+        raise
     result = recording.result
     if edited is not None:
         summary["edited"] = edited
+        summary["cleared"] = [i for i in cleared if i in edited]
     if suggest_count is not None:
         summary["suggested"] = suggest(result, suggest_count)
-    if quality_out is not None:
-        summary["quality_out"] = _write_after_outputs(
-            summary, str(quality_out), lambda: write_quality_csv(quality_rows(result), quality_out)
-        )
-    if state_dir is not None:
-        summary["state"] = _write_after_outputs(
-            summary, f"the state in {state_dir}",
-            lambda: save_state(state_dir, summary, result, settings, read_image(image_path), out_path),
-        )
+    try:
+        if quality_out is not None:
+            summary["quality_out"] = _write_after_outputs(
+                summary, str(quality_out), lambda: write_quality_csv(quality_rows(result), quality_out)
+            )
+        if state_dir is not None:
+            what = f"the state in {state_dir}" + (" (and its adapter)" if pending is not None else "")
+            summary["state"] = _write_after_outputs(
+                summary, what,
+                lambda: save_state(state_dir, summary, result, settings, read_image(image_path), out_path, pending),
+            )
+    finally:
+        if pending is not None:
+            pending.discard()  # nothing left to discard once committed
     return summary
+
+
+def _state_adapter(state_dir) -> str:
+    """The ``ofl`` head an update warm-starts: the state's adapter folder, which must be there
+    (without it the update would silently train a new head from scratch)."""
+    folder = Path(state_dir) / ADAPTER_FOLDER
+    if not folder.is_dir():
+        raise InputError(
+            f"The saved state in {state_dir} has no {ADAPTER_FOLDER}/ folder: the OFL-SAM2 head the previous run "
+            f"trained is gone (moved or deleted), and an update refines it. Put {folder} back, or run a fresh "
+            "segmentation with --save-state."
+        )
+    return str(folder)
+
+
+def _state_names(state: dict, given) -> dict[int, str]:
+    """The label names of the previous run (its adapters are saved under them); an update keeps them."""
+    names = {int(k): v for k, v in state.get("label_names", {}).items()}
+    if given and any(names.get(int(k)) != v for k, v in dict(given).items()):
+        raise InputError(f"The previous run named its labels {names}; an update keeps those names (leave out --label-names).")
+    return names
 
 
 def _write_after_outputs(summary: dict, what: str, write) -> str:
     """``write()``'s path; a system error (a full disk) says that the outputs are in place already."""
     try:
         return str(write())
-    except OSError as error:
+    except (OSError, OFLSAM2Error) as error:
         outputs = summary["outputs"]
+        reason = error.strerror or error if isinstance(error, OSError) else error
         raise OFLSAM2Error(
             f"{' and '.join(outputs)} {'were' if len(outputs) > 1 else 'was'} written, but {what} could not be: "
-            f"{error.strerror or error}. Make room (or fix the folder) and run the same command again."
+            f"{reason}. Make room (or fix the folder) and run the same command again."
         ) from None
 
 
@@ -319,7 +439,8 @@ def describe(summary: dict) -> list[str]:
     lines = []
     if "edited" in summary:
         recomputed = summary["engine"].get("recomputed", {})
-        lines.append(f"corrected slices {summary['edited']}; recomputed: " + "; ".join(
+        cleared = f" (cleared: {summary['cleared']})" if summary.get("cleared") else ""
+        lines.append(f"corrected slices {summary['edited']}{cleared}; recomputed: " + "; ".join(
             f"label {label} {format_indices(slices) or 'none'}" for label, slices in recomputed.items()
         ))
     if "suggested" in summary:

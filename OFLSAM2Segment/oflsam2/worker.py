@@ -239,11 +239,14 @@ def load_array(folder: Path, name: str) -> np.ndarray:
 
 
 def main() -> int:
+    from .worker_state import remove_stale_state_folders
+
     # The protocol owns the real stdout; anything else printed (libraries, C code) goes to stderr.
     events = io.TextIOWrapper(os.fdopen(os.dup(sys.stdout.fileno()), "wb"), encoding="utf-8", newline="\n")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    remove_stale_state_folders()  # left by workers that were killed
     server = Server(events)
     try:
         server.serve(requests)

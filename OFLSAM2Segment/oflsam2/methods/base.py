@@ -52,6 +52,7 @@ class RunContext:
     info: dict = field(default_factory=dict)  # per-label statistics reported by the methods
     intensity: dict = field(default_factory=dict)  # the target's volume.intensity_summary, kept by adapters
     on_success: list = field(default_factory=list)  # writes deferred until every label succeeded
+    staged: object = None  # a StagedOutputs that adapter files are written into (the caller commits), or None
     previous: PreviousRun | None = None  # set for an update after a correction
     quality: dict = field(default_factory=dict)  # label -> slice -> {"quality", "source", components}
     sweeps: dict = field(default_factory=dict)  # label -> the Sweep its propagation used

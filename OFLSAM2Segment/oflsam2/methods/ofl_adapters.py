@@ -11,13 +11,18 @@ object slices from 3 volumes makes an adapter of about 265 MiB.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from ..ofl.adapter import load_adapter, save_adapter
+from ..adapter_labels import require_adapter
+from ..errors import AdapterError
+from ..ofl.adapter import list_adapters, load_adapter, save_adapter
 from .base import RunContext, SupportSet
 from .ofl_bank import Bank, retrieval_key
 
+FEATURE_STRIDE = 16  # SAM2's image features F: one per 16x16 pixels of the model input
 ADAPTER_EMPTY_SLICES = 16  # empty support slices kept as negatives (retrieval, learner)
 _BANK_FIELDS = ("vision", "targets", "obj_ptr", "object_score")
 _BF16_FIELDS = ("vision", "targets")  # the large ones; bf16 is what SAM2's own memory bank keeps
@@ -46,13 +51,27 @@ def expected_metadata(ctx: RunContext) -> dict:
 
 
 def load_for_run(ctx: RunContext, support: SupportSet, head):
-    """Load ``options.adapter`` for this label into ``head``; return its stored bank (or None)."""
-    if not ctx.options.adapter:
+    """Load ``options.adapter`` for this label into ``head``; return its stored bank (or None).
+
+    The label's adapter is found by :func:`oflsam2.adapter_labels.find_adapter` (the rule the
+    checks before the run use); tensors that do not fit the head or the model are an
+    :class:`AdapterError`."""
+    folder = ctx.options.adapter
+    if not folder:
         return None
-    tensors, _ = load_adapter(ctx.options.adapter, label=support.name, expected=expected_metadata(ctx))
+    if Path(folder).is_file():  # one adapter's own file: it is the one
+        chosen = {"path": str(folder)}
+    else:
+        chosen = require_adapter(list_adapters(folder), support.label, support.name, folder)
+    tensors, _ = load_adapter(chosen["path"], expected=expected_metadata(ctx))
     device = ctx.model.device
-    head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    try:
+        head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    except RuntimeError as error:  # missing, unexpected or mis-shaped head tensors
+        raise AdapterError(f"Adapter {chosen['path']}: its head does not fit this engine's OFL-SAM2 head "
+                           f"({str(error).strip().splitlines()[0]} ...). Train the adapter again.") from None
     head.to(device)
+    _check_bank(chosen["path"], tensors, ctx.model.image_size // FEATURE_STRIDE)
     bank = {f: tensors[f"bank.{f}"].to(device, torch.float32) for f in _BANK_FIELDS}
     count = bank["vision"].shape[0]
     stored_keys = tensors.get("bank.keys") if ctx.options.retrieval == "pooled" else None
@@ -62,6 +81,32 @@ def load_for_run(ctx: RunContext, support: SupportSet, head):
         source=np.ones(count, dtype=int),
         index=np.arange(count),
     )
+
+
+def _check_bank(path, tensors: dict, side: int) -> None:
+    """Refuse a stored bank whose tensors are missing or not shaped as this model's features:
+    P slices of F (P, C, side, side), memory features (P, M, side, side), pointers (P, C) and
+    object scores (P, 1)."""
+    missing = [f"bank.{f}" for f in _BANK_FIELDS if f"bank.{f}" not in tensors]
+    if missing:
+        raise AdapterError(f"Adapter {path} lacks the tensor(s) {', '.join(missing)}; it is damaged. Train it again.")
+    vision, targets, pointers, scores = (tensors[f"bank.{f}"].shape for f in _BANK_FIELDS)
+    count = vision[0] if len(vision) == 4 else -1
+    expected = {
+        "vision": len(vision) == 4 and count > 0 and tuple(vision[2:]) == (side, side),
+        "targets": len(targets) == 4 and (targets[0], *targets[2:]) == (count, side, side),
+        "obj_ptr": tuple(pointers) == (count, vision[1] if len(vision) == 4 else -1),
+        "object_score": tuple(scores) == (count, 1),
+    }
+    keys = tensors.get("bank.keys")
+    if keys is not None:
+        expected["keys"] = keys.ndim == 2 and keys.shape[0] == count
+    wrong = [f"bank.{name} {tuple(tensors[f'bank.{name}'].shape)}" for name, fits in expected.items() if not fits]
+    if wrong:
+        raise AdapterError(
+            f"Adapter {path}: the stored support does not fit this model's {side}x{side} features ({', '.join(wrong)}); "
+            "it is damaged or was made for another model. Train it again."
+        )
 
 
 def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict) -> None:
@@ -100,4 +145,4 @@ def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict
             "final_loss": (stats.get("loss_history") or [None])[-1],
         },
     )
-    ctx.on_success.append(lambda: save_adapter(opts.save_adapter, tensors, metadata))
+    ctx.on_success.append(lambda: save_adapter(opts.save_adapter, tensors, metadata, staged=ctx.staged))

@@ -1,10 +1,15 @@
 """Saved OFL-SAM2 adapters: the trained parts of one label, reusable on new volumes.
 
-An adapter is two files in a directory, named after the label (name, or id if unnamed):
+An adapter is two files in a directory, named after the label (name, or id if unnamed; see
+:mod:`oflsam2.adapter_labels` for how a run's label finds its adapter):
 ``<label>.safetensors`` (the tensors: lift, AFM, λ and whatever else the caller saves) and
 ``<label>.json`` (what it was trained with and on which SAM2). The JSON records the SHA256 of
 the tensor file and is written last, so it is the commit record: an interrupted save leaves
 either the previous adapter intact, or files that refuse to load — never a mix that loads.
+Both files get the permissions of the files they replace, or the umask's for new ones.
+
+Loading trusts nothing in the files: the tensor file must lie in the adapter's folder, every
+tensor must be finite and of a plausible magnitude, and metadata fields must have their types.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -23,7 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..adapter_labels import adapter_stem, find_adapter
 from ..errors import AdapterError
+from ..outputs import StagedOutputs, apply_destination_mode
 from ..version import __version__
 from .learner import FewShotLearner
 
@@ -32,6 +39,15 @@ KIND = "oflsam2-adapter"
 TENSORS_SUFFIX = ".safetensors"
 METADATA_SUFFIX = ".json"
 REQUIRED_METADATA = ("model", "config", "checkpoint_sha256", "image_size", "preset", "axis", "label", "label_name")
+# A trained head and its support features are far below this; a larger (or non-finite) value is
+# a damaged or forged file, whose masks would be empty or garbage without any other sign.
+MAX_TENSOR_MAGNITUDE = 1e6
+# The type each metadata field must have when present (int excludes bool; float accepts int).
+_FIELD_TYPES = {
+    "label": int, "label_name": str, "model": str, "config": str, "checkpoint_sha256": str, "image_size": int,
+    "preset": str, "axis": int, "tensors_file": str, "tensors_sha256": str, "format_version": int,
+    "learner_kernel_size": int, "intensity": dict, "training": dict,
+}
 
 # What to do when a field of the adapter differs from the current run.
 _ADVICE = {
@@ -44,13 +60,12 @@ _ADVICE = {
 }
 
 
-def adapter_stem(label_name: str | None, label: int) -> str:
-    """File name (without suffix) of a label's adapter: its name made filesystem-safe, else its id."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label_name or "").strip("._")
-    return safe or f"label_{label}"
-
-
-def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module | torch.Tensor], metadata: dict) -> Path:
+def save_adapter(
+    directory: str | os.PathLike,
+    modules: Mapping[str, nn.Module | torch.Tensor],
+    metadata: dict,
+    staged: StagedOutputs | None = None,
+) -> Path:
     """Write one label's adapter into ``directory`` (created if needed); return the tensor file.
 
     ``modules``: named modules (their state dicts are stored as ``<name>.<key>``) and/or named
@@ -59,6 +74,10 @@ def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module |
     version, engine version, creation time and — found among ``modules`` — the learner's kernel
     size are added. An existing adapter of the same label is replaced; on any error the
     directory keeps what it had before (or, at worst, files that refuse to load).
+
+    ``staged``: write the files under temporary names and let that
+    :class:`~oflsam2.outputs.StagedOutputs` move them into place (tensors, then JSON) when it
+    commits, together with the caller's other outputs; until then the previous adapter stays.
     """
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
@@ -79,9 +98,12 @@ def save_adapter(directory: str | os.PathLike, modules: Mapping[str, nn.Module |
     )
     directory = Path(directory)
     try:
+        if staged is not None:  # folders made for the adapter go again if it is discarded
+            for folder in reversed([d for d in (directory, *directory.parents) if not d.exists()]):
+                staged.remove_if_empty(folder)
         directory.mkdir(parents=True, exist_ok=True)
         _refuse_other_label(directory / (stem + METADATA_SUFFIX), metadata)
-        return _write(directory, stem, tensors, record)
+        return _write(directory, stem, tensors, record, staged)
     except OSError as error:
         raise AdapterError(f"Cannot write the adapter into {directory}: {error}. Choose a writable directory with free space.") from error
 
@@ -106,8 +128,11 @@ def load_adapter(
             f"Adapter {metadata_path}: format_version is {metadata.get('format_version')!r}, this engine "
             f"({__version__}) reads {FORMAT_VERSION}. Train the adapter again with this version."
         )
+    missing = [key for key in (*REQUIRED_METADATA, "tensors_file", "tensors_sha256") if key not in metadata]
+    if missing:
+        raise AdapterError(f"Adapter {metadata_path} lacks {', '.join(missing)}: it was edited or is damaged. Train it again.")
     _check_expected(metadata_path, metadata, expected or {})
-    tensors_path = metadata_path.parent / str(metadata.get("tensors_file"))
+    tensors_path = _tensors_path(metadata_path, metadata["tensors_file"])
     try:
         digest = _sha256(tensors_path)
     except OSError as error:
@@ -124,13 +149,15 @@ def load_adapter(
         tensors = load_file(str(tensors_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"Adapter {metadata_path}: {tensors_path.name} is not a readable tensor file ({error}).") from error
+    _check_values(metadata_path, tensors)
     return tensors, metadata
 
 
 def list_adapters(directory: str | os.PathLike) -> list[dict]:
     """Metadata of every adapter in ``directory`` (plus ``path``: its JSON file), by label id.
 
-    Only the JSON files are read; :func:`load_adapter` verifies the tensors.
+    Only the JSON files are read (:func:`load_adapter` verifies the tensors); an adapter's JSON
+    whose fields have the wrong types is refused (:class:`AdapterError` naming the file).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -142,6 +169,7 @@ def list_adapters(directory: str | os.PathLike) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(metadata, dict) and metadata.get("kind") == KIND:
+            _check_types(json_path, metadata)
             found.append({**metadata, "path": str(json_path)})
     return sorted(found, key=_label_order)
 
@@ -180,8 +208,9 @@ def _refuse_other_label(metadata_path: Path, metadata: dict) -> None:
         )
 
 
-def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict) -> Path:
-    """Temp files first, then the tensors and finally the JSON are moved into place."""
+def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict, staged: StagedOutputs | None) -> Path:
+    """Temp files first, then the tensors and finally the JSON are moved into place (by
+    ``staged`` when it commits, if given)."""
     tensors_path = directory / (stem + TENSORS_SUFFIX)
     metadata_path = directory / (stem + METADATA_SUFFIX)
     temporary = []
@@ -194,6 +223,12 @@ def _write(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record:
         metadata_tmp = _temporary(directory, stem, temporary)
         Path(metadata_tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync(metadata_tmp)
+        if staged is not None:
+            staged.adopt(Path(tensors_tmp), tensors_path)
+            staged.adopt(Path(metadata_tmp), metadata_path)
+            return tensors_path
+        apply_destination_mode(tensors_tmp, tensors_path)
+        apply_destination_mode(metadata_tmp, metadata_path)
         os.replace(tensors_tmp, tensors_path)
         replaced_tensors = True
         os.replace(metadata_tmp, metadata_path)
@@ -210,7 +245,6 @@ def _temporary(directory: Path, stem: str, registry: list[str]) -> str:
     handle, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
     os.close(handle)
     registry.append(name)
-    os.chmod(name, 0o644)  # mkstemp makes owner-only files; adapters are meant to be shared
     return name
 
 
@@ -228,26 +262,77 @@ def _sha256(path: Path) -> str:
 
 
 def _metadata_path(path: Path, label: str | int | None) -> Path:
-    """The JSON file of the adapter meant by ``path`` (and ``label`` for a directory)."""
+    """The JSON file of the adapter meant by ``path`` (and ``label`` for a directory: a name,
+    or a label value, as :func:`oflsam2.adapter_labels.find_adapter` matches them)."""
     if path.suffix in (TENSORS_SUFFIX, METADATA_SUFFIX):
         return path.with_suffix(METADATA_SUFFIX)
     if not path.is_dir():
         raise AdapterError(f"No adapter at {path}: give an adapter directory or its .safetensors/.json file.")
     adapters = list_adapters(path)
+    names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
     if label is None:
         if len(adapters) == 1:
             return Path(adapters[0]["path"])
-        names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
         raise AdapterError(f"{path} holds adapters for: {names}. Say which label to use.")
     if isinstance(label, str):
-        by_file = path / (adapter_stem(label, 0) + METADATA_SUFFIX)
-        if by_file.is_file():
-            return by_file
-    for adapter in adapters:
-        if str(label).casefold() in (str(adapter.get("label_name")).casefold(), str(adapter.get("label"))):
-            return Path(adapter["path"])
-    names = ", ".join(str(a.get("label_name") or a.get("label")) for a in adapters) or "none"
-    raise AdapterError(f"No adapter for label {label!r} in {path} (it holds: {names}). Train one for this label first.")
+        found = find_adapter(adapters, None, label, path)
+    else:
+        found = find_adapter(adapters, int(label), adapter_stem("", int(label)), path)
+    if found is None:
+        raise AdapterError(f"No adapter for label {label!r} in {path} (it holds: {names}). Train one for this label first.")
+    return Path(found["path"])
+
+
+def _tensors_path(metadata_path: Path, name) -> Path:
+    """The tensor file the metadata names: a plain file name in the adapter's own folder."""
+    if (not isinstance(name, str) or not name.endswith(TENSORS_SUFFIX) or os.path.basename(name) != name
+            or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name)):
+        raise AdapterError(
+            f"Adapter {metadata_path}: tensors_file {name!r} is not a file name in the adapter's folder (a path "
+            "elsewhere, or not a .safetensors name); the metadata was edited. Train the adapter again."
+        )
+    return metadata_path.parent / name
+
+
+def _check_types(metadata_path: Path, metadata: dict) -> None:
+    """Refuse metadata fields of the wrong type (a hand-edited file) before anything uses them."""
+    problems = []
+    for field, kind in _FIELD_TYPES.items():
+        value = metadata.get(field)
+        if field in metadata and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            problems.append(f"{field} is {value!r}, not {'a whole number' if kind is int else 'a ' + kind.__name__}")
+    if not problems:
+        if not 0 <= metadata.get("axis", 0) <= 2:
+            problems.append(f"axis is {metadata['axis']!r}, not 0, 1 or 2")
+        if metadata.get("label", 1) < 1 or metadata.get("image_size", 1) < 1:
+            problems.append("label and image_size must be positive")
+        intensity = metadata.get("intensity", {})
+        if intensity and not (isinstance(intensity.get("modality"), str) and all(
+                _is_number(intensity.get(k)) for k in ("low", "high"))):
+            problems.append(f"intensity is {intensity!r}, not a modality name with low and high numbers")
+    if problems:
+        raise AdapterError(f"Adapter {metadata_path} cannot be used: {'; '.join(problems)}. The file was edited or "
+                           "damaged; train and save the adapter again.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(metadata_path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse non-finite or implausibly large tensors (they load, then segment nothing)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        values = tensor.float()
+        if not bool(torch.isfinite(values).all()):
+            raise AdapterError(f"Adapter {metadata_path}: tensor {name!r} holds NaN or infinite values; the adapter is "
+                               "damaged (or was trained into divergence). Train it again.")
+        largest = float(values.abs().max())
+        if largest > MAX_TENSOR_MAGNITUDE:
+            raise AdapterError(f"Adapter {metadata_path}: tensor {name!r} holds values up to {largest:.3g}, far beyond "
+                               f"what training produces (at most {MAX_TENSOR_MAGNITUDE:.0e}); the adapter is damaged. "
+                               "Train it again.")
 
 
 def _read_metadata(metadata_path: Path) -> dict:

@@ -24,27 +24,10 @@ import numpy as np
 
 from ..engine_session import EngineSession, PlaneEvents
 from ..transfer import ADAPTER_FILE, DIGEST, TransferError, load_npy, pack_plane
+from ..worker_state import remove_stale_state_folders
 from .config import Limits
 
 ROOT_PREFIX = "oflsam2-server-"
-
-
-def remove_crashed_servers_folders(state_dir: str | None) -> None:
-    """Remove what servers that were killed (no clean shutdown) left in the state folder: the
-    folders of this user's server processes that no longer exist."""
-    if os.name != "posix":
-        return
-    parent = Path(state_dir or tempfile.gettempdir())
-    for folder in parent.glob(f"{ROOT_PREFIX}*-*"):
-        pid = folder.name[len(ROOT_PREFIX):].split("-", 1)[0]
-        try:
-            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive (another user's: no permission), or gone meanwhile
-            continue
 
 
 class SessionError(Exception):
@@ -147,7 +130,7 @@ class SessionStore:
         self._engine_factory = engine_factory
         self._device = device
         self._busy = busy
-        remove_crashed_servers_folders(state_dir)
+        remove_stale_state_folders(state_dir, ROOT_PREFIX)  # what servers that were killed left
         self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=state_dir))  # mode 0700
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
