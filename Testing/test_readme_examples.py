@@ -57,6 +57,10 @@ def why_skipped(command: str) -> str | None:
         return f"not an oflsam2 command ({words[0]})"
     if "..." in words or any(re.fullmatch(r"[A-Z_]+(:\d+)?", w) for w in words):
         return "a pattern with placeholders, not a command"
+    if words[1] == "serve":
+        return "starts a server that runs until stopped; Testing/test_server_cli.py starts real ones (arguments checked)"
+    if "--server" in words:
+        return "needs a running server; Testing/test_server_cli.py runs such commands against one (arguments checked)"
     if words[1:3] == ["checkpoints", "download"]:
         return "downloads from the network (arguments checked)"
     if "ray" in words and importlib.util.find_spec("ray") is None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create or reuse the virtual environment .venv at the repository root and install OFLSAM2.
 #   bash scripts/setup.sh          engine + CLI
-#   bash scripts/setup.sh --test   ... plus the test tools (pytest, hypothesis, slicer-core, ray)
+#   bash scripts/setup.sh --test   ... plus the test tools (pytest, hypothesis, slicer-core, ray, fastapi, uvicorn, trustme)
 #   bash scripts/setup.sh --demo   ... plus the demo's sample data package (nilearn)
 #   bash scripts/setup.sh --ray    ... plus Ray, for `--executor ray` (batch, experiment)
+#   bash scripts/setup.sh --server ... plus FastAPI and uvicorn, for `oflsam2 serve`
 # torch goes first (OFLSAM2_TORCH overrides the requirement, e.g. a CUDA build); sam2 is an
 # sdist whose metadata pulls torchvision and a CUDA torch, so it is built against the installed
 # torch without its dependencies and without the optional CUDA extension.
@@ -15,7 +16,8 @@ for arg in "$@"; do  # before any install: a mistyped option costs nothing
     --test) extras="${extras:+$extras,}test" ;;
     --demo) extras="${extras:+$extras,}demo" ;;
     --ray) extras="${extras:+$extras,}ray" ;;
-    *) echo "unknown option: $arg (use --test, --demo or --ray)" >&2; exit 2 ;;
+    --server) extras="${extras:+$extras,}server" ;;
+    *) echo "unknown option: $arg (use --test, --demo, --ray or --server)" >&2; exit 2 ;;
   esac
 done
 python="${PYTHON:-python3}"

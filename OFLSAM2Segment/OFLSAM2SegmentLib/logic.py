@@ -34,7 +34,7 @@ import vtk
 from oflsam2.api import LabelSupport, Reference, validate_run
 from oflsam2.errors import Cancelled, CheckpointError, InputError
 
-from . import mrml_io
+from . import compute, mrml_io
 from .options import RunConfig, check_outputs, needs_download, parse_options, read_adapters, snake_case
 from .worker import DownloadRequest, GpuOutOfMemory, MessageKind, SegmentRequest, Worker
 
@@ -359,21 +359,32 @@ class _SceneWatch:
 
 
 _shared_worker: Worker | None = None
+_shared_target = None  # the server the shared worker talks to (None: this computer)
 QUIT_REASON = "The OFLSAM2 worker was stopped because Slicer is quitting."
 RELOAD_REASON = "The OFLSAM2 worker was stopped for a reload of the module."
 
 
-def shared_worker() -> Worker:
-    """The one worker (and so the one SAM2 model) of this Slicer session. Its process starts
-    on the first run and is started again by the next run if it died. After a Reload, logic
-    objects of the old code (the effect's, the console's) get the reloaded module's worker: one
-    worker per Slicer process."""
+def shared_worker(target=None) -> Worker:
+    """The one worker (and so the one SAM2 model) of this Slicer session: a local process, or a
+    session on the server ``target`` (an :class:`oflsam2.client.ServerTarget`). It starts on the
+    first run and again on the next run if it died; another target replaces it once no run is
+    active. After a Reload, logic objects of the old code (the effect's, the console's) get the
+    reloaded module's worker: one worker per Slicer process."""
     current = sys.modules.get(__name__)
     if current is not None and current.shared_worker is not shared_worker:  # this module was replaced by a Reload
-        return current.shared_worker()
-    global _shared_worker
+        return current.shared_worker(target)
+    global _shared_worker, _shared_target
+    if _shared_worker is not None and target != _shared_target and _shared_worker.active_run is None:
+        _shared_worker.shutdown()
+        _shared_worker = None
     if _shared_worker is None:
-        _shared_worker = Worker()
+        if target is None:
+            _shared_worker = Worker()
+        else:
+            from .server_transport import HttpTransport
+
+            _shared_worker = Worker(transport_factory=lambda on_event: HttpTransport(on_event, target))
+        _shared_target = target
     return _shared_worker
 
 
@@ -403,7 +414,11 @@ class OFLSAM2Logic:
     which builds the real ``oflsam2`` engine). ``pump``: how non-blocking runs are drained
     (default: a Qt timer). ``installer``: called before a run with the real engine to make sure
     torch, sam2 and the rest are installed (default: :func:`install.ensure_dependencies` inside
-    Slicer, nothing outside).
+    Slicer, nothing outside; never when computing on a server).
+
+    ``computeSettings``: where the shared worker computes (:class:`.compute.ComputeSettings`;
+    default None: as saved under "Compute on", :func:`.compute.load`). :meth:`useServer` and
+    :meth:`useThisComputer` set it from the Python console.
     """
 
     def __init__(self, worker: Worker | None = None, pump: Pump | None = None, installer: Callable[[], None] | None = None):
@@ -418,16 +433,36 @@ class OFLSAM2Logic:
         self.lastRun: Run | None = None  # the latest run started by this logic, kept after it ends
         self._reviewed: Run | None = None  # the latest completed run: its quality, suggestions and Update
         self._review_gone: str | None = None  # why there is none (the run was undone)
+        self.computeSettings: compute.ComputeSettings | None = None
 
     @property
     def worker(self) -> Worker:
         """The injected worker, else the session's shared one (its process restarts if it died)."""
-        return self._worker if self._worker is not None else shared_worker()
+        return self._worker if self._worker is not None else shared_worker(self.computeTarget())
 
     @property
     def activeRun(self) -> Run | None:
         """The run in progress in this session (started by this logic or another one)."""
-        return self.worker.active_run
+        worker = self._worker if self._worker is not None else _shared_worker
+        return worker.active_run if worker is not None else None
+
+    def computeTarget(self):
+        """The server the next run computes on (an :class:`oflsam2.client.ServerTarget`), or None for this computer."""
+        settings = self.computeSettings if self.computeSettings is not None else compute.load()
+        return settings.target()
+
+    def useServer(self, url: str, token: str, caFile: str = "") -> None:
+        """Compute this logic's runs on the ``oflsam2 serve`` server at ``url`` (not saved in the settings)."""
+        self.computeSettings = compute.ComputeSettings(compute.SERVER, url, token, caFile)
+        self.computeTarget()  # an incomplete or malformed choice is refused now
+
+    def useThisComputer(self) -> None:
+        self.computeSettings = compute.ComputeSettings(compute.LOCAL)
+
+    def testServerConnection(self, url: str, token: str, caFile: str = "") -> str:
+        """Reach the server, check its version and the token; returns what to tell the user, or
+        raises :class:`oflsam2.client.ServerError` saying what is wrong."""
+        return compute.check_connection(compute.ComputeSettings(compute.SERVER, url, token, caFile))
 
     def isRunning(self) -> bool:
         return self.activeRun is not None
@@ -480,6 +515,9 @@ class OFLSAM2Logic:
         if self.adapterPath and "adapter" not in options and method == "ofl":  # only OFL-SAM2 uses adapters
             options["adapter"] = self.adapterPath
         config = parse_options(method, options)
+        if config.settings.checkpoint and self._worker is None and self.computeTarget() is not None:
+            raise InputError("A local checkpoint file cannot be used when computing on a server: the server runs the "
+                             "models it has. Clear the local checkpoint and choose the model by name.")
         plan = self.prepare(volumeNode, segmentationNode, segmentIds, config, references)
         check_outputs(config, [t.name for t in plan.targets])  # before installing, downloading or any model work
         plan.warnings += _adapter_warnings(config, plan)
@@ -847,13 +885,16 @@ class OFLSAM2Logic:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        if self.worker.active_run is run:
-            self.worker.active_run = None
+        if run._worker.active_run is run:
+            run._worker.active_run = None
         if run.state == "completed" and run.result_masks is not None:
             self._reviewed, self._review_gone = run, None
 
     def _steps_before(self, config: RunConfig, progress: ProgressCallback | None) -> list:
-        """Install packages now (main thread, asks first); return a download step if needed."""
+        """Install packages now (main thread, asks first); return a download step if needed.
+        A server has its own packages and checkpoints: nothing is installed or downloaded here."""
+        if self._worker is None and self.computeTarget() is not None:
+            return []
         if self._installer is not None:
             if progress is not None:
                 progress("installing", 0, 1, "checking Python packages")

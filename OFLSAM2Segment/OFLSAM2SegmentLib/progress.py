@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 STAGE_TITLES = {
+    "queued": "Waiting for the server",  # its device runs another client's job first
     "installing": "Installing Python packages",
     "downloading": "Downloading checkpoint",
     "loading": "Loading model",

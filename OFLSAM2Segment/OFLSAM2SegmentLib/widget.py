@@ -19,6 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from . import device as devices
 from .compatibility import unsupported_slicer_reason
+from .compute_view import ComputePanel
 from .logic import RELOAD_REASON, shutdown_shared_worker
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
@@ -54,6 +55,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OFLSAM2Segment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.compute = self._addComputeSection()
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = OFLSAM2SegmentLogic()
 
@@ -90,6 +92,8 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel()
+        if getattr(self, "compute", None) is not None:
+            self.compute.disconnect()
         self.removeObservers()
         self._segmentationObserver.deactivate()
         if self._supportTimer is not None:
@@ -111,6 +115,7 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         if self.logic is None:  # the panel only says which Slicer it needs
             return
+        self.compute.refresh()  # the effect may have changed where runs compute
         self._segmentationObserver.activate()
         self.initializeParameterNode()
         self.scheduleSupportUpdate()  # strokes made while the module was hidden
@@ -235,6 +240,15 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(name, name)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
         self.ui.modelComboBox.addItem(_("Local file..."), LOCAL_MODEL)
+
+    def _addComputeSection(self) -> ComputePanel:
+        """"Compute on: this computer | a server", below the panel (built here: the .ui stays the run's own)."""
+        import ctk
+
+        section = ctk.ctkCollapsibleButton()
+        section.text = _("Compute")
+        self.layout.addWidget(section)
+        return ComputePanel(qt.QFormLayout(section).addRow)
 
     def _showDeviceProbe(self) -> None:
         if devices.no_local_pytorch_reason():  # macOS x86_64: Apply says it all, with what to do

@@ -21,8 +21,8 @@ Messages on ``Job.results`` / ``Job.messages()``:
   :class:`WorkerDied` a worker that ended without answering
 - ``(CANCELLED,)``
 
-The transport (pipes to a local process, or to a thread for tests with fake engines) sits behind
-:class:`Transport`, so a worker on another host could replace it without touching the rest.
+The transport (pipes to a local process, a thread for tests with fake engines, or HTTP(S) to an
+``oflsam2 serve`` server: :class:`~.server_transport.HttpTransport`) sits behind :class:`Transport`.
 """
 
 from __future__ import annotations
@@ -276,6 +276,11 @@ class Transport:
 
     def exit_description(self) -> str:
         return ""
+
+    def failure_reason(self) -> str | None:
+        """The whole message for the runs a lost connection ends, when the transport knows it
+        better than the worker's own wording (a server that stopped answering)."""
+        return None
 
 
 def default_python() -> str:
@@ -735,7 +740,9 @@ class Worker:
             jobs = [job for job in self._jobs.values() if job.transport is transport]
         if not jobs:
             return
-        if self.protocol is not None and self.protocol != PROTOCOL_VERSION:
+        if transport.failure_reason():
+            reason = transport.failure_reason()
+        elif self.protocol is not None and self.protocol != PROTOCOL_VERSION:
             reason = (f"The OFLSAM2 worker speaks protocol {self.protocol}, this module {PROTOCOL_VERSION}: "
                       "the module files are from different versions. Reinstall the extension and restart Slicer.")
         elif not transport.said_hello:

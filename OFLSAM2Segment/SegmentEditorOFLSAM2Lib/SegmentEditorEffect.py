@@ -36,6 +36,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._logic = None
         self._restoreIntensityMask = None
         self.review = None  # the last run's quality table and "Next slice to check", once the frame is set up
+        self.compute = None  # "Compute on", shared with the module through Slicer's settings
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -93,6 +94,11 @@ More options (several segments at once, extra support volumes, adapters) are in 
             "OFL-SAM2: paper = the method as its paper states it; extended = with the project's additions (see the README).")
         self.scriptedEffect.addLabeledOptionsWidget("OFL-SAM2 preset:", self.oflPresetComboBox)
 
+        from OFLSAM2SegmentLib.compute_view import ComputePanel
+
+        self.compute = ComputePanel(lambda label, widget: self.scriptedEffect.addLabeledOptionsWidget(label, widget)
+                                    if label else self.scriptedEffect.addOptionsWidget(widget))
+
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.applyButton.setToolTip("Propagate the selected segment; becomes Cancel while running.")
@@ -133,6 +139,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
             self.imageSizeSpinBox.disconnect("valueChanged(int)", self.updateMRMLFromGUI)
         if self.review is not None:
             self.review.disconnect()
+        if self.compute is not None:
+            self.compute.disconnect()
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
@@ -160,6 +168,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
         self._showMethodDefaultModel()
         self._updateApplyButton()
         self._refreshReview()  # the selected segment may have changed
+        if self.compute is not None:
+            self.compute.refresh()  # the module may have changed where runs compute
 
     def updateMRMLFromGUI(self):
         for combo, name in self._combos():

@@ -28,6 +28,7 @@ TRAINING_SEGMENTATION = "training_segmentation.nii.gz"
 _OPTIONAL_COMMANDS = (
     ("eval", "evaluation", "register_eval_command"),
     ("experiment", "experiment", "register_experiment_command"),
+    ("serve", "server.command", "register_serve_command"),
 )
 
 
@@ -140,6 +141,7 @@ def _add_segment(commands) -> None:
     parser.add_argument("--seg-nrrd", help="also write a Slicer segmentation file (.seg.nrrd)")
     _add_method(parser, "segmentation method")
     _add_model_options(parser)
+    _add_server_options(parser)
     parser.add_argument("--adapter", help="trained OFL-SAM2 adapter folder (segment without support, or warm start)")
     parser.add_argument("--save-adapter", help="write the trained OFL-SAM2 adapter into this folder")
     _add_method_options(parser, "epochs", "gamma", "num_retrieved", "top_k", "revsam2_mode", "seed", "warm_start_epochs")
@@ -167,6 +169,7 @@ def _add_train(commands) -> None:
     _add_inputs(parser, support_required=True)
     parser.add_argument("--out", required=True, help="adapter folder to write (created if absent)")
     _add_model_options(parser)
+    _add_server_options(parser)
     parser.add_argument("--adapter", help="adapter folder to start from (warm start)")
     _add_method_options(parser, "epochs", "gamma", "num_retrieved", "seed")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -252,6 +255,40 @@ def _add_model_options(parser) -> None:
     )
 
 
+def _add_server_options(parser) -> None:
+    group = parser.add_argument_group("compute on a server (oflsam2 serve)")
+    group.add_argument("--server", metavar="URL", help="run on this server, e.g. https://gpu-box:8765 (default: $OFLSAM2_SERVER)")
+    group.add_argument("--token-file", metavar="FILE", help="file holding the server's token (default: $OFLSAM2_TOKEN_FILE)")
+    group.add_argument("--server-ca", metavar="FILE", help="CA certificate the server's TLS certificate is signed by "
+                       "(a self-signed server; default: $OFLSAM2_SERVER_CA, else the system's)")
+
+
+def server_target(args):
+    """The server named by ``--server``/``--token-file`` or their variables, else None (run here)."""
+    from .client import target_from_options
+
+    if not hasattr(args, "server"):
+        return None
+    return target_from_options(args.server, args.token_file, args.server_ca)
+
+
+def engine_for_args(args, settings):
+    """A :class:`~oflsam2.remote_engine.RemoteEngine` when a server is named, else None (a local Engine)."""
+    target = server_target(args)
+    if target is None:
+        return None
+    from .remote_engine import RemoteEngine
+
+    return RemoteEngine(target, settings)
+
+
+def _closing(engine):
+    """Close a remote engine's session on the way out (a local one has nothing to close)."""
+    import contextlib
+
+    return contextlib.closing(engine) if engine is not None else contextlib.nullcontext()
+
+
 def run_segment(args) -> int:
     if args.previous or args.save_state or args.quality_out or args.suggest is not None:
         return _run_reviewed(args)
@@ -265,13 +302,15 @@ def _run_reviewed(args) -> int:
     from .run_state import describe, segment_reviewed
 
     settings = model_settings(args)
-    summary = segment_reviewed(
-        image_path=args.image, support_path=args.support, out_path=Path(args.out), seg_nrrd_path=args.seg_nrrd,
-        method=args.method, axis=args.axis, preset=args.preset, labels=args.labels, support_slices=args.support_slices,
-        references=args.reference, settings=settings, options=method_options(args), events=progress_events(),
-        previous_path=args.previous, state_dir=args.save_state, quality_out=args.quality_out, suggest_count=args.suggest,
-        label_names=args.label_names,
-    )
+    engine = engine_for_args(args, settings)
+    with _closing(engine):
+        summary = segment_reviewed(
+            image_path=args.image, support_path=args.support, out_path=Path(args.out), seg_nrrd_path=args.seg_nrrd,
+            method=args.method, axis=args.axis, preset=args.preset, labels=args.labels, support_slices=args.support_slices,
+            references=args.reference, settings=settings, options=method_options(args), events=progress_events(),
+            previous_path=args.previous, state_dir=args.save_state, quality_out=args.quality_out,
+            suggest_count=args.suggest, label_names=args.label_names, engine=engine,
+        )
     if settings.random_weights:
         summary["warning"] = random_weights_banner()
     _print_summary(summary, args.json)
@@ -335,12 +374,14 @@ def _run_pipeline(args, method: str, out_path: Path, seg_nrrd, options) -> dict:
     from . import pipeline
 
     settings = model_settings(args)
-    summary = pipeline.segment_files(
-        args.image, args.support, out_path,
-        labels=args.labels, support_slices=args.support_slices, method=method, axis=args.axis,
-        preset=args.preset, settings=settings, options=options, references=args.reference,
-        seg_nrrd_path=seg_nrrd, events=progress_events(), label_names=args.label_names,
-    )
+    engine = engine_for_args(args, settings)
+    with _closing(engine):
+        summary = pipeline.segment_files(
+            args.image, args.support, out_path,
+            labels=args.labels, support_slices=args.support_slices, method=method, axis=args.axis,
+            preset=args.preset, settings=settings, options=options, references=args.reference,
+            seg_nrrd_path=seg_nrrd, events=progress_events(), label_names=args.label_names, engine=engine,
+        )
     if settings.random_weights:
         summary["warning"] = random_weights_banner()
     return summary
@@ -355,9 +396,13 @@ def model_settings(args):
     trained = adapter_settings(getattr(args, "adapter", None))
     name = args.model or trained.get("model") or default_model(getattr(args, "method", "ofl"))
     entry = model_entry(name)
+    remote = server_target(args) is not None
+    if remote and args.checkpoint:
+        raise InputError("--checkpoint names a file on this computer, which a server cannot use: leave it out (the "
+                         "server runs the models it has downloaded) and name the model with --model.")
     if args.random_weights:
         print(random_weights_banner(), file=sys.stderr)
-    else:
+    elif not remote:  # a server checks its own checkpoints
         resolve_checkpoint(name, args.checkpoint)
     return ModelSettings(
         model=name, checkpoint=args.checkpoint, random_weights=args.random_weights,
@@ -374,6 +419,7 @@ def adapter_settings(folder) -> dict:
 
     if folder is None or not Path(folder).is_dir():
         return {}
+
     try:
         adapters = list_adapters(folder)
     except AdapterError:
@@ -476,7 +522,7 @@ def _add_batch(commands) -> None:
 
 def run_batch_command(args) -> int:
     from .batch import BatchJob, check_job, collect_cases, run_batch
-    from .executors import make_executor
+    from .executors import LocalExecutor, make_executor
 
     job = BatchJob(
         method=args.method, settings=model_settings(args), options=method_options(args), labels=args.labels,
@@ -491,9 +537,15 @@ def run_batch_command(args) -> int:
             "a support column in the manifest, or a trained --adapter."
         )
     show = not args.json and sys.stderr.isatty()
-    with make_executor(
-        args.executor, job.settings, max_cached_volumes=1 + len(job.references), address=args.address, workers=args.workers
-    ) as executor, _BatchBars(len(cases), show) as bars:
+    engine = engine_for_args(args, job.settings)
+    if engine is None:
+        executor = make_executor(args.executor, job.settings, max_cached_volumes=1 + len(job.references),
+                                 address=args.address, workers=args.workers)
+    elif args.executor != "local":
+        raise InputError("--server runs every case on the server: leave out --executor ray.")
+    else:  # one server session for the whole cohort
+        executor = LocalExecutor(lambda: engine)
+    with _closing(engine), executor, _BatchBars(len(cases), show) as bars:
         local = executor.name == "local"
         outcome = run_batch(job, cases, out_dir, executor, on_case_done=bars.case_done, events_for=bars.events_for if local else None)
     if args.json:

@@ -23,7 +23,8 @@ Requests (``type``):
   earlier ``segment`` job of this process after corrections (``Engine.segment(previous=...)``);
   only the slices it recomputes are sent. The process keeps the result of its latest segment
   job (for ``ofl`` also its trained head, in a private folder, which an update warm-starts);
-  an update of any other job is refused (``InputError``: run a fresh segmentation).
+  an update of any other job is refused (``InputError``: run a fresh segmentation). The job
+  itself is run by :class:`~oflsam2.engine_session.EngineSession`, shared with the server.
   ``options.adapter``, ``options.save_adapter`` and ``settings.checkpoint`` are the user's own
   files, chosen in the client, and are not confined to the root
 - ``download``: ``job``, ``model`` -- fetch a checkpoint into the user cache
@@ -52,8 +53,6 @@ Events (``event``), each with the ``job`` it belongs to except ``hello``:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
 import io
 import json
 import os
@@ -65,23 +64,25 @@ import tempfile
 import threading
 import traceback
 from pathlib import Path
-from typing import BinaryIO, Callable, TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
 from . import protocol
+from .engine_session import (  # noqa: F401  (the Slicer client and tests import these from here)
+    EngineFactory,
+    EngineSession,
+    PlaneEvents,
+    dataclass_from_dict,
+    default_engine_factory,
+    is_out_of_memory,
+    json_default,
+)
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 3  # 3: request folders must lie inside the worker's root (--root, or its own; hello names it)
 
-EngineFactory = Callable[[object], object]  # ModelSettings -> an Engine-like object with segment()
 EARLY_CANCELS_KEPT = 1024  # cancels of jobs not started yet that are remembered (a flood cannot grow memory)
-
-
-def default_engine_factory(settings):
-    from .api import Engine
-
-    return Engine(settings)
 
 
 class Server:
@@ -95,11 +96,7 @@ class Server:
     def __init__(self, events: TextIO, engine_factory: EngineFactory = default_engine_factory, root=None):
         self._out = events
         self._out_lock = threading.Lock()
-        self._engine_factory = engine_factory
-        self._engine = None
-        self._engine_settings = None
-        self._kept: tuple | None = None  # (job, SegmentResult, OFL-SAM2 adapter folder or None) of the latest segment job, for an update
-        self._state: Path | None = None  # private folder of this process: the OFL-SAM2 head an update warm-starts
+        self.session = EngineSession(engine_factory)  # the engine, and the latest result an update starts from
         self._jobs: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()
         self._current_job = None
@@ -131,7 +128,7 @@ class Server:
             self.remove_private_folders()
 
     def send(self, event: dict) -> None:
-        line = json.dumps(event, default=_json_default)
+        line = json.dumps(event, default=json_default)
         with self._out_lock:
             self._out.write(line + "\n")
             self._out.flush()
@@ -198,9 +195,7 @@ class Server:
 
     def remove_private_folders(self) -> None:
         """The folders this worker made itself: its state (the trained head) and its own root."""
-        if self._state is not None:
-            shutil.rmtree(self._state, ignore_errors=True)
-            self._state = None
+        self.session.close()
         if not self._given_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -243,67 +238,12 @@ class Server:
                 self._current_job = self._current_cancel = None
 
     def _send_error(self, job, exc: Exception, with_traceback: bool = True) -> None:
-        out_of_memory = is_out_of_memory(exc)
-        hint = ""
-        if out_of_memory:
-            hint = _device_hint(self._engine_settings)
-            self.release_engine()
-        self.send({
-            "event": "error", "job": job, "error_type": type(exc).__name__, "error_module": type(exc).__module__,
-            "message": str(exc), "traceback": traceback.format_exc() if with_traceback else "",
-            "out_of_memory": out_of_memory, "device_hint": hint,
-        })
+        self.send(self.session.error_event(job, exc, with_traceback))
 
     def _segment(self, job, request: dict, token) -> dict:
-        from .settings import LabelSupport, MethodOptions, ModelSettings, Reference
-
         folder = self.request_folder(request["folder"], job)  # again: it may have been replaced since it was read
-
-        def array(name):
-            return load_array(folder, name, root=self.root)
-
-        settings = dataclass_from_dict(ModelSettings, request["settings"])
-        options = dataclass_from_dict(MethodOptions, request["options"])
-        image = array(request["image"])
-        supports = [LabelSupport(s["label"], s["name"], array(s["mask"]), s["slices"]) for s in request["supports"]]
-        references = [Reference(array(r["image"]), array(r["labels"]), name=r["name"]) for r in request["references"]]
-        update = {}
-        if request.get("previous_job") is not None:
-            from .errors import InputError
-
-            if self._kept is None or self._kept[0] != request["previous_job"]:
-                raise InputError("The worker no longer holds the result of that run (it was restarted, or another run "
-                                 "came after it); run a fresh segmentation instead of an update.")
-            update["previous"] = self._kept[1]
-        ofl = request["method"] == "ofl"
-        if ofl and update and self._kept[2]:  # warm-start the head the previous run trained, not a new one
-            options = dataclasses.replace(options, adapter=self._kept[2])
-        if ofl and options.save_adapter is None:  # keep this run's head for the next update
-            if self._state is None:
-                from .worker_state import new_state_folder
-
-                self._state = new_state_folder()
-            options = dataclasses.replace(options, save_adapter=str(self._state / "adapter"))
-        events = _StreamEvents(self, job, folder, token)
-        engine = self.engine_for(settings)
-        result = engine.segment(image, supports, method=request["method"], axis=request["axis"],
-                                preset=request["preset"], options=options, references=references, events=events,
-                                **update)
-        self._kept = (job, result, options.save_adapter if ofl else None)
-        # Every plane the method did not stream (e.g. the ones it finished together at the end),
-        # so that the client's copy ends complete.
-        for support in supports:
-            masks = result.masks.get(support.label)
-            if masks is None:
-                continue
-            annotated = set(support.slices)
-            planes = range(masks.shape[result.axis])
-            if update:  # the rest keeps the previous result, which the client already has
-                planes = result.info.get("recomputed", {}).get(support.label, [])
-            for index in planes:
-                if index not in annotated and index not in events.sent.get(support.label, ()):
-                    events.slice_done(support.label, result.axis, index, np.take(masks, index, axis=result.axis))
-        return {"method": result.method, "axis": result.axis, "info": result.info}
+        events = _FileEvents(self.send, job, token, folder)
+        return self.session.segment(job, request, lambda name: load_array(folder, name, root=self.root), events)
 
     def _download(self, job, request: dict, token) -> dict:
         from . import checkpoints
@@ -317,26 +257,6 @@ class Server:
 
         path = checkpoints.download(model, progress, token)
         return {"model": model, "path": str(path)}
-
-    # ------------------------------------------------------------------------------------------
-
-    def engine_for(self, settings):
-        """The engine of ``settings``: kept while the settings stay the same, so a second run on
-        the same volume reuses the model and its encoded slices."""
-        if self._engine is None or settings != self._engine_settings:
-            self.release_engine()
-            self._engine = self._engine_factory(settings)
-            self._engine_settings = settings
-        return self._engine
-
-    def release_engine(self) -> None:
-        """Drop the model and its feature caches (after an out-of-memory error)."""
-        self._engine = None
-        self._engine_settings = None
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def request_lines(stream: BinaryIO):
@@ -359,36 +279,24 @@ def request_lines(stream: BinaryIO):
             yield line
 
 
-class _StreamEvents:
-    """:class:`oflsam2.events.RunEvents` that sends each event at once (planes as files)."""
+class _FileEvents(PlaneEvents):
+    """Each finished plane as a ``.npy`` file in the request's folder, named in its event."""
 
-    def __init__(self, server: Server, job, folder: Path, token):
-        self._server = server
-        self._job = job
+    def __init__(self, send, job, token, folder: Path):
+        super().__init__(send, job, token)
         self._folder = folder
-        self._token = token
         self._count = 0
-        self.sent: dict[int, set[int]] = {}
 
-    def progress(self, stage, done, total, message=""):
-        self._server.send({"event": "progress", "job": self._job, "stage": stage, "done": int(done), "total": int(total),
-                           "text": message})
-
-    def slice_done(self, label, axis, index, mask):
+    def deliver(self, plane: np.ndarray) -> dict:
         self._count += 1
         name = f"plane-{self._count:06d}.npy"
         try:
-            np.save(self._folder / name, np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8), allow_pickle=False)
+            np.save(self._folder / name, plane, allow_pickle=False)
         except OSError as exc:  # e.g. the temp disk filled up during the run
             raise OSError(exc.errno, f"Could not write a result plane into the temp folder {str(self._folder)!r}: "
                           f"{exc.strerror or exc}. Free space there, or set TMPDIR to a folder on a disk with room "
                           "and restart Slicer.") from exc
-        self.sent.setdefault(int(label), set()).add(int(index))
-        self._server.send({"event": "slice", "job": self._job, "label": int(label), "axis": int(axis), "index": int(index),
-                           "file": name})
-
-    def is_cancelled(self):
-        return self._token.is_cancelled()
+        return {"file": name}
 
 
 def load_array(folder: Path, name: str, root=None) -> np.ndarray:
@@ -400,40 +308,6 @@ def load_array(folder: Path, name: str, root=None) -> np.ndarray:
     if root is not None and not protocol.inside_root(os.path.realpath(path), os.path.realpath(root)):
         raise ProtocolError(f"The array file {str(path)!r} leads outside the worker's folder {str(root)!r}; it was refused.")
     return np.load(path, allow_pickle=False)
-
-
-def dataclass_from_dict(cls, values: dict):
-    """``cls(**values)`` for a settings dataclass sent as JSON (lists back to tuples)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ProtocolError(f"{cls.__name__} has no field(s) {unknown}: the worker and the module are different versions.")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for ``torch.OutOfMemoryError`` (and its CUDA alias) and "out of memory" runtime errors."""
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
-
-
-def _device_hint(settings) -> str:
-    device = getattr(settings, "device", "")
-    size = getattr(settings, "image_size", "")
-    return f"device {device}, image size {size}" if device else ""
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return str(value)
 
 
 class _Terminated(SystemExit):

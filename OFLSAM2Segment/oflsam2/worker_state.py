@@ -27,17 +27,19 @@ def new_state_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
 
 
-def remove_stale_state_folders(root=None) -> list[Path]:
+def remove_stale_state_folders(root=None, prefix: str = PREFIX) -> list[Path]:
     """Remove the state folders of this user's worker processes that no longer exist (in
-    ``root``, default the temp folder); return them."""
+    ``root``, default the temp folder); return them. ``prefix``: whose folders (``oflsam2 serve``
+    names its own ``oflsam2-server-<pid>-<random>``)."""
     root = Path(root or tempfile.gettempdir())
+    pattern = _NAME if prefix == PREFIX else re.compile(re.escape(prefix) + r"(\d+)-[A-Za-z0-9_]+")
     removed = []
     try:
         entries = list(os.scandir(root))
     except OSError:
         return removed
     for entry in entries:
-        match = _NAME.fullmatch(entry.name)
+        match = pattern.fullmatch(entry.name)
         if match is None or int(match.group(1)) == os.getpid():
             continue
         try:
