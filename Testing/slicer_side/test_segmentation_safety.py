@@ -643,7 +643,7 @@ def test_adapter_labels_and_the_save_folder_are_checked_before_any_model_work(sc
         a_file.write_text("")
         with pytest.raises(InputError, match="is a file; give a folder"):
             logic.saveAdapter(volume, segmentation, str(a_file), ids[:1], **FAST)
-        with pytest.raises(InputError, match="for OFL-SAM2 only"):
+        with pytest.raises(InputError, match="adapter is for OFL-SAM2.*method 'sam2' cannot use one"):
             logic.process(volume, segmentation, ids[:1], method="sam2", adapter=str(adapter), **FAST)
         with pytest.raises(AdapterError, match="trained with model 'sam2.1-small'.*this run: 'sam2.1-tiny'"):
             logic.process(volume, segmentation, ids[:1], method="ofl", adapter=str(adapter), model="sam2.1-tiny", **FAST)
