@@ -1,5 +1,5 @@
 """``MethodOptions()`` runs OFL-SAM2 as its paper states it (issue 22): one test per row of the
-README's table, on a run recorded on real CHAOS T2 slices (random-weight SAM2.1-tiny, 256 px);
+table in docs/methods.md, on a run recorded on real CHAOS T2 slices (random-weight SAM2.1-tiny, 256 px);
 and ``MethodOptions.extended()`` holds the project's choices as they were before.
 
 The recorded run: CHAOS case 1 (37 slices) with 3 annotated liver slices, two cropped reference

@@ -1,6 +1,6 @@
-"""Every command example of the README runs, so that none can silently break again.
+"""Every command example of the README and of its docs/ pages runs, so that none can silently break again.
 
-The ```bash blocks (and inline `oflsam2 ...` commands) are parsed from README.md and run
+The ```bash blocks (and inline `oflsam2 ...` commands) are parsed from README.md and docs/*.md and run
 in-process through ``oflsam2.cli.main`` in a folder that holds small crops of real volumes
 under the README's own file names (``ct.nii.gz``, ``case01.nii.gz``, ``adapters/liver``...).
 Model commands get ``--random-weights --image-size 256`` and one training epoch, and use
@@ -29,6 +29,7 @@ from oflsam2 import backend, cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOC_PAGES = sorted((REPO / "docs").glob("*.md"))  # the pages the README links to for details
 CHAOS_Z = slice(15, 18)  # 3 axial slices that hold the liver in every CHAOS case
 CT_Z = slice(88, 93)  # 5 slices of the TotalSegmentator CT with spleen (1) and left kidney (3)
 MODEL_COMMANDS = {"segment", "train", "demo", "batch"}
@@ -45,6 +46,11 @@ def readme_commands(text: str) -> list[str]:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     commands += [c for c in re.findall(r"`(oflsam2 [^`]+)`", prose) if not re.search(r"[A-Z]{3,}", c)]
     return commands
+
+
+def documented_commands() -> list[str]:
+    """The commands of the README, then those of its docs/ pages, in reading order."""
+    return [command for page in (README, *DOC_PAGES) for command in readme_commands(page.read_text())]
 
 
 def why_skipped(command: str) -> str | None:
@@ -197,7 +203,7 @@ def test_every_readme_command_runs(workspace, shared_model, monkeypatch, capsys,
     monkeypatch.setenv("OFLSAM2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("OFLSAM2_CHECKPOINT", raising=False)
     ran, skipped, failed = [], [], []
-    for command in readme_commands(README.read_text()):
+    for command in documented_commands():
         reason = why_skipped(command)
         if reason is not None:
             if "arguments checked" in reason:
@@ -237,6 +243,29 @@ def test_support_from_other_volumes_alone(workspace, shared_model, method, capsy
             "--random-weights", "--image-size", "256", "--epochs", "1", "--json"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(workspace / "q.nii.gz")).GetSize()
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_the_readme_and_docs_links_resolve():
+    """Every relative link of the README, its docs/ pages and the benchmarks page names a file
+    that exists and, with a #fragment, a heading of that file: moved text leaves no dead link."""
+    pages = [README, *DOC_PAGES, REPO / "benchmarks" / "README.md"]
+    assert {page.name for page in DOC_PAGES} >= {"reference.md", "methods.md", "internals.md"}
+    dead = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an external address
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (fragment and fragment not in anchors(linked)):
+                dead.append(f"{page.relative_to(REPO)}: {target}")
+    assert not dead, dead
 
 
 def test_readme_parser_sees_continuations_chains_and_inline_commands():

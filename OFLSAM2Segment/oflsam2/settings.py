@@ -142,7 +142,7 @@ class MethodOptions:
 
     # SAM2 propagation / shared
     num_maskmem: int | None = None  # None -> the model's own (7)
-    # OFL-SAM2 (paper values; README "OFL-SAM2: where the code chooses" has the extended ones)
+    # OFL-SAM2 (paper values; docs/methods.md has the extended ones)
     epochs: int = 40
     lr: float = 1e-3
     lr_milestones: tuple[int, ...] = (10, 30)
@@ -204,7 +204,7 @@ class MethodOptions:
 
 
 # The OFL-SAM2 fields where the `extended` preset departs from the paper (MethodOptions() holds
-# the paper's values): the project's choices before issue 22, each described in the README.
+# the paper's values): the project's choices before issue 22, each described in docs/methods.md.
 EXTENDED_OFL = {
     "retrieval_object_guarantee": True,  # the 2nd retrieved slice replaced by an object slice when both are empty
     "max_fit_slices": 64,  # own slices, then ~75 % object slices ranked by similarity, fixed for the sweep
