@@ -60,7 +60,7 @@ def test_batch_writes_named_outputs_and_the_cases_table(local_run, cohort):
         assert result.GetSize() == image.GetSize() and result.GetOrigin() == image.GetOrigin()
         assert set(np.unique(sitk.GetArrayFromImage(result))) <= {0, 1}
         assert np.array_equal(read_array(out / f"{name}_seg.seg.nrrd"), sitk.GetArrayFromImage(result))
-        engine = json.loads((out / f"{name}_seg.run.json").read_text())["summary"]["engine"]
+        engine = json.loads((out / f"{name}_seg.nii.gz.run.json").read_text())["summary"]["engine"]
         assert engine["ofl_preset"] == "paper" and engine["options"]["max_fit_slices"] is None  # the record says how
     summary = json.loads(local_run["stdout"])
     assert summary["failed"] == 0 and [r["case"] for r in summary["cases"]] == names
