@@ -134,7 +134,7 @@ def check_outputs(config: RunConfig, target_names: list[str]) -> None:
             raise InputError(f"{name} is for OFL-SAM2 only; method {config.method!r} cannot use one. Choose method 'ofl'.")
     if options.adapter and not os.path.isfile(str(options.adapter)):
         read_adapters(str(options.adapter))  # the folder exists, holds adapters, each with its fields
-        check_adapter_fits(str(options.adapter), config.settings)
+        check_adapter_fits(str(options.adapter), config.settings, options)
         _check_adapter_labels(str(options.adapter), target_names)
     if options.save_adapter:
         check_folder_writable(Path(options.save_adapter), "The folder to save the adapter in,")

@@ -462,15 +462,16 @@ def check_job(job: BatchJob, out_dir) -> Path:
     if job.options.save_adapter:
         raise InputError("A batch does not save adapters (every case would overwrite it); train one with `oflsam2 train`.")
     if job.options.adapter is not None:
-        check_adapter_fits(job.options.adapter, job.settings)
+        check_adapter_fits(job.options.adapter, job.settings, job.options)
         check_adapter_labels(job.options.adapter, job.labels, job.label_names)
     return out_dir
 
 
-def check_adapter_fits(folder, settings: ModelSettings) -> None:
-    """Refuse, before any case runs, an adapter folder trained on another model or input size
-    (the checkpoint hash, preset and axis are checked per case when it is loaded)."""
-    from .ofl.adapter_metadata import list_adapters
+def check_adapter_fits(folder, settings: ModelSettings, options=None) -> None:
+    """Refuse, before any case runs, an adapter folder trained on another model or input size,
+    or (``options`` given) under other OFL-SAM2 options (the checkpoint hash, preset and axis are
+    checked per case when it is loaded)."""
+    from .ofl.adapter_metadata import check_trained_with, list_adapters
 
     adapters = list_adapters(folder)
     if not adapters:
@@ -486,6 +487,8 @@ def check_adapter_fits(folder, settings: ModelSettings) -> None:
                 f"The adapter {metadata['path']} was trained with {' and '.join(problems)}; run the batch with the "
                 "adapter's --model and --image-size, or train an adapter for this model."
             )
+        if options is not None:
+            check_trained_with(metadata, options)
 
 
 def check_adapter_labels(folder, labels, names) -> None:

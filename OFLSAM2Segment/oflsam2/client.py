@@ -62,9 +62,17 @@ class ServerTarget:
     ca_file: str | None = None  # a CA certificate to trust (a self-signed server); default: the system's
 
     def __post_init__(self):
-        parts = urllib.parse.urlsplit(self.url)
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            if parts.port == 0:  # reading the port raises for one outside 0..65535
+                raise ValueError("port 0 is no server's")
+        except ValueError as exc:  # an unclosed "[" of an IPv6 address, a port out of range
+            raise ServerError(f"The server URL {self.url!r} is malformed ({exc}); it must look like https://host:8765.") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ServerError(f"The server URL must look like https://host:8765 (or http://127.0.0.1:8765); got {self.url!r}.")
+        if parts.username is not None or parts.password is not None:
+            raise ServerError("The server URL takes no user name or password (the token is the only credential): "
+                              "remove the 'name:password@' part.")
         if parts.query or parts.fragment:
             raise ServerError(f"The server URL takes no query or fragment; got {self.url!r}.")
         if not self.token or any(c.isspace() for c in self.token):
@@ -329,6 +337,10 @@ class ServerClient:
             detail = json.loads(data).get("detail") if data else None
         except ValueError:
             detail = None
+        if response.status == 401 and path == "/v1/health":  # open on an OFLSAM2 server: the path is not its API
+            return ServerError(
+                f"{url.rstrip('/')}/v1/health asks for a token, which an OFLSAM2 server never does: the URL's path is wrong. Give the "
+                "server's address alone (e.g. https://host:8765, without /v1), or the prefix a reverse proxy serves it under.")
         if response.status == 401:
             return ServerRefused(
                 f"The server at {url} refused the token (401 Unauthorized): use the token the server keeps in the file it "

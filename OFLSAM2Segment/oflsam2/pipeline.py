@@ -135,7 +135,7 @@ def segment_files(
     warnings += _check_reference_labels(chosen, support, slices, axis_index, reference_list, method)
     if adapters:
         preset = _adapter_preset(adapters, preset)
-        warnings += _check_adapters(adapters, options.adapter, chosen, names, settings, axis_index, volume, preset)
+        warnings += _check_adapters(adapters, options, chosen, names, settings, axis_index, volume, preset)
     if method == "sam2" and support is None:
         raise InputError(
             "SAM2 propagation needs a prompt in the volume itself: give --support with at least one annotated "
@@ -306,9 +306,12 @@ def _adapter_preset(adapters: list[dict], preset: str) -> str:
     return recorded.pop() if preset == "auto" and len(recorded) == 1 else preset
 
 
-def _check_adapters(adapters, folder, chosen, names, settings, axis, volume, preset) -> list[str]:
+def _check_adapters(adapters, options, chosen, names, settings, axis, volume, preset) -> list[str]:
     """Refuse, before the model is loaded, an adapter that cannot be used in this run; warn when
     the volume does not look like the ones it was trained on. Returns the warnings."""
+    from .ofl.adapter_metadata import check_trained_with
+
+    folder = options.adapter
     warnings = []
     resolved = resolve_preset(volume, preset)
     target = intensity_summary(volume)
@@ -325,6 +328,7 @@ def _check_adapters(adapters, folder, chosen, names, settings, axis, volume, pre
                 f"The adapter {adapter['path']} does not fit this run: {'; '.join(problems)}. Use the adapter's "
                 "settings (--model, --image-size, --axis, --preset) or train a new adapter."
             )
+        check_trained_with(adapter, options)
         warning = intensity_warning(adapter, f"label {value}", target)
         if warning:
             warnings.append(warning)

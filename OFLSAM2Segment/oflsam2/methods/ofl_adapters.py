@@ -22,6 +22,7 @@ import torch
 from ..adapter_labels import require_adapter
 from ..errors import AdapterError
 from ..ofl.adapter import list_adapters, load_adapter, save_adapter
+from ..ofl.adapter_metadata import check_trained_with
 from ..settings import ofl_preset
 from .base import RunContext, SupportSet
 from .ofl_bank import Bank, retrieval_key
@@ -30,9 +31,6 @@ FEATURE_STRIDE = 16  # SAM2's image features F: one per 16x16 pixels of the mode
 ADAPTER_EMPTY_SLICES = 16  # empty support slices kept as negatives (retrieval, learner)
 _BANK_FIELDS = ("vision", "targets", "obj_ptr", "object_score")
 _BF16_FIELDS = ("vision", "targets")  # the large ones; bf16 is what SAM2's own memory bank keeps
-# Options that decide what the trained weights mean (λ's scale, τ0): an adapter is used only
-# with its own values. Adapters written before they were recorded had these.
-_TRAINED_WITH = {"sample_weights": "mean", "tau_init": "zero"}
 
 
 def adapter_slices(bank: Bank, empty_slices: int | None = None) -> np.ndarray:
@@ -71,7 +69,7 @@ def load_for_run(ctx: RunContext, support: SupportSet, head):
     else:
         chosen = require_adapter(list_adapters(folder), support.label, support.name, folder)
     tensors, metadata = load_adapter(chosen["path"], expected=expected_metadata(ctx))
-    _check_trained_with(metadata, ctx.options)
+    check_trained_with(metadata, ctx.options)
     device = ctx.model.device
     try:
         head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
@@ -115,19 +113,6 @@ def _check_bank(path, tensors: dict, side: int) -> None:
             f"Adapter {path}: the stored support does not fit this model's {side}x{side} features ({', '.join(wrong)}); "
             "it is damaged or was made for another model. Train it again."
         )
-
-
-def _check_trained_with(metadata: dict, options) -> None:
-    """Refuse an adapter whose weights mean something else under this run's options."""
-    trained = (metadata.get("training") or {}).get("options") or {}
-    for name, before in _TRAINED_WITH.items():
-        value = trained.get(name, before)
-        if value != getattr(options, name):
-            raise AdapterError(
-                f"The adapter for {metadata.get('label_name')!r} was trained with {name}={value!r}, this run uses "
-                f"{getattr(options, name)!r}: its trained weights would mean something else. Run with {name}={value!r} "
-                f"(its preset: {(metadata.get('training') or {}).get('ofl_preset', 'extended')}) or train the adapter again."
-            )
 
 
 def save_after_run(ctx: RunContext, support: SupportSet, head, bank, stats: dict) -> None:

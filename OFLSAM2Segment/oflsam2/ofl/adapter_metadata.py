@@ -157,3 +157,37 @@ def check_expected(metadata_path: Path, metadata: dict, expected: dict) -> None:
     ]
     if problems:
         raise AdapterError(f"Adapter {metadata_path} does not fit this run: " + "; ".join(problems) + ".")
+
+
+# Options that decide what the trained weights mean (λ's scale, τ0): an adapter is used only
+# with its own values. Adapters written before they were recorded had these.
+TRAINED_WITH = {"sample_weights": "mean", "tau_init": "zero"}
+
+
+def check_trained_with(metadata: dict, options) -> None:
+    """Refuse an adapter whose weights mean something else under this run's options: another
+    value of a :data:`TRAINED_WITH` field, or the other OFL-SAM2 preset (its head was trained,
+    and its support bank kept, under the other preset's choices). ``custom`` options on either
+    side were chosen field by field and are not compared as presets."""
+    from ..settings import ofl_preset
+
+    training = metadata.get("training") if isinstance(metadata.get("training"), dict) else {}
+    trained = training.get("options") if isinstance(training.get("options"), dict) else {}
+    recorded = training.get("ofl_preset", "extended")
+    name = metadata.get("label_name")
+    for field, before in TRAINED_WITH.items():
+        value = trained.get(field, before)
+        if value != getattr(options, field):
+            raise AdapterError(
+                f"The adapter for {name!r} was trained with {field}={value!r}, this run uses {getattr(options, field)!r}: "
+                f"its trained weights would mean something else. Run with {field}={value!r} (its preset: {recorded}) "
+                "or train the adapter again."
+            )
+    current = ofl_preset(options)
+    presets = ("paper", "extended")
+    if "ofl_preset" in training and recorded in presets and current in presets and recorded != current:
+        raise AdapterError(
+            f"The adapter for {name!r} was trained with the OFL-SAM2 preset {recorded!r}, this run uses {current!r}: "
+            f"its head was trained for the other preset's choices. Run with --ofl-preset {recorded} (Slicer: Advanced > "
+            "OFL-SAM2 preset), or train the adapter again with this preset."
+        )

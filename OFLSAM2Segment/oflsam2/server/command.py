@@ -6,6 +6,7 @@ the rest of the CLI neither needs nor waits for them.
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 import threading
@@ -58,6 +59,8 @@ def run_serve(args) -> int:
         from .app import create_app
     except ImportError as exc:
         raise OFLSAM2Error(f"{INSTALL_HINT} ({exc})") from None
+    if not 0 <= args.port <= 65535:  # the socket layer would take it modulo 65536 and listen elsewhere
+        raise InputError(f"--port must be from 0 to 65535 (0: any free port); got {args.port}.")
     tls = _tls_files(args.tls_cert, args.tls_key)
     check_listen_address(args.host, bool(tls), args.allow_insecure_http)
     limits = _limits(args)
@@ -104,14 +107,30 @@ def _tls_files(cert, key):
     for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
         if not os.path.isfile(path):
             raise InputError(f"{flag} {path} is not a file.")
+    _load_tls(cert, key)
     return cert, key
+
+
+def _load_tls(cert: str, key: str) -> None:
+    """Load the pair as the server will, so that a bad one is refused before anything is printed
+    (an encrypted key is refused rather than asked for on the terminal)."""
+    import ssl
+
+    def no_passphrase():
+        raise InputError(f"--tls-key {key} is encrypted; give it decrypted (openssl pkey -in {key} -out plain-key.pem).")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        raise InputError(f"--tls-cert {cert} and --tls-key {key} cannot serve TLS ({getattr(exc, 'reason', None) or exc}): "
+                         "give a PEM certificate and the private key it was made with.") from None
 
 
 def _limits(args) -> Limits:
     values = {"--max-sessions": args.max_sessions, "--max-upload-mb": args.max_upload_mb, "--max-voxels": args.max_voxels,
               "--max-queued-jobs": args.max_queued_jobs, "--session-idle-minutes": args.session_idle_minutes}
     for flag, value in values.items():
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise InputError(f"{flag} must be above 0; got {value}.")
     return Limits(max_sessions=args.max_sessions, max_upload_bytes=args.max_upload_mb << 20, max_voxels=args.max_voxels,
                   max_queued_jobs=args.max_queued_jobs, session_idle_seconds=max(1, round(args.session_idle_minutes * 60)),
