@@ -155,7 +155,7 @@ def test_one_timer_tick_writes_planes_for_about_30_ms_at_most(scene):
     thread: each tick stops once ``DRAIN_SECONDS`` have passed and leaves the rest to the next
     one (before: up to 64 planes per tick, however long they took). Time is a counted clock
     here: every plane write costs 12 ms of it, anything else none."""
-    from OFLSAM2SegmentLib.logic import DRAIN_SECONDS, drain
+    from OFLSAM2SegmentLib.run import DRAIN_SECONDS, drain
 
     volume, segmentation, ids = annotated_case(scene)
     clock = [0.0]

@@ -192,7 +192,7 @@ def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
 def test_quitting_slicer_stops_the_worker_process(session):
     from process_helpers import wait_for_interpreter, wait_gone
 
-    from OFLSAM2SegmentLib.logic import shared_worker
+    from OFLSAM2SegmentLib.shared_worker import shared_worker
 
     worker = shared_worker()
     worker.start()
