@@ -28,7 +28,7 @@ import slicer
 
 from oflsam2.errors import Cancelled, CheckpointError, InputError
 
-from . import compute, mrml_io
+from . import compute, mrml_undo, mrml_write
 from .logic_adapters import AdapterMixin
 from .logic_review import ReviewMixin
 from .options import RunConfig, check_outputs, needs_download, parse_options
@@ -63,7 +63,7 @@ class OFLSAM2Logic(ReviewMixin, AdapterMixin):
         # Packages matter only for the real engine: an injected worker (tests) brings its own.
         self._installer = installer if installer is not None else (_default_installer if worker is None else None)
         self._watch: SceneWatch | None = None
-        self._undo: mrml_io.UndoRecorder | None = None
+        self._undo: mrml_undo.UndoRecorder | None = None
         self._undo_run: Run | None = None  # the run the undo recorder saved the state before
         self.adapterPath: str | None = None
         self.lastRun: Run | None = None  # the latest run started by this logic, kept after it ends
@@ -120,7 +120,7 @@ class OFLSAM2Logic(ReviewMixin, AdapterMixin):
           used); an empty list is an error (no segment selected).
         - Annotated slices: the planes of the run's axis that the user drew on. Strokes drawn on
           another axis are left out and reported (``summary["warnings"]``), never counted as
-          annotations (see :func:`mrml_io.drawn_support`).
+          annotations (see :func:`mrml_read.drawn_support`).
         - The run only adds voxels to the target segments, on the segmentation's own grid; other
           segments are never changed. Cancel or failure removes what the run added and keeps
           the user's edits made meanwhile.
@@ -165,14 +165,14 @@ class OFLSAM2Logic(ReviewMixin, AdapterMixin):
                replaces: bool = False):
         segmentation = plan.segmentation_node
         # An update replaces planes (not only adds voxels): a cancel puts back what each plane held.
-        snapshot = mrml_io.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets], plan.geometry,
+        snapshot = mrml_undo.SegmentSnapshot(segmentation, [t.segment_id for t in plan.targets], plan.geometry,
                                            replaces=replaces)
         if saveUndoState is not None:
             saveUndoState()
         else:
             self._undo_recorder(segmentation.GetScene()).save(segmentation, plan.volume_node)
-        writer = writer or mrml_io.SegmentSliceWriter(segmentation, plan.geometry)
-        edits = mrml_io.EditWatch(segmentation)
+        writer = writer or mrml_write.SegmentSliceWriter(segmentation, plan.geometry)
+        edits = mrml_undo.EditWatch(segmentation)
         with edits.own_changes():
             snapshot.mark_in_progress()
         try:
@@ -257,9 +257,9 @@ class OFLSAM2Logic(ReviewMixin, AdapterMixin):
         return [DownloadRequest(config.settings.model)]
 
 
-    def _undo_recorder(self, scene) -> mrml_io.UndoRecorder:
+    def _undo_recorder(self, scene) -> mrml_undo.UndoRecorder:
         if self._undo is None or self._undo.scene is not scene:
-            self._undo = mrml_io.UndoRecorder(scene)
+            self._undo = mrml_undo.UndoRecorder(scene)
         return self._undo
 
     def _default_pump(self) -> Pump:

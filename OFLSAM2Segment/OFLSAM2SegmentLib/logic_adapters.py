@@ -11,7 +11,7 @@ import slicer
 
 from oflsam2.errors import InputError
 
-from . import mrml_io
+from . import mrml_geometry
 from .options import check_outputs, parse_options, read_adapters, snake_case
 from .run_plan import check_input_nodes, is_node
 
@@ -78,7 +78,7 @@ class AdapterMixin:
                 ids = [segmentation.GetSegmentation().AddEmptySegment("", name) for name in names]
                 if not all(ids):
                     raise RuntimeError("Could not create segments: the segmentation converter rules are not registered.")
-                axis = options.get("axis") or axis_name(int(trained["axis"]), mrml_io.volume_geometry(volumeNode).direction_lps)
+                axis = options.get("axis") or axis_name(int(trained["axis"]), mrml_geometry.volume_geometry(volumeNode).direction_lps)
                 self.process(volumeNode, segmentation, ids, "ofl", True, progressCallback, **{**options, "axis": axis})
         except BaseException:
             for segmentation in created:
@@ -97,7 +97,7 @@ def _check_cohort_volume(volumeNode, axis_choice: str | None, adapter_axis: int)
     if not np.isfinite(slicer.util.arrayFromVolume(volumeNode)).all():
         raise InputError(f"Volume {name!r} contains NaN or infinite voxels; fix or mask them before segmenting. "
                          "No volume was segmented.")
-    geometry = mrml_io.volume_geometry(volumeNode)
+    geometry = mrml_geometry.volume_geometry(volumeNode)
     axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz) if axis_choice else adapter_axis
     try:
         check_plane_size(geometry.shape, axis)

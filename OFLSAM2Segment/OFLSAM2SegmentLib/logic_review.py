@@ -11,7 +11,7 @@ import vtk
 
 from oflsam2.errors import InputError
 
-from . import mrml_io
+from . import mrml_write
 from .run import ProgressCallback, Run
 from .run_plan import SegmentTarget, update_plan
 
@@ -37,7 +37,7 @@ class ReviewMixin:
             raise InputError("waitForCompletion=False needs the Slicer application's event loop; use waitForCompletion=True.")
         plan = update_plan(self._reviewable_run())
         kept = (plan.axis, {i for t in plan.targets for i in t.slices})  # annotated and corrected: never written
-        writer = mrml_io.SegmentPlaneReplacer(plan.segmentation_node, plan.geometry, protected=kept)
+        writer = mrml_write.SegmentPlaneReplacer(plan.segmentation_node, plan.geometry, protected=kept)
         return self._start(plan, [plan.request], waitForCompletion, progressCallback, writer, None, replaces=True)
 
     def lastRunQuality(self, segmentId: str) -> list[tuple[int, float]]:

@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from . import mrml_io
+from . import mrml_read, mrml_undo
 from .run_plan import RunPlan, ignored_stroke_warnings
 from .worker import MessageKind, Worker
 
@@ -83,8 +83,8 @@ class Run:
     """
 
     def __init__(self, plan: RunPlan, steps: list, worker: Worker, writer: SliceWriter,
-                 snapshot: mrml_io.SegmentSnapshot, progress: ProgressCallback | None, on_end: Callable,
-                 edits: mrml_io.EditWatch | None = None):
+                 snapshot: mrml_undo.SegmentSnapshot, progress: ProgressCallback | None, on_end: Callable,
+                 edits: mrml_undo.EditWatch | None = None):
         self.plan = plan
         self.edits = edits  # the user's edits since the run started (the run's own writes excluded)
         self.state = "running"
@@ -194,7 +194,7 @@ class Run:
                 self.summary["segments"][t.segment_id]["recomputed"] = list(recomputed.get(str(t.label), recomputed.get(t.label, [])))
         self.result_job = self.job.id
         try:  # what the run left, so that the next Update can tell the user's corrections from it
-            self.result_masks = mrml_io.segment_masks(plan.segmentation_node, [t.segment_id for t in plan.targets],
+            self.result_masks = mrml_read.segment_masks(plan.segmentation_node, [t.segment_id for t in plan.targets],
                                                       plan.volume_node)
         except Exception:
             log.exception("OFLSAM2: could not read the segments after the run; Update will not be offered")

@@ -17,7 +17,7 @@ import numpy as np
 from oflsam2.api import LabelSupport, Reference, validate_run
 from oflsam2.errors import InputError
 
-from . import mrml_io
+from . import mrml_geometry, mrml_read
 from .options import RunConfig, read_adapters
 from .worker import SegmentRequest
 
@@ -39,7 +39,7 @@ class RunPlan:
 
     volume_node: object
     segmentation_node: object
-    geometry: mrml_io.VolumeGeometry
+    geometry: mrml_geometry.VolumeGeometry
     axis: int
     axis_name: str
     targets: list[SegmentTarget]
@@ -63,7 +63,7 @@ def read_plan(volumeNode, segmentationNode, segmentIds, config: RunConfig, refer
         ids = [s for s in ids if support.slices[s]] or ids  # none drawn on the axis: the error below says so
         warnings = [f"Segment {support.names[s]!r} has strokes only on the {' and '.join(support.ignored[s])} axis; "
                     f"it was left out of this {support.axis_name} run." for s in left_out if s not in ids]
-    image, geometry = mrml_io.volume_array(volumeNode)
+    image, geometry = mrml_read.volume_array(volumeNode)
     reference_pairs = [_reference(pair, support.names) for pair in references]
     targets, supports = [], []
     for label, segment_id in enumerate(ids, start=1):
@@ -94,10 +94,10 @@ def update_plan(base) -> RunPlan:
     if volume.GetScene() is None or segmentation.GetScene() is None:
         raise InputError("The volume or segmentation of the last run left the scene; run a fresh segmentation.")
     ids = [t.segment_id for t in base.plan.targets]
-    mrml_io.check_segments(segmentation, ids)
-    masks = mrml_io.segment_masks(segmentation, ids, volume)
+    mrml_read.check_segments(segmentation, ids)
+    masks = mrml_read.segment_masks(segmentation, ids, volume)
     axis = base.plan.axis
-    now = mrml_io.volume_geometry(volume)
+    now = mrml_geometry.volume_geometry(volume)
     if (now.shape != base.plan.geometry.shape or not np.allclose(now.ijk_to_ras, base.plan.geometry.ijk_to_ras, atol=1e-4)
             or any(masks[s].shape != base.result_masks[s].shape for s in ids)):
         # read on a moved grid, every plane would differ from the result and count as corrected
@@ -110,7 +110,7 @@ def update_plan(base) -> RunPlan:
     if not edited:
         raise InputError(f"No {base.plan.axis_name} slice was corrected since the last run; paint or erase on a "
                          "slice first, then Update.")
-    drawn_on = mrml_io.drawing_axis([masks[s] ^ base.result_masks[s] for s in ids])
+    drawn_on = mrml_read.drawing_axis([masks[s] ^ base.result_masks[s] for s in ids])
     if drawn_on is not None and drawn_on != axis:
         from oflsam2.volume import axis_name
 
@@ -130,7 +130,7 @@ def update_plan(base) -> RunPlan:
                          "erase, or run a fresh segmentation. Nothing was changed.")
     annotated = {int(i) for i in base.summary["engine"].get("annotated", [])} | {i for t in base.plan.targets for i in t.slices}
     slices = sorted(annotated | edited)
-    image, geometry = mrml_io.volume_array(volume)
+    image, geometry = mrml_read.volume_array(volume)
     config = base.plan.config
     options = dataclasses.replace(config.options, save_adapter=None)  # the update never rewrites an adapter
     supports = [LabelSupport(t.label, t.name, masks[t.segment_id], slices) for t in base.plan.targets]
@@ -149,8 +149,8 @@ def _default_segments(segmentationNode, volumeNode, with_adapter: bool) -> list[
         if not ids:
             raise InputError(f"Segmentation {segmentationNode.GetName()!r} has no segment; add one and paint a few slices.")
         return ids
-    mrml_io.check_segments(segmentationNode, ids)  # the source representation, before reading
-    masks = mrml_io.segment_masks(segmentationNode, ids, volumeNode)
+    mrml_read.check_segments(segmentationNode, ids)  # the source representation, before reading
+    masks = mrml_read.segment_masks(segmentationNode, ids, volumeNode)
     painted = [s for s in ids if masks[s].any()]
     if not painted:
         raise InputError("No segment has any painted voxel. Paint the structure on a few slices first.")
@@ -160,15 +160,15 @@ def _default_segments(segmentationNode, volumeNode, with_adapter: bool) -> list[
 def _reference(pair, names: dict[str, str]) -> Reference:
     volume, segmentation = pair
     check_input_nodes(volume, segmentation)
-    image, _ = mrml_io.volume_array(volume)
-    by_name = {n.lower(): s for s, n in mrml_io.segment_names(segmentation).items()}
+    image, _ = mrml_read.volume_array(volume)
+    by_name = {n.lower(): s for s, n in mrml_read.segment_names(segmentation).items()}
     matched = {label: by_name[name.lower()] for label, name in enumerate(names.values(), start=1) if name.lower() in by_name}
     if not matched:
         raise InputError(
             f"Reference segmentation {segmentation.GetName()!r} has no segment named like the targets "
             f"({', '.join(names.values())}); rename its segments to match."
         )
-    masks = mrml_io.segment_masks(segmentation, list(matched.values()), volume)
+    masks = mrml_read.segment_masks(segmentation, list(matched.values()), volume)
     labels = np.zeros(image.shape, dtype=np.uint16)
     for label, segment_id in matched.items():
         labels[masks[segment_id]] = label
@@ -204,7 +204,7 @@ class Support:
 
 def read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str) -> Support:
     """Each segment on the volume grid, the slice axis (``auto``: the axis the strokes were drawn
-    on, :func:`mrml_io.drawing_axis`, else the one the annotations lie along) and the annotated
+    on, :func:`mrml_read.drawing_axis`, else the one the annotations lie along) and the annotated
     planes along it."""
     from oflsam2.volume import axis_name, check_plane_size, resolve_axis
 
@@ -212,20 +212,20 @@ def read_support(volumeNode, segmentationNode, ids: list[str], axis_choice: str)
         raise InputError("No segment selected; select the segments to segment.")
     if len(set(ids)) != len(ids):
         raise InputError("A segment was selected twice; select each segment once.")
-    mrml_io.check_same_space(volumeNode, segmentationNode)
-    mrml_io.check_segments(segmentationNode, ids)
-    geometry = mrml_io.volume_geometry(volumeNode)
-    masks = mrml_io.segment_masks(segmentationNode, ids, volumeNode)
+    mrml_read.check_same_space(volumeNode, segmentationNode)
+    mrml_read.check_segments(segmentationNode, ids)
+    geometry = mrml_geometry.volume_geometry(volumeNode)
+    masks = mrml_read.segment_masks(segmentationNode, ids, volumeNode)
     union = np.zeros(geometry.shape, dtype=np.uint16)
     for label, segment_id in enumerate(ids, start=1):
         union[masks[segment_id]] = label
-    axis = mrml_io.drawing_axis(masks.values()) if axis_choice == "auto" else None
+    axis = mrml_read.drawing_axis(masks.values()) if axis_choice == "auto" else None
     if axis is None:  # a named axis, or strokes that do not tell
         axis = resolve_axis(axis_choice, geometry.direction_lps, geometry.spacing_xyz, support=union)
     check_plane_size(geometry.shape, axis)
-    drawn = {s: mrml_io.drawn_support(masks[s], axis) for s in ids}
+    drawn = {s: mrml_read.drawn_support(masks[s], axis) for s in ids}
     ignored = {s: [axis_name(a, geometry.direction_lps) for a in drawn[s].ignored_axes] for s in ids}
-    return Support({s: drawn[s].mask for s in ids}, mrml_io.segment_names(segmentationNode, ids),
+    return Support({s: drawn[s].mask for s in ids}, mrml_read.segment_names(segmentationNode, ids),
                     {s: drawn[s].planes for s in ids}, axis, axis_name(axis, geometry.direction_lps), ignored)
 
 
@@ -274,7 +274,7 @@ def check_input_nodes(volumeNode, segmentationNode, need_segmentation: bool = Tr
         raise InputError("Select the CT or MR volume to segment (a scalar volume node, not a labelmap or a name).")
     if volumeNode.GetScene() is None:
         raise InputError(f"Volume {volumeNode.GetName()!r} is not in a scene.")
-    mrml_io.check_scalar_volume(volumeNode)  # image data, spacing, one component: before reading any segment
+    mrml_geometry.check_scalar_volume(volumeNode)  # image data, spacing, one component: before reading any segment
     if not need_segmentation:
         return
     if not is_node(segmentationNode, "vtkMRMLSegmentationNode"):
