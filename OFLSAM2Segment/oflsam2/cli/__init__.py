@@ -1,4 +1,5 @@
-"""The ``oflsam2`` command: segment, train, checkpoints, demo (and eval / experiment).
+"""The ``oflsam2`` command: dispatches to one module per subcommand (segment, batch, train,
+checkpoints, demo; eval, experiment and serve from their engine packages).
 
 Problems the user can fix (:class:`~oflsam2.errors.OFLSAM2Error`) print ``error: <message>``
 and exit with status 2; a cancelled or interrupted run exits with 130 (143 after SIGTERM).
@@ -21,7 +22,6 @@ from . import batch, checkpoints, demo, segment, train
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
-TRAINING_SEGMENTATION = "training_segmentation.nii.gz"
 _OPTIONAL_COMMANDS = (
     ("eval", "evaluation", "register_eval_command"),
     ("experiment", "experiment", "register_experiment_command"),
