@@ -18,6 +18,7 @@ from cohort_data import CASES, read_array, read_table
 
 from oflsam2 import batch, cli, executors, pipeline
 from oflsam2.api import Engine, MethodOptions
+from oflsam2.cli import batch as batch_command
 
 COMMON = ["--model", "sam2.1-tiny", "--random-weights", "--image-size", "256", "--device", "cpu", "--deterministic"]
 
@@ -128,7 +129,7 @@ def test_support_dir_cases_that_fail_do_not_stop_the_others(cohort, tmp_path):
     moved.SetOrigin(tuple(o + 900.0 for o in moved.GetOrigin()))  # another grid, far from the image
     sitk.WriteImage(moved, str(supports / "image_3.nii.gz"))
     code, stdout, _ = run_cli(["batch", str(images), "--out", str(out), "--support-dir", str(supports), "--method", "sam2", *COMMON])
-    assert code == cli.EXIT_SOME_FAILED
+    assert code == batch_command.EXIT_SOME_FAILED
     table = read_table(out / "cases.csv")
     assert [table[c]["status"] for c in ("broken", "image_1", "image_2", "image_3")] == ["failed", "done", "done", "failed"]
     assert "broken.nii.gz" in table["broken"]["error"]
@@ -149,7 +150,7 @@ def test_a_file_the_batch_did_not_write_is_never_replaced(cohort, tmp_path):
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"image,out\n{cohort.images / 'image_1.nii.gz'},\n{cohort.images / 'image_2.nii.gz'},two.nii.gz\n")
     code, _, _ = run_cli(["batch", str(manifest), "--out", str(out), *adapter_args(cohort)])
-    assert code == cli.EXIT_SOME_FAILED
+    assert code == batch_command.EXIT_SOME_FAILED
     table = read_table(out / "cases.csv")
     assert table["image_1"]["status"] == "failed" and "not written by oflsam2 batch" in table["image_1"]["error"]
     assert (out / "image_1_seg.nii.gz").read_bytes() == b"the user's own file"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from oflsam2 import cli, pipeline
+from oflsam2.cli import train as train_command
 from oflsam2.errors import Cancelled, InputError
 
 
@@ -216,7 +217,7 @@ def test_train_runs_ofl_and_saves_the_adapter(recorder, tmp_path, capsys):
                      "--labels", "1", "--random-weights"]) == 0
     call = recorder.call
     assert call["method"] == "ofl"
-    assert call["out"] == adapter / cli.TRAINING_SEGMENTATION and adapter.is_dir()
+    assert call["out"] == adapter / train_command.TRAINING_SEGMENTATION and adapter.is_dir()
     assert call["options"].save_adapter == str(adapter) and call["options"].epochs == 5
     assert call["seg_nrrd_path"] is None
     assert f"adapter saved in {adapter}" in capsys.readouterr().out

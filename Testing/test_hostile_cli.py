@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from oflsam2 import api, cli
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings, Reference, SegmentResult
+from oflsam2.cli import batch as batch_command
 from oflsam2.errors import InputError
 
 ANNOTATED = (1, 5)
@@ -269,7 +270,7 @@ def test_an_interrupted_batch_says_finished_cases_are_kept(ws, monkeypatch, caps
     def run_batch_command(args):  # stands in for the real handler, interrupted after some cases
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_batch_command", run_batch_command)
+    monkeypatch.setattr(batch_command, "run_batch_command", run_batch_command)
     code, _, err = run_cli(["batch", ws, "--out", ws / "out", *FAST], capsys)
     assert code == cli.EXIT_INTERRUPTED and "finished cases are kept" in err and "no output was written" not in err
 
@@ -339,7 +340,7 @@ def test_batch_cases_of_one_name_each_get_their_row_and_a_failure_is_counted(ws,
     manifest = ws / "manifest.csv"
     manifest.write_text("image,support,out\na/image.nii.gz,support.nii.gz,a.nii.gz\nb/image.nii.gz,support.nii.gz,b.nii.gz\n")
     code, out, err = run_cli(["batch", manifest, "--out", ws / "out", *FAST], capsys)
-    assert code == cli.EXIT_SOME_FAILED, err
+    assert code == batch_command.EXIT_SOME_FAILED, err
     assert "1 case(s) done, 0 skipped (already done), 1 failed" in out
     assert f"failed image ({ws / 'a' / 'image.nii.gz'})" in out
     rows = table_rows(ws / "out" / "cases.csv")
@@ -367,8 +368,8 @@ def test_batch_outputs_of_one_stem_keep_their_own_records(ws, fake_batch_engine,
     stamp = (out / "x.nii.gz").stat().st_mtime_ns
     assert statuses() == (0, ["skipped", "skipped"])
     truncated_copy(ws / "image.nii.gz", ws / "second.nii.gz")  # the second case now fails
-    assert statuses() == (cli.EXIT_SOME_FAILED, ["skipped", "failed"])
-    assert statuses() == (cli.EXIT_SOME_FAILED, ["skipped", "failed"])  # the first case's record survived
+    assert statuses() == (batch_command.EXIT_SOME_FAILED, ["skipped", "failed"])
+    assert statuses() == (batch_command.EXIT_SOME_FAILED, ["skipped", "failed"])  # the first case's record survived
     assert (out / "x.nii.gz").stat().st_mtime_ns == stamp
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from oflsam2 import cli
+from oflsam2.cli import engine_options
 from oflsam2.methods import RUNNERS
 from oflsam2.settings import DEFAULT_METHOD, DEFAULT_MODELS, METHOD_TITLES, METHODS, SLICER_METHODS, MethodOptions
 
@@ -74,7 +75,7 @@ def test_cli_ofl_preset_picks_the_method_options(command, tmp_path):
     for preset, expected in (("paper", MethodOptions(epochs=3)), ("extended", MethodOptions.extended(epochs=3))):
         args = cli.build_parser().parse_args([command, *argv, "--epochs", "3", "--ofl-preset", preset])
         if command in ("segment", "batch"):
-            assert cli.method_options(args) == expected
+            assert engine_options.method_options(args) == expected
         assert args.ofl_preset == preset
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from oflsam2 import cli
 from oflsam2.api import Engine, LabelSupport, MethodOptions, ModelSettings, Reference
+from oflsam2.cli import engine_options
 from oflsam2.driver import Sam2Driver
 from oflsam2.events import Events
 from oflsam2.methods import ofl
@@ -383,9 +384,9 @@ def test_default_model_is_the_papers_backbone(command, method, expected, tmp_pat
     argv = [command, "--image", "ct.nii.gz", "--support", "s.nii.gz", "--out", str(tmp_path / "out"), "--random-weights"]
     argv += ["--method", method] if method else []
     args = cli.build_parser().parse_args(argv)
-    assert cli.model_settings(args).model == expected
+    assert engine_options.model_settings(args).model == expected
     overridden = cli.build_parser().parse_args(argv + ["--model", "sam2.1-small"])
-    assert cli.model_settings(overridden).model == "sam2.1-small"
+    assert engine_options.model_settings(overridden).model == "sam2.1-small"
 
 
 # -- speed: online updates on Gram statistics take the learner's own steps ----------------------

@@ -45,7 +45,7 @@ def make_scene(image, labels, liver_planes):
     import SimpleITK as sitk
     import slicer
 
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry
 
     scene = slicer.vtkMRMLScene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CHAOS")
@@ -57,8 +57,8 @@ def make_scene(image, labels, liver_planes):
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Organs")
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    geometry = mrml_io.volume_geometry(volume)
-    grid = mrml_io.SegmentGrid.of_volume(geometry)
+    geometry = mrml_geometry.volume_geometry(volume)
+    grid = mrml_geometry.SegmentGrid.of_volume(geometry)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     ids = {}
     for name, value in ORGANS.items():
@@ -85,9 +85,9 @@ class WholeSegmentRewrite:
     def write(self, segment_id, axis, index, plane):
         import slicer
 
-        from OFLSAM2SegmentLib import mrml_io
+        from OFLSAM2SegmentLib import mrml_geometry
 
-        grid = mrml_io.segment_grid(self.segmentation_node, segment_id, self.geometry)
+        grid = mrml_geometry.segment_grid(self.segmentation_node, segment_id, self.geometry)
         extent, _, value = grid.plane_voxels(self.geometry, axis, index, np.asarray(plane) > 0)
         current = slicer.vtkOrientedImageData()
         self.segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
@@ -120,7 +120,7 @@ def main() -> None:
     import SimpleITK as sitk
     import slicer
 
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_read, mrml_write
 
     register_converter_rules(slicer)
     image = sitk.ReadImage(str(DATA / f"image_{args.case}.nii.gz"))
@@ -140,12 +140,12 @@ def main() -> None:
         for method in best:
             scene, volume, segmentation, ids, geometry = make_scene(image, labels, annotated if method == "add" else None)
             writer = {
-                "add": mrml_io.SegmentSliceWriter,
+                "add": mrml_write.SegmentSliceWriter,
                 "replace_old": WholeSegmentRewrite,
-                "replace_new": mrml_io.SegmentPlaneReplacer,
+                "replace_new": mrml_write.SegmentPlaneReplacer,
             }[method](segmentation, geometry)
             best[method] = min(best[method], timed_writes(writer, ids["Liver"], planes, new_masks))
-            results[method] = mrml_io.segment_masks(segmentation, list(ids.values()), volume)
+            results[method] = mrml_read.segment_masks(segmentation, list(ids.values()), volume)
             scene.Clear(1)
     for name, mask in results["replace_old"].items():
         if not np.array_equal(mask, results["replace_new"][name]):

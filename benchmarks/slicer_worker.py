@@ -69,7 +69,7 @@ def mrml_case(scene, slab, liver, annotated, offset=0.0):
     import numpy as np
     import slicer
 
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CHAOS slab")
     array = __import__("SimpleITK").GetArrayFromImage(slab).astype(np.float32) + np.float32(offset)
@@ -79,7 +79,7 @@ def mrml_case(scene, slab, liver, annotated, offset=0.0):
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
-    writer = mrml_io.SegmentSliceWriter(segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.SegmentSliceWriter(segmentation, mrml_geometry.volume_geometry(volume))
     for index in annotated:
         writer.write(segment, 0, index, liver[index])
     return volume, segmentation, segment, array
@@ -135,10 +135,10 @@ def gui_run(logic, scene, slab, liver, annotated, method, epochs, cap=1800.0, of
     """One non-blocking run pumped by the imitation loop. Returns (seconds, slices written,
     Apply->first slice, progress clock {(stage, done): seconds}, finished within ``cap``, CPU
     seconds of this process and the worker process)."""
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume, segmentation, segment, _ = mrml_case(scene, slab, liver, annotated, offset)
-    clock = FirstWriteClock(mrml_io.SegmentSliceWriter(segmentation, mrml_io.volume_geometry(volume)))
+    clock = FirstWriteClock(mrml_write.SegmentSliceWriter(segmentation, mrml_geometry.volume_geometry(volume)))
     reached = {}
     worker_pid = logic.worker.pid
     cpu_before = time.process_time() + (process_cpu_seconds(worker_pid) if worker_pid else 0.0)

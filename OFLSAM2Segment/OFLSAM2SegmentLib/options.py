@@ -185,7 +185,7 @@ def default_model_entry(method: str) -> tuple[str, str]:
 def _model_settings(values: dict, method: str, adapter) -> ModelSettings:
     """ModelSettings from the model options; ModelSettings checks the device and image size itself."""
     from oflsam2.checkpoints import model_entry
-    from oflsam2.cli import adapter_settings
+    from oflsam2.cli.engine_options import adapter_settings
 
     checkpoint = values.get("checkpoint") or None
     values["checkpoint"] = str(checkpoint) if checkpoint else None

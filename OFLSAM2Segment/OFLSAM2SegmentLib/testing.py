@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 
-from . import mrml_io
+from . import mrml_geometry, mrml_read, mrml_write
 
 
 def engine_missing_reason() -> str | None:
@@ -49,7 +49,7 @@ def make_annotated_volume(scene, shape=(10, 64, 64)):
     other = segmentation.GetSegmentation().AddEmptySegment("", "Other")
     if not target or not other:
         raise RuntimeError("Could not create segments: the segmentation converter rules are not registered.")
-    writer = mrml_io.SegmentSliceWriter(segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.SegmentSliceWriter(segmentation, mrml_geometry.volume_geometry(volume))
     for index in target_slices(shape[0]):
         writer.write(target, 0, index, inside[index])
     border = np.zeros(shape[1:], bool)
@@ -62,4 +62,4 @@ def make_annotated_volume(scene, shape=(10, 64, 64)):
 def segment_arrays(segmentation, volume) -> dict:
     """Every segment as a bool (z, y, x) array on the volume grid."""
     ids = list(segmentation.GetSegmentation().GetSegmentIDs())
-    return mrml_io.segment_masks(segmentation, ids, volume)
+    return mrml_read.segment_masks(segmentation, ids, volume)

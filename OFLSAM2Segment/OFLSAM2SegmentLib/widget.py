@@ -20,11 +20,12 @@ from slicer.util import VTKObservationMixin
 from . import device as devices
 from .compatibility import unsupported_slicer_reason
 from .compute_view import ComputePanel
-from .logic import RELOAD_REASON, shutdown_shared_worker
+from .module_logic import OFLSAM2SegmentLogic
 from .observers import SegmentationObserver
 from .options import LOCAL_MODEL, METHOD_DEFAULT_MODEL, default_model_entry, model_choices
 from .progress import progress_text, support_line
 from .review_view import QualityReview
+from .shared_worker import RELOAD_REASON, shutdown_shared_worker
 from .worker import GpuOutOfMemory
 
 
@@ -41,9 +42,6 @@ class OFLSAM2SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._supportTimer = None
 
     def setup(self) -> None:
-        # The logic class lives in the module file (which imports this one): looked up once it is loaded.
-        from OFLSAM2Segment import OFLSAM2SegmentLogic
-
         ScriptedLoadableModuleWidget.setup(self)
         unsupported = unsupported_slicer_reason(slicer.app)
         if unsupported:  # Slicer too old: say so instead of a panel that cannot run

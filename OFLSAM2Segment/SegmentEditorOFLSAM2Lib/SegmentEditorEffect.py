@@ -205,7 +205,8 @@ More options (several segments at once, extra support volumes, adapters) are in 
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentId = parameterSetNode.GetSelectedSegmentID()
         with slicer.util.tryWithErrorDisplay("OFL-SAM2 failed.", waitCursor=True):
-            from OFLSAM2SegmentLib.mrml_io import EditorSliceWriter, volume_geometry
+            from OFLSAM2SegmentLib.mrml_geometry import volume_geometry
+            from OFLSAM2SegmentLib.mrml_write import EditorSliceWriter
 
             if volumeNode is None or not segmentId:
                 raise ValueError("Select a source volume and a segment first.")

@@ -43,11 +43,11 @@ def add_segmentation(scene, volume, masks: dict, name="Segmentation"):
     written as whole volumes (all segments share one layer when they do not overlap)."""
     import slicer
 
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry
 
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     ids = []
     for segment_name, mask in masks.items():
         segment_id = node.GetSegmentation().AddEmptySegment(segment_name, segment_name)
@@ -78,7 +78,7 @@ def whole_image(geometry, mask):
 
 def read_segments(segmentation, volume, ids=None):
     """{segment id: bool (z, y, x)} of every (or the given) segment on the volume grid."""
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_read
 
     ids = list(ids) if ids is not None else list(segmentation.GetSegmentation().GetSegmentIDs())
-    return mrml_io.segment_masks(segmentation, ids, volume)
+    return mrml_read.segment_masks(segmentation, ids, volume)

@@ -52,7 +52,7 @@ def main(out: Path) -> dict:
     found = {}
     module_dir = Path(__file__).resolve().parents[2] / "OFLSAM2Segment"
     with load_like_slicer(module_dir, scene) as session:
-        from OFLSAM2SegmentLib import mrml_io, review_view
+        from OFLSAM2SegmentLib import mrml_geometry, mrml_read, mrml_write, review_view
         from OFLSAM2SegmentLib.testing import make_annotated_volume
 
         volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 48, 48))
@@ -66,13 +66,13 @@ def main(out: Path) -> dict:
         found["next_slice"] = (logic.nextSliceToCheck(target) or [None])[0]
 
         corrected = ~read_segments(segmentation, volume)[target][1]  # the user redraws plane 1
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(target, 0, 1, corrected)
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(target, 0, 1, corrected)
         found["update_edited"] = logic.update()["engine"]["edited"]
 
         found["adapters"] = [a["label_name"] for a in logic.loadAdapter(str(adapter))]
         logic.loadAdapter(None)
         created = logic.segmentVolumesWithAdapter([volume], str(adapter), randomWeights=True, device="cpu")
-        found["with_adapter"] = [list(mrml_io.segment_names(node).values()) for node in created]
+        found["with_adapter"] = [list(mrml_read.segment_names(node).values()) for node in created]
 
         # The effect on a fresh annotated volume: on the one above, the random-weight results and
         # the inverted plane leave strokes whose drawing axis depends on those results.

@@ -347,17 +347,17 @@ def test_reloading_the_module_stops_its_worker_and_the_reloaded_module_starts_a_
 
     scene = editor_scene(slicer_core.vtkMRMLScene())
     with load_like_slicer(MODULE_DIR, scene) as session:
-        old_logic = sys.modules["OFLSAM2SegmentLib.logic"]
-        old_pid = started(old_logic.shared_worker())
+        old_shared = sys.modules["OFLSAM2SegmentLib.shared_worker"]
+        old_pid = started(old_shared.shared_worker())
         widget = object.__new__(session.module.OFLSAM2SegmentWidget)
         widget.onReload()
         assert session.reloaded and wait_gone(old_pid), "the worker outlived the reload"
         assert not [n for n in sys.modules if n.split(".")[0] == "OFLSAM2SegmentLib"], "stale Lib modules"
 
         load_source_as_module("OFLSAM2Segment", str(Path(MODULE_DIR) / "OFLSAM2Segment.py"))
-        new_logic = sys.modules["OFLSAM2SegmentLib.logic"]
-        assert new_logic is not old_logic
-        new_pid = started(new_logic.shared_worker())
+        new_shared = sys.modules["OFLSAM2SegmentLib.shared_worker"]
+        assert new_shared is not old_shared
+        new_pid = started(new_shared.shared_worker())
         assert new_pid != old_pid
         session.app.emit("aboutToQuit()")  # both the old and the reloaded file's handlers are connected
         assert wait_gone(new_pid), "the reloaded module's worker outlived Slicer"
@@ -379,14 +379,15 @@ def test_a_reload_during_a_run_restores_the_segments_first_and_keeps_one_worker_
     with load_like_slicer(MODULE_DIR, scene) as session:
         from OFLSAM2SegmentLib.testing import make_annotated_volume
 
-        old_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
+        old_shared = sys.modules["OFLSAM2SegmentLib.shared_worker"]
+        old_drain = sys.modules["OFLSAM2SegmentLib.run"].drain
         volume, segmentation, ids = make_annotated_volume(scene, shape=(8, 32, 32))
         before = read_segments(segmentation, volume)
         # The fake engine built on this session's engine modules (its Cancelled is the worker's).
         engines = load_source_as_module("fakes_of_the_session", str(Path(__file__).with_name("fakes.py")))
         sys.modules.pop("fakes_of_the_session")
         gate = threading.Event()  # never set: the engine stops after two planes
-        old_logic_module._shared_worker = old_logic_module.Worker(lambda s: engines.CopyEngine(s, block=gate, block_after=2))
+        old_shared._shared_worker = old_shared.Worker(lambda s: engines.CopyEngine(s, block=gate, block_after=2))
         logic = session.module.OFLSAM2SegmentLogic()  # its pump is a Qt timer: one that never fires here
         texts = []
         run = logic.process(volume, segmentation, ids[:1], method="sam2", waitForCompletion=False,
@@ -394,7 +395,7 @@ def test_a_reload_during_a_run_restores_the_segments_first_and_keeps_one_worker_
                             randomWeights=True, device="cpu")
         deadline = time.monotonic() + 30
         while sum(run._written.values()) < 2:  # two timer ticks' worth of planes reach the segment
-            old_logic_module.drain(run)
+            old_drain(run)
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert not np.array_equal(read_segments(segmentation, volume)[ids[0]], before[ids[0]])
@@ -410,12 +411,12 @@ def test_a_reload_during_a_run_restores_the_segments_first_and_keeps_one_worker_
         assert stage == "cancelled" and "stopped for a reload" in text and "could not be read" not in text, text
 
         load_source_as_module("OFLSAM2Segment", str(Path(MODULE_DIR) / "OFLSAM2Segment.py"))
-        new_logic_module = sys.modules["OFLSAM2SegmentLib.logic"]
-        assert new_logic_module is not old_logic_module
-        worker = new_logic_module.shared_worker()
-        assert old_logic_module.shared_worker() is worker and logic.worker is worker and effect_logic.worker is worker
+        new_shared = sys.modules["OFLSAM2SegmentLib.shared_worker"]
+        assert new_shared is not old_shared
+        worker = new_shared.shared_worker()
+        assert old_shared.shared_worker() is worker and logic.worker is worker and effect_logic.worker is worker
         effect_logic = session.registered_effects[0].logic()
-        assert isinstance(effect_logic, new_logic_module.OFLSAM2Logic) and effect_logic.worker is worker
+        assert isinstance(effect_logic, sys.modules["OFLSAM2SegmentLib.logic"].OFLSAM2Logic) and effect_logic.worker is worker
     scene.Clear(1)
 
 

@@ -15,7 +15,7 @@ slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
 from oflsam2.errors import Cancelled, InputError  # noqa: E402
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import mrml_geometry, mrml_write  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.worker import GpuOutOfMemory, Worker  # noqa: E402
 
@@ -155,12 +155,12 @@ def test_one_timer_tick_writes_planes_for_about_30_ms_at_most(scene):
     thread: each tick stops once ``DRAIN_SECONDS`` have passed and leaves the rest to the next
     one (before: up to 64 planes per tick, however long they took). Time is a counted clock
     here: every plane write costs 12 ms of it, anything else none."""
-    from OFLSAM2SegmentLib.logic import DRAIN_SECONDS, drain
+    from OFLSAM2SegmentLib.run import DRAIN_SECONDS, drain
 
     volume, segmentation, ids = annotated_case(scene)
     clock = [0.0]
 
-    class SlowWriter(mrml_io.SegmentSliceWriter):
+    class SlowWriter(mrml_write.SegmentSliceWriter):
         def write(self, segment_id, axis, index, plane):
             clock[0] += 0.012
             return super().write(segment_id, axis, index, plane)
@@ -168,7 +168,7 @@ def test_one_timer_tick_writes_planes_for_about_30_ms_at_most(scene):
     pump = ManualPump()
     logic, worker = make_logic(CopyEngine, pump)
     run = logic.process(volume, segmentation, ids[:2], method="sam2", waitForCompletion=False,
-                        writer=SlowWriter(segmentation, mrml_io.volume_geometry(volume)), **FAST)
+                        writer=SlowWriter(segmentation, mrml_geometry.volume_geometry(volume)), **FAST)
     assert run.job.finished.wait(30)  # every plane (6 + 7) is queued: one burst
     per_tick = []
     while not run.finished:
@@ -196,7 +196,7 @@ def test_editor_writer_and_editor_undo_are_used_when_given(scene):
         editor.ModifySegmentByLabelmap(segmentation, segment_id, image, mode, True, True)
 
     E = slicer.vtkSlicerSegmentEditorLogic
-    writer = mrml_io.EditorSliceWriter(modify, E.ModificationModeAdd, segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.EditorSliceWriter(modify, E.ModificationModeAdd, segmentation, mrml_geometry.volume_geometry(volume))
     undo_states = []
     logic, worker = make_logic(CopyEngine)
 
@@ -467,7 +467,7 @@ def test_installer_runs_first_and_the_download_step_precedes_segmenting(scene, t
 def test_a_failing_slice_write_fails_the_run_and_restores(scene):
     volume, segmentation, ids = annotated_case(scene)
     before = read_segments(segmentation, volume)
-    real = mrml_io.SegmentSliceWriter(segmentation, mrml_io.volume_geometry(volume))
+    real = mrml_write.SegmentSliceWriter(segmentation, mrml_geometry.volume_geometry(volume))
 
     class BreaksOnThirdPlane:
         count = 0

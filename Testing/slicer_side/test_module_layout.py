@@ -52,7 +52,7 @@ def test_slicer_finds_the_widget_logic_and_self_test_on_the_module(slicer_core):
         assert module is session.module
         # qSlicerScriptedLoadableModuleWidget::setPythonSource: an attribute of sys.modules[name]
         assert module.OFLSAM2SegmentWidget is sys.modules["OFLSAM2SegmentLib.widget"].OFLSAM2SegmentWidget
-        assert module.OFLSAM2SegmentLogic.__module__ == "OFLSAM2Segment"
+        assert module.OFLSAM2SegmentLogic is sys.modules["OFLSAM2SegmentLib.module_logic"].OFLSAM2SegmentLogic
         # ScriptedLoadableModule.runTest (SelfTests, "Reload and Test"): <module>Test on the module
         # named by the module class's __module__
         test_class = getattr(importlib.import_module(type(session.instance).__module__), "OFLSAM2SegmentTest")
@@ -116,7 +116,7 @@ def test_the_parameter_node_takes_the_method_defaults_from_method_options(sessio
     parameters = session.module.OFLSAM2SegmentParameterNode
     fields = {"gamma": "gamma", "numRetrieved": "num_retrieved", "epochs": "epochs", "topK": "top_k"}
     assert {name: getattr(parameters, name) for name in fields} == {name: getattr(defaults, option) for name, option in fields.items()}
-    tree = ast.parse((MODULE_DIR / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
+    tree = ast.parse((MODULE_DIR / "OFLSAM2SegmentLib" / "module_logic.py").read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OFLSAM2SegmentParameterNode")
     typed = [item.target.id for item in node.body if isinstance(item, ast.AnnAssign) and item.target.id in fields
              and isinstance(item.value, ast.Constant)]

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slicer
 
 from oflsam2.errors import InputError  # noqa: E402
 from oflsam2.volume import resolve_axis  # noqa: E402
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import mrml_geometry, mrml_read, mrml_undo, mrml_write  # noqa: E402
 
 SHAPE = (6, 7, 8)  # z, y, x
 
@@ -44,7 +44,7 @@ def editor_writer(scene, segmentation, geometry):
         editor.ModifySegmentByLabelmap(segmentation, segment_id, image, mode, True, True)
 
     logic = slicer.vtkSlicerSegmentEditorLogic
-    writer = mrml_io.EditorSliceWriter(modify, logic.ModificationModeAdd, segmentation, geometry)
+    writer = mrml_write.EditorSliceWriter(modify, logic.ModificationModeAdd, segmentation, geometry)
     writer._editor = editor  # keep the logic alive as long as the writer
     return writer
 
@@ -60,7 +60,7 @@ def test_oblique_chaos_volume_round_trip(scene, shared_data):
     assert abs(direction[0, 2]) > 1e-3, "case 2 is expected to be slightly oblique"
     node = add_volume_from_sitk(scene, image)
 
-    array, geometry = mrml_io.volume_array(node)
+    array, geometry = mrml_read.volume_array(node)
 
     expected = sitk.GetArrayFromImage(image).astype(np.float32)
     assert array.shape == expected.shape == geometry.shape
@@ -87,11 +87,11 @@ def test_oblique_chaos_labels_read_back_on_the_volume_grid(scene, shared_data):
     organs = {"liver": labels == 1, "right kidney": labels == 2, "left kidney": labels == 3, "spleen": labels == 4}
     segmentation, ids = add_segmentation(scene, volume, organs)
 
-    masks = mrml_io.segment_masks(segmentation, ids, volume)
+    masks = mrml_read.segment_masks(segmentation, ids, volume)
 
     for segment_id, (name, expected) in zip(ids, organs.items()):
         np.testing.assert_array_equal(masks[segment_id], expected, err_msg=name)
-    liver_slices = mrml_io.drawn_support(masks[ids[0]], 0).planes
+    liver_slices = mrml_read.drawn_support(masks[ids[0]], 0).planes
     assert liver_slices == [int(k) for k in np.flatnonzero(organs["liver"].any(axis=(1, 2)))]
     assert len(liver_slices) == 22  # README: case 2 has liver on 22 slices
 
@@ -110,13 +110,13 @@ def test_flipped_volume_reads_and_writes_a_segmentation_made_on_another_grid(sce
     mask[2:4, 1:5, 0:3] = True  # touches column 0 so a wrong flip cannot pass
     segmentation, (segment_id,) = add_segmentation(scene, volume_a, {"S": mask})
 
-    on_b = mrml_io.segment_masks(segmentation, [segment_id], volume_b)[segment_id]
+    on_b = mrml_read.segment_masks(segmentation, [segment_id], volume_b)[segment_id]
     np.testing.assert_array_equal(on_b, mask[:, :, ::-1])
 
-    geometry_b = mrml_io.volume_geometry(volume_b)
+    geometry_b = mrml_geometry.volume_geometry(volume_b)
     plane = np.zeros(geometry_b.plane_shape(2), np.uint8)  # (z, y)
     plane[0:2, 0:3] = 1
-    mrml_io.SegmentSliceWriter(segmentation, geometry_b).write(segment_id, 2, 1, plane)
+    mrml_write.SegmentSliceWriter(segmentation, geometry_b).write(segment_id, 2, 1, plane)
 
     expected = mask.copy()
     expected[:, :, SHAPE[2] - 2] = plane > 0  # B's column 1 is A's column X-2
@@ -131,7 +131,7 @@ def test_segmentation_on_a_cropped_grid_reads_on_the_full_volume_grid(scene):
     crop_mask[1:3, 0:2, 2:5] = True
     segmentation, (segment_id,) = add_segmentation(scene, small, {"S": crop_mask})
 
-    mask = mrml_io.segment_masks(segmentation, [segment_id], volume)[segment_id]
+    mask = mrml_read.segment_masks(segmentation, [segment_id], volume)[segment_id]
 
     expected = np.zeros(SHAPE, bool)
     expected[1:4, 1:5, 2:7] = crop_mask
@@ -151,10 +151,10 @@ def test_drawn_support_along_each_axis(axis):
     lone = [1, 1, 1]
     lone[axis] = 3
     mask[tuple(lone)] = True
-    drawn = mrml_io.drawn_support(mask, axis)
+    drawn = mrml_read.drawn_support(mask, axis)
     assert drawn.planes == [1, 4] and sorted(drawn.ignored_axes) == sorted({0, 1, 2} - {axis})
     assert not drawn.mask[tuple(lone)] and drawn.mask.sum() == 8
-    across = mrml_io.drawn_support(mask, (axis + 1) % 3)  # the blocks are lines across the other axis
+    across = mrml_read.drawn_support(mask, (axis + 1) % 3)  # the blocks are lines across the other axis
     assert across.planes == [] and axis in across.ignored_axes
 
 
@@ -167,8 +167,8 @@ def test_drawn_support_along_each_axis(axis):
 def test_plane_write_changes_one_plane_of_one_segment(scene, axis, kind):
     """Both writers add the plane's voxels (a run never removes the user's strokes)."""
     volume, segmentation, ids, masks = two_segments(scene)
-    geometry = mrml_io.volume_geometry(volume)
-    writer = mrml_io.SegmentSliceWriter(segmentation, geometry) if kind == "module" else editor_writer(scene, segmentation, geometry)
+    geometry = mrml_geometry.volume_geometry(volume)
+    writer = mrml_write.SegmentSliceWriter(segmentation, geometry) if kind == "module" else editor_writer(scene, segmentation, geometry)
     index = {0: 2, 1: 4, 2: 3}[axis]  # planes where B has voxels
     # New mask for B on this plane: part of B's old voxels kept, some dropped, some new ones
     # outside A; label value 2 must not leak into A (label value 1).
@@ -195,8 +195,8 @@ def test_plane_write_changes_one_plane_of_one_segment(scene, axis, kind):
 @pytest.mark.parametrize("kind", ["module", "editor"])
 def test_plane_write_over_another_segment_keeps_that_segment(scene, kind):
     volume, segmentation, ids, masks = two_segments(scene)
-    geometry = mrml_io.volume_geometry(volume)
-    writer = mrml_io.SegmentSliceWriter(segmentation, geometry) if kind == "module" else editor_writer(scene, segmentation, geometry)
+    geometry = mrml_geometry.volume_geometry(volume)
+    writer = mrml_write.SegmentSliceWriter(segmentation, geometry) if kind == "module" else editor_writer(scene, segmentation, geometry)
     plane = np.ones(geometry.plane_shape(0), np.uint8)  # covers A on plane 3 too
 
     writer.write(ids[1], 0, 3, plane)
@@ -210,9 +210,9 @@ def test_plane_write_over_another_segment_keeps_that_segment(scene, kind):
 
 def test_an_empty_plane_changes_nothing(scene):
     volume, segmentation, ids, masks = two_segments(scene)
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
 
-    mrml_io.SegmentSliceWriter(segmentation, geometry).write(ids[0], 0, 2, np.zeros(geometry.plane_shape(0), np.uint8))
+    mrml_write.SegmentSliceWriter(segmentation, geometry).write(ids[0], 0, 2, np.zeros(geometry.plane_shape(0), np.uint8))
 
     after = read_segments(segmentation, volume, ids)
     np.testing.assert_array_equal(after[ids[0]], masks["A"])
@@ -221,7 +221,7 @@ def test_an_empty_plane_changes_nothing(scene):
 
 def test_plane_write_checks_shape_and_index(scene):
     volume, segmentation, ids, _ = two_segments(scene)
-    writer = mrml_io.SegmentSliceWriter(segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.SegmentSliceWriter(segmentation, mrml_geometry.volume_geometry(volume))
     with pytest.raises(ValueError, match="shape"):
         writer.write(ids[0], 1, 0, np.zeros((7, 8), np.uint8))  # axis 1 planes are (z, x) = (6, 8)
     with pytest.raises(ValueError, match="outside"):
@@ -238,13 +238,13 @@ def test_snapshot_restores_segments_and_status_exactly(scene):
     assert empty_id
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     logic.SetSegmentStatus(segmentation.GetSegmentation().GetSegment(ids[1]), logic.Completed)
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     before = read_segments(segmentation, volume)
 
-    snapshot = mrml_io.SegmentSnapshot(segmentation, [ids[1], empty_id])
+    snapshot = mrml_undo.SegmentSnapshot(segmentation, [ids[1], empty_id])
     snapshot.mark_in_progress()
     assert logic.GetSegmentStatus(segmentation.GetSegmentation().GetSegment(ids[1])) == logic.InProgress
-    writer = mrml_io.SegmentSliceWriter(segmentation, geometry)
+    writer = mrml_write.SegmentSliceWriter(segmentation, geometry)
     for axis in range(3):
         writer.write(ids[1], axis, 1, np.ones(geometry.plane_shape(axis), np.uint8))
         writer.write(empty_id, axis, 2, np.ones(geometry.plane_shape(axis), np.uint8))
@@ -262,12 +262,12 @@ def test_snapshot_restores_segments_and_status_exactly(scene):
 
 def test_undo_recorder_reverts_a_whole_run(scene):
     volume, segmentation, ids, masks = two_segments(scene)
-    geometry = mrml_io.volume_geometry(volume)
-    recorder = mrml_io.UndoRecorder(scene)
+    geometry = mrml_geometry.volume_geometry(volume)
+    recorder = mrml_undo.UndoRecorder(scene)
     assert not recorder.can_undo()
 
     assert recorder.save(segmentation, volume)
-    writer = mrml_io.SegmentSliceWriter(segmentation, geometry)
+    writer = mrml_write.SegmentSliceWriter(segmentation, geometry)
     for index in range(SHAPE[0]):
         writer.write(ids[0], 0, index, np.ones(geometry.plane_shape(0), np.uint8))
     assert read_segments(segmentation, volume, ids[:1])[ids[0]].all()
@@ -291,19 +291,19 @@ def test_transform_mismatch_is_refused(scene):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     volume.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(InputError, match="different transforms"):
-        mrml_io.segment_masks(segmentation, ids, volume)
+        mrml_read.segment_masks(segmentation, ids, volume)
 
 
 def test_missing_segment_and_vector_volume_are_refused(scene):
     volume, segmentation, ids, _ = two_segments(scene)
     with pytest.raises(InputError, match="no segment"):
-        mrml_io.check_segments(segmentation, [ids[0], "nope"])
+        mrml_read.check_segments(segmentation, [ids[0], "nope"])
     rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode")
     slicer.util.updateVolumeFromArray(rgb, np.zeros((2, 3, 4, 3), np.uint8))
     with pytest.raises(InputError, match="components"):
-        mrml_io.volume_array(rgb)
+        mrml_read.volume_array(rgb)
     with pytest.raises(InputError, match="image data"):
-        mrml_io.volume_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+        mrml_read.volume_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
 
 
 def test_snapshot_of_a_brand_new_segment_restores_it_empty(scene):
@@ -312,9 +312,9 @@ def test_snapshot_of_a_brand_new_segment_restores_it_empty(scene):
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "New")
     assert segment_id
-    snapshot = mrml_io.SegmentSnapshot(segmentation, [segment_id])
-    geometry = mrml_io.volume_geometry(volume)
-    mrml_io.SegmentSliceWriter(segmentation, geometry).write(segment_id, 1, 3, np.ones(geometry.plane_shape(1), np.uint8))
+    snapshot = mrml_undo.SegmentSnapshot(segmentation, [segment_id])
+    geometry = mrml_geometry.volume_geometry(volume)
+    mrml_write.SegmentSliceWriter(segmentation, geometry).write(segment_id, 1, 3, np.ones(geometry.plane_shape(1), np.uint8))
     assert read_segments(segmentation, volume)[segment_id].sum() == SHAPE[0] * SHAPE[2]
 
     snapshot.restore()
@@ -327,7 +327,7 @@ def test_plane_mapping_on_a_whole_voxel_shift_matches_the_general_mapping(scene,
     """The fast path (grid = the volume's lattice, possibly cropped) maps a plane to the same
     voxels as the general nearest-voxel mapping does on an almost identical grid."""
     volume = add_volume(scene, np.zeros(SHAPE, np.float32), (1.0, 1.0, 2.0))
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     nudged = geometry.ijk_to_ras.copy()
     nudged[:3, :3] = nudged[:3, :3] @ np.array([[1.0, -1e-5, 0.0], [1e-5, 1.0, 0.0], [0.0, 0.0, 1.0]])  # general path
     rng = np.random.default_rng(0)
@@ -336,7 +336,7 @@ def test_plane_mapping_on_a_whole_voxel_shift_matches_the_general_mapping(scene,
             plane = rng.random(geometry.plane_shape(axis)) > 0.5
             results = []
             for matrix in (geometry.ijk_to_ras, nudged):
-                grid = mrml_io.SegmentGrid(extent, matrix)
+                grid = mrml_geometry.SegmentGrid(extent, matrix)
                 found = grid.plane_voxels(geometry, axis, index, plane)
                 full = np.zeros(grid.shape, bool)
                 if found is not None:
@@ -362,12 +362,12 @@ def test_plane_mapping_on_an_oblique_grid_is_the_nearest_volume_voxel(scene, rot
     """Each grid voxel belongs to the volume plane of its nearest volume voxel: checked against a
     brute-force mapping of every grid voxel."""
     volume = add_volume(scene, np.zeros(SHAPE, np.float32), (1.0, 1.0, 2.0))
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     matrix = np.eye(4)
     matrix[:3, :3] = rotation_about(rotation_axis, degrees) * np.asarray(spacing)
     matrix[:3, 3] = (0.3, -1.2, 0.7)
     extent = (-3, 10, -3, 10, -2, 9)
-    grid = mrml_io.SegmentGrid(extent, matrix)
+    grid = mrml_geometry.SegmentGrid(extent, matrix)
     k, j, i = np.meshgrid(*(np.arange(extent[2 * a], extent[2 * a + 1] + 1) for a in (2, 1, 0)), indexing="ij")
     ras = np.stack([i, j, k, np.ones_like(i)], -1) @ matrix.T
     nearest = np.floor(ras @ np.linalg.inv(geometry.ijk_to_ras).T + 0.5).astype(int)[..., :3]  # volume i, j, k
@@ -398,12 +398,12 @@ def test_drawing_axis_counts_planes_drawn_on_each_axis_only():
     axial[[1, 4, 6], 2:6, 2:6] = True  # three separate axial annotations
     sagittal = np.zeros(shape, bool)
     sagittal[:, 1:9, 10] = True  # one large sagittal stroke
-    assert mrml_io.drawing_axis([axial | sagittal]) == 0
-    assert mrml_io.drawing_axis([sagittal]) == 2
+    assert mrml_read.drawing_axis([axial | sagittal]) == 0
+    assert mrml_read.drawing_axis([sagittal]) == 2
     blob = np.zeros(shape, bool)
     blob[2:6, 2:8, 2:8] = True  # 3-D: drawn on no axis in particular
-    assert mrml_io.drawing_axis([blob]) is None and mrml_io.drawing_axis([]) is None
+    assert mrml_read.drawing_axis([blob]) is None and mrml_read.drawing_axis([]) is None
     adjacent = np.zeros(shape, bool)
     adjacent[[3, 4], 2:6, 2:6] = True  # two adjacent slices form a 3-D piece
-    assert mrml_io.drawing_axis([adjacent]) is None
-    assert mrml_io.drawing_axis([adjacent, sagittal]) == 2
+    assert mrml_read.drawing_axis([adjacent]) is None
+    assert mrml_read.drawing_axis([adjacent, sagittal]) == 2

@@ -124,7 +124,8 @@ def test_start_up_imports_and_the_gpu_probe_do_not_import_torch():
     modules = ["OFLSAM2SegmentLib.worker", "OFLSAM2SegmentLib.options", "OFLSAM2SegmentLib.progress",
                "OFLSAM2SegmentLib.device", "OFLSAM2SegmentLib.install", "oflsam2.volume", "oflsam2.checkpoints"]
     if importlib.util.find_spec("slicer") is not None:
-        modules += ["OFLSAM2SegmentLib.logic", "OFLSAM2SegmentLib.mrml_io", "OFLSAM2SegmentLib.testing"]
+        modules += ["OFLSAM2SegmentLib.logic", "OFLSAM2SegmentLib.mrml_read", "OFLSAM2SegmentLib.mrml_write", "OFLSAM2SegmentLib.mrml_undo",
+                    "OFLSAM2SegmentLib.testing"]
     code = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r}); import " + ", ".join(modules)
             + "; from OFLSAM2SegmentLib.device import available_devices; available_devices()"
             + "; from OFLSAM2SegmentLib.options import model_choices; model_choices()"

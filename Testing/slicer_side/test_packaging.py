@@ -101,7 +101,7 @@ def self_test_files_of(module_file: Path) -> list[str]:
 
 
 def parameter_fields() -> set[str]:
-    tree = ast.parse((MODULE / "OFLSAM2Segment.py").read_text(encoding="utf-8"))
+    tree = ast.parse((MODULE / "OFLSAM2SegmentLib" / "module_logic.py").read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OFLSAM2SegmentParameterNode")
     return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
 
@@ -129,10 +129,10 @@ def test_module_and_effect_compile_and_have_the_template_shape():
     for path in [MODULE / "OFLSAM2Segment.py", effect_path, *(MODULE / "OFLSAM2SegmentLib").glob("*.py"),
                  *(MODULE / "Testing" / "Python").glob("*.py")]:
         py_compile.compile(str(path), doraise=True)
-    # The module file defines the module, parameter node and logic classes and imports the widget
-    # and the self-test (test_slicer_loading checks that Slicer finds them on the module).
+    # The module file defines the module class and imports the logic, the widget and the self-test
+    # (test_slicer_loading checks that Slicer finds them on the module).
     classes = {}
-    for path in (MODULE / "OFLSAM2Segment.py", MODULE / "OFLSAM2SegmentLib" / "widget.py",
+    for path in (MODULE / "OFLSAM2Segment.py", MODULE / "OFLSAM2SegmentLib" / "module_logic.py", MODULE / "OFLSAM2SegmentLib" / "widget.py",
                  MODULE / "Testing" / "Python" / "OFLSAM2SegmentTest.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         classes.update({n.name: [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in n.bases]

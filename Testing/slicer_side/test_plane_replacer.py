@@ -1,4 +1,4 @@
-"""Update's plane writes (``mrml_io.SegmentPlaneReplacer``) against real MRML (slicer-core).
+"""Update's plane writes (``mrml_write.SegmentPlaneReplacer``) against real MRML (slicer-core).
 
 A replaced plane holds exactly the new mask; every other plane of the segment and every other
 segment stay bit-identical, on the grid each segment is stored on; annotated planes are refused;
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slicer
 
 from test_segmentation_safety import GRIDS, grid_image, grid_matrix, layer_matrices, stored_segments  # noqa: E402
 
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import mrml_geometry, mrml_undo, mrml_write  # noqa: E402
 
 SHAPE = (6, 9, 10)  # z, y, x
 
@@ -47,7 +47,7 @@ def replaced(mask: np.ndarray, axis: int, index: int, plane: np.ndarray) -> np.n
 def test_a_replaced_plane_holds_the_new_mask_and_nothing_else_changes(scene, axis):
     volume, segmentation, ids = shared_layer_case(scene)
     before = read_segments(segmentation, volume)
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     index = {0: 3, 1: 6, 2: 4}[axis]  # a plane where B has voxels
     old = np.take(before[ids[1]], index, axis=axis)
     new = np.zeros(geometry.plane_shape(axis), bool)
@@ -57,7 +57,7 @@ def test_a_replaced_plane_holds_the_new_mask_and_nothing_else_changes(scene, axi
     new[np.nonzero(free)[0][-3:], np.nonzero(free)[1][-3:]] = True  # and new ones where no segment is
     assert (old & ~new).any() and (new & ~old).any()
 
-    assert mrml_io.SegmentPlaneReplacer(segmentation, geometry).write(ids[1], axis, index, new)
+    assert mrml_write.SegmentPlaneReplacer(segmentation, geometry).write(ids[1], axis, index, new)
 
     after = read_segments(segmentation, volume)
     np.testing.assert_array_equal(np.take(after[ids[1]], index, axis=axis), new)
@@ -68,11 +68,11 @@ def test_a_replaced_plane_holds_the_new_mask_and_nothing_else_changes(scene, axi
 def test_a_mask_over_another_segment_moves_the_target_to_its_own_layer_and_keeps_the_other(scene):
     volume, segmentation, ids = shared_layer_case(scene)
     before = read_segments(segmentation, volume)
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     new = np.zeros(geometry.plane_shape(0), bool)
     new[2:7, 3:6] = True  # covers part of A and part of B on plane 2
 
-    mrml_io.SegmentPlaneReplacer(segmentation, geometry).write(ids[1], 0, 2, new)
+    mrml_write.SegmentPlaneReplacer(segmentation, geometry).write(ids[1], 0, 2, new)
 
     after = read_segments(segmentation, volume)
     np.testing.assert_array_equal(after[ids[1]], replaced(before[ids[1]], 0, 2, new))
@@ -84,8 +84,8 @@ def test_an_empty_plane_clears_the_segment_there_only_and_an_empty_segment_gets_
     empty = segmentation.GetSegmentation().AddEmptySegment("C", "C")
     assert empty
     before = read_segments(segmentation, volume)
-    geometry = mrml_io.volume_geometry(volume)
-    writer = mrml_io.SegmentPlaneReplacer(segmentation, geometry)
+    geometry = mrml_geometry.volume_geometry(volume)
+    writer = mrml_write.SegmentPlaneReplacer(segmentation, geometry)
     first = np.zeros(geometry.plane_shape(0), bool)
     first[4, 4] = True
 
@@ -101,8 +101,8 @@ def test_an_empty_plane_clears_the_segment_there_only_and_an_empty_segment_gets_
 def test_protected_planes_are_refused_and_left_as_drawn(scene):
     volume, segmentation, ids = shared_layer_case(scene)
     before = read_segments(segmentation, volume)
-    geometry = mrml_io.volume_geometry(volume)
-    writer = mrml_io.SegmentPlaneReplacer(segmentation, geometry, protected=(0, [1, 4]))
+    geometry = mrml_geometry.volume_geometry(volume)
+    writer = mrml_write.SegmentPlaneReplacer(segmentation, geometry, protected=(0, [1, 4]))
 
     with pytest.raises(RuntimeError, match="annotated or corrected plane"):
         writer.write(ids[0], 0, 4, np.zeros(geometry.plane_shape(0), bool))
@@ -120,7 +120,7 @@ def test_on_another_grid_exactly_the_voxels_nearest_the_plane_change(scene, grid
     directions, spacing, origin, extent = GRIDS[grid]
     shape = (8, 20, 20)
     volume = add_volume(scene, np.zeros(shape, np.float32), (1.0, 1.0, 2.0))
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     matrix = grid_matrix(directions, spacing, origin)
     grid_shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Other grid")
@@ -150,7 +150,7 @@ def test_on_another_grid_exactly_the_voxels_nearest_the_plane_change(scene, grid
     expected[on_plane] = new[np.clip(nearest[..., 1], 0, shape[1] - 1), np.clip(nearest[..., 0], 0, shape[2] - 1)][on_plane]
     assert not np.array_equal(expected, before[ids[0]])
 
-    mrml_io.SegmentPlaneReplacer(segmentation, geometry).write(ids[0], 0, index, new)
+    mrml_write.SegmentPlaneReplacer(segmentation, geometry).write(ids[0], 0, index, new)
 
     after = stored_segments(segmentation, matrix, extent)
     np.testing.assert_array_equal(after[ids[0]], expected)
@@ -173,9 +173,9 @@ def test_replacing_planes_of_a_real_volume_and_undo(scene, shared_data):
     before = read_segments(segmentation, volume)
     present = np.flatnonzero(before[ids[0]].any(axis=(1, 2)))
     planes = [int(i) for i in present[1:-1:4]]
-    recorder = mrml_io.UndoRecorder(scene)
+    recorder = mrml_undo.UndoRecorder(scene)
     assert recorder.save(segmentation, volume)
-    writer = mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume))
     expected = before[ids[0]].copy()
     for n, index in enumerate(planes):
         new = before[ids[0]][index + 1] if n % 3 else np.zeros(labels.shape[1:], bool)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slicer
 
 from oflsam2.api import LabelSupport, MethodOptions, ModelSettings  # noqa: E402
 from oflsam2.errors import InputError  # noqa: E402
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import mrml_geometry, mrml_write  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.testing import make_annotated_volume  # noqa: E402
 from OFLSAM2SegmentLib.worker import MessageKind, SegmentRequest, Worker  # noqa: E402
@@ -75,7 +75,8 @@ def real_logic(tiny_model):
 
 
 def replace_plane(chaos, segment_id, index, plane):
-    mrml_io.SegmentPlaneReplacer(chaos["segmentation"], mrml_io.volume_geometry(chaos["volume"])).write(segment_id, 0, index, plane)
+    geometry = mrml_geometry.volume_geometry(chaos["volume"])
+    mrml_write.SegmentPlaneReplacer(chaos["segmentation"], geometry).write(segment_id, 0, index, plane)
 
 
 # --- empty annotated planes ------------------------------------------------------------------------
@@ -190,10 +191,10 @@ def test_paint_made_during_an_update_survives_its_cancel(scene):
     logic = OFLSAM2Logic(worker=Worker(lambda settings: BlockingUpdateEngine(release)), pump=pump)
     try:
         logic.process(volume, segmentation, [target], method="sam2", **FAST)
-        geometry = mrml_io.volume_geometry(volume)
+        geometry = mrml_geometry.volume_geometry(volume)
         corrected = np.zeros((32, 32), bool)
         corrected[10:22, 10:22] = True
-        mrml_io.SegmentPlaneReplacer(segmentation, geometry).write(target, 0, 5, corrected)  # annotated: 4 and 8
+        mrml_write.SegmentPlaneReplacer(segmentation, geometry).write(target, 0, 5, corrected)  # annotated: 4 and 8
         before = read_segments(segmentation, volume)
 
         run = logic.update(waitForCompletion=False)
@@ -203,7 +204,7 @@ def test_paint_made_during_an_update_survives_its_cancel(scene):
             assert time.monotonic() < deadline, "the update wrote nothing"
         stroke = np.zeros((32, 32), bool)
         stroke[2:6, 24:30] = True
-        painter = mrml_io.SegmentSliceWriter(segmentation, geometry)  # the user's brush, outside the run's writes
+        painter = mrml_write.SegmentSliceWriter(segmentation, geometry)  # the user's brush, outside the run's writes
         painter.write(target, 0, 10, stroke)  # a plane the update does not touch
         painter.write(target, 0, 6, stroke)  # and one it already replaced
         run.cancel()

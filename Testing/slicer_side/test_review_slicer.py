@@ -82,7 +82,7 @@ def chaos_crop(scene, shared_data):
 
 
 def test_quality_suggestions_and_update_through_the_worker_process(chaos_crop):
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     image, labels, volume, segmentation, ids = chaos_crop
     liver, spleen = ids
@@ -115,7 +115,7 @@ def test_quality_suggestions_and_update_through_the_worker_process(chaos_crop):
         # The user corrects plane 8 to the true liver outline, then updates.
         truth = labels[8] == 1
         assert not np.array_equal(after_run[liver][8], truth)
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(liver, 0, 8, truth)
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(liver, 0, 8, truth)
         before_update = read_segments(segmentation, volume)
         np.testing.assert_array_equal(before_update[liver][8], truth)
 
@@ -144,7 +144,7 @@ def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
     """No correction yet, an erased annotated plane, a correction on another axis, a worker that lost the previous result
     (restarted): each refused with what to do, the segmentation left as it was."""
     from oflsam2.errors import InputError
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 32, 32))
     logic = OFLSAM2Logic(worker=Worker(lambda settings: CopyEngine()), pump=ManualPump())
@@ -156,7 +156,7 @@ def test_update_refuses_what_it_cannot_do_and_changes_nothing(scene):
         with pytest.raises(InputError, match="No axial slice was corrected"):
             logic.update()
 
-        writer = mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume))
+        writer = mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume))
         annotated = logic.lastRun.plan.targets[0].slices[0]
         writer.write(ids[0], 0, annotated, np.zeros((32, 32), bool))
         erased = read_segments(segmentation, volume)
@@ -226,7 +226,7 @@ class EmptyingUpdateEngine(CopyEngine):
 
 
 def test_a_cancelled_update_puts_back_every_replaced_plane(scene):
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume, segmentation, ids = make_annotated_volume(scene, shape=(12, 32, 32))
     release = threading.Event()
@@ -236,7 +236,8 @@ def test_a_cancelled_update_puts_back_every_replaced_plane(scene):
         logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
         corrected = np.zeros((32, 32), bool)
         corrected[10:22, 10:22] = True
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)  # annotated: 4 and 8
+        geometry = mrml_geometry.volume_geometry(volume)
+        mrml_write.SegmentPlaneReplacer(segmentation, geometry).write(ids[0], 0, 5, corrected)  # annotated: 4 and 8
         before = read_segments(segmentation, volume)
 
         run = logic.update(waitForCompletion=False)
@@ -276,7 +277,7 @@ class OverwritingUpdateEngine(CopyEngine):
 
 
 def test_an_update_that_would_overwrite_an_annotated_or_corrected_plane_is_stopped_and_undone(scene):
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume, segmentation, ids = make_annotated_volume(scene, shape=(9, 32, 32))
     logic = OFLSAM2Logic(worker=Worker(lambda settings: OverwritingUpdateEngine()), pump=ManualPump())
@@ -284,7 +285,7 @@ def test_an_update_that_would_overwrite_an_annotated_or_corrected_plane_is_stopp
         logic.process(volume, segmentation, ids[:1], method="sam2", **FAST)
         corrected = np.zeros((32, 32), bool)
         corrected[8:20, 8:20] = True
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
         before = read_segments(segmentation, volume)
 
         with pytest.raises(RuntimeError, match="annotated or corrected plane"):
@@ -302,7 +303,7 @@ def test_an_ofl_update_warm_starts_the_head_the_worker_kept(scene, tiny_model):
     """OFL-SAM2 through the worker loop with the real engine (random-weight SAM2.1-tiny): the
     update trains only the warm-start epochs, from the head the first run left in the worker."""
     from oflsam2.api import Engine
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     volume, segmentation, ids = make_annotated_volume(scene, shape=(10, 48, 48))
     logic = OFLSAM2Logic(worker=Worker(lambda settings: Engine(settings, model=tiny_model)), pump=ManualPump())
@@ -311,7 +312,7 @@ def test_an_ofl_update_warm_starts_the_head_the_worker_kept(scene, tiny_model):
         assert len(first["engine"]["labels"]["1"]["loss_history"]) == 3
         corrected = read_segments(segmentation, volume)[ids[0]][5].copy()
         corrected[10:30, 10:30] = ~corrected[10:30, 10:30]
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(ids[0], 0, 5, corrected)
 
         summary = logic.update()
         assert len(summary["engine"]["labels"]["1"]["loss_history"]) == 1  # warm start, not a fresh training

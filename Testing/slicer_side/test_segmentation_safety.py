@@ -183,7 +183,7 @@ def editor_writing(scene, segmentation, volume, kind):
     effect's path ("editor": writes through vtkSlicerSegmentEditorLogic, the editor's undo)."""
     if kind == "module":
         return {}
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
 
     if not scene.IsNodeClassRegistered("vtkMRMLSegmentEditorNode"):
         scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
@@ -195,8 +195,8 @@ def editor_writing(scene, segmentation, volume, kind):
     def modify(segment_id, image, mode):  # as the effect calls it: bypassMasking
         editor.ModifySegmentByLabelmap(segmentation, segment_id, image, mode, True, True)
 
-    writer = mrml_io.EditorSliceWriter(modify, slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd, segmentation,
-                                       mrml_io.volume_geometry(volume))
+    writer = mrml_write.EditorSliceWriter(modify, slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd, segmentation,
+                                       mrml_geometry.volume_geometry(volume))
     return {"writer": writer, "saveUndoState": editor.SaveStateForUndo}
 
 
@@ -491,10 +491,10 @@ def paint_segment(segmentation, volume, segment_id, mask):
     """A user's stroke: the Segment Editor adds voxels the same way (merge with the label value)."""
     from mrml_helpers import whole_image
 
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    assert logic.SetBinaryLabelmapToSegment(whole_image(mrml_io.volume_geometry(volume), mask), segmentation,
+    assert logic.SetBinaryLabelmapToSegment(whole_image(mrml_geometry.volume_geometry(volume), mask), segmentation,
                                             segment_id, logic.MODE_MERGE_MASK)
 
 

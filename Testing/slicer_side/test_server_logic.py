@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slicer, pytest.mark.slow]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/: the server helpers
 from server_helpers import ServerProcess, chaos_crop  # noqa: E402
 
-from OFLSAM2SegmentLib import compute, mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import compute, mrml_geometry, mrml_write  # noqa: E402
 from OFLSAM2SegmentLib.logic import OFLSAM2Logic  # noqa: E402
 from OFLSAM2SegmentLib.server_transport import HttpTransport  # noqa: E402
 from OFLSAM2SegmentLib.worker import Worker  # noqa: E402
@@ -72,7 +72,7 @@ def run_and_update(logic, scene, shared_data) -> dict:
     after_run = read_segments(segmentation, volume)
     quality = logic.lastRunQuality(liver)
     corrected = 4
-    mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(liver, 0, corrected, labels[corrected] == 1)
+    mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(liver, 0, corrected, labels[corrected] == 1)
     before_update = read_segments(segmentation, volume)
     update = logic.update()
     after_update = read_segments(segmentation, volume)
@@ -186,7 +186,7 @@ def test_a_killed_server_fails_the_run_and_a_restarted_one_refuses_the_update(sc
         after = read_segments(segmentation, volume)
 
         second = ServerProcess(tmp_path / "second", port=first.port, token_file=first.token_file)
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(
             ids[0], 0, 3, after[ids[0]][1])  # a correction, then Update: the server lost the result
         corrected = read_segments(segmentation, volume)
         with pytest.raises(InputError, match="no longer holds the result of that run .*restarted"):
@@ -205,7 +205,7 @@ def test_a_killed_server_fails_the_run_and_a_restarted_one_refuses_the_update(sc
 
 def test_compute_on_a_server_from_the_settings_installs_nothing_and_never_logs_the_token(server, scene, shared_data,
                                                                                        caplog):
-    from OFLSAM2SegmentLib import logic as logic_module
+    from OFLSAM2SegmentLib.shared_worker import shutdown_shared_worker
 
     _, volume, segmentation, ids = liver_scene(scene, shared_data, slices=4)
     compute.save(compute.ComputeSettings(compute.SERVER, server.url, server.token))
@@ -226,7 +226,7 @@ def test_compute_on_a_server_from_the_settings_installs_nothing_and_never_logs_t
             logic.process(volume, segmentation, ids[:1], method="sam2", **REAL)
     finally:
         compute.save(compute.ComputeSettings())
-        logic_module.shutdown_shared_worker()
+        shutdown_shared_worker()
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert server.token not in logged and server.token not in server.log_text()
 
@@ -255,17 +255,19 @@ NO_HEAVY = textwrap.dedent('''
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
     factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
-    from OFLSAM2SegmentLib import logic as logic_module, mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
+    from OFLSAM2SegmentLib.logic import OFLSAM2Logic
+    from OFLSAM2SegmentLib.shared_worker import shutdown_shared_worker
     from pathlib import Path
 
     scene = slicer.vtkMRMLScene()
     labels, volume, segmentation, ids = liver_scene(scene, Path(sys.argv[3]), slices=6)
-    logic = logic_module.OFLSAM2Logic()
+    logic = OFLSAM2Logic()
     logic.useServer(sys.argv[4], sys.argv[5])
     summary = logic.process(volume, segmentation, ids[:1], method="ofl", epochs=1, **REAL)
-    mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 2, labels[2] == 1)
+    mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(ids[0], 0, 2, labels[2] == 1)
     update = logic.update()
-    logic_module.shutdown_shared_worker()
+    shutdown_shared_worker()
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print("written", summary["segments"][ids[0]]["written"], "recomputed", update["segments"][ids[0]]["recomputed"],
           "heavy", heavy)

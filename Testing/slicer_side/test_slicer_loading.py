@@ -161,7 +161,7 @@ def test_the_effect_writes_whole_planes_with_the_editable_intensity_range_on(ses
 def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
     """Why the effect switches the range off: through the same editor call, with it on, a
     plane is not written (Slicer applies it even with bypassMasking=True)."""
-    from OFLSAM2SegmentLib import mrml_io
+    from OFLSAM2SegmentLib import mrml_geometry, mrml_write
     from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
 
     scene = session.scene
@@ -175,8 +175,8 @@ def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
     editor_node.SetSourceVolumeIntensityMask(True)
     editor_node.SetSourceVolumeIntensityMaskRange(1e6, 2e6)
     E = slicer.vtkSlicerSegmentEditorLogic
-    writer = mrml_io.EditorSliceWriter(lambda s, image, mode: editor.ModifySegmentByLabelmap(segmentation, s, image, mode, True, True),
-                                       E.ModificationModeAdd, segmentation, mrml_io.volume_geometry(volume))
+    writer = mrml_write.EditorSliceWriter(lambda s, image, mode: editor.ModifySegmentByLabelmap(segmentation, s, image, mode, True, True),
+                                       E.ModificationModeAdd, segmentation, mrml_geometry.volume_geometry(volume))
     plane = np.ones((48, 48), bool)
 
     writer.write(ids[0], 0, 0, plane)
@@ -192,7 +192,7 @@ def test_the_editor_clips_writes_when_the_intensity_range_is_on(session):
 def test_quitting_slicer_stops_the_worker_process(session):
     from process_helpers import wait_for_interpreter, wait_gone
 
-    from OFLSAM2SegmentLib.logic import shared_worker
+    from OFLSAM2SegmentLib.shared_worker import shared_worker
 
     worker = shared_worker()
     worker.start()

@@ -13,7 +13,7 @@ from mrml_helpers import add_segmentation, add_volume, require_slicer, whole_ima
 slicer = require_slicer()
 pytestmark = pytest.mark.slicer
 
-from OFLSAM2SegmentLib import mrml_io  # noqa: E402
+from OFLSAM2SegmentLib import mrml_geometry  # noqa: E402
 from OFLSAM2SegmentLib.observers import SEGMENT_EVENTS, SegmentationObserver  # noqa: E402
 
 WIDGET_FILE = Path(__file__).resolve().parents[2] / "OFLSAM2Segment" / "OFLSAM2SegmentLib" / "widget.py"
@@ -30,7 +30,7 @@ def segmentation_case(scene, name="Segmentation"):
 
 def stroke(segmentation, volume, segment_id, plane):
     """A voxel edit as the Segment Editor makes it."""
-    geometry = mrml_io.volume_geometry(volume)
+    geometry = mrml_geometry.volume_geometry(volume)
     mask = np.zeros(geometry.shape, bool)
     mask[plane, 3:5, 3:5] = True
     logic = slicer.vtkSlicerSegmentationsModuleLogic

@@ -162,7 +162,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
 
     def test_widget_review_and_update(self):
         from oflsam2.settings import default_model
-        from OFLSAM2SegmentLib import mrml_io
+        from OFLSAM2SegmentLib import mrml_geometry, mrml_write
         from OFLSAM2SegmentLib.testing import make_annotated_volume, segment_arrays
 
         self.delayDisplay("Module GUI: quality table, Next slice to check, Update")
@@ -184,7 +184,7 @@ class OFLSAM2SegmentTest(ScriptedLoadableModuleTest):
 
         corrected = segment_arrays(segmentation, volume)[ids[0]][6].copy()
         corrected[20:40, 20:40] = ~corrected[20:40, 20:40]
-        mrml_io.SegmentPlaneReplacer(segmentation, mrml_io.volume_geometry(volume)).write(ids[0], 0, 6, corrected)
+        mrml_write.SegmentPlaneReplacer(segmentation, mrml_geometry.volume_geometry(volume)).write(ids[0], 0, 6, corrected)
         widget.ui.updateButton.click()
         self._waitUntilDone(widget, 600)
         run = widget.logic.lastRun
