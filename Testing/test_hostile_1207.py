@@ -166,3 +166,13 @@ def test_custom_options_are_not_compared_as_a_preset(cohort, tmp_path):
         check_trained_with(adapter, MethodOptions(tau_init="default"))
     unrecorded = {k: v for k, v in adapter.items() if k != "training"}  # written before presets were recorded
     check_trained_with(unrecorded, MethodOptions.extended())
+
+
+@pytest.mark.parametrize("method", ["sam2", "revsam2", "forward"])
+def test_an_ofl_preset_with_another_method_is_refused_not_ignored(method, tmp_path, shared_data, capsys):
+    """Before: ``--ofl-preset extended --method sam2`` ran SAM2 and said nothing of the preset."""
+    folder = shared_data / "chaos_t2_fewshot"
+    out = tmp_path / "out.nii.gz"
+    assert cli.main(["segment", "--image", str(folder / "image_2.nii.gz"), "--support", str(folder / "label_2.nii.gz"),
+                     "--out", str(out), "--method", method, "--ofl-preset", "extended", "--random-weights"]) == 2
+    assert "--ofl-preset applies to OFL-SAM2 only" in capsys.readouterr().err and not out.exists()

@@ -71,7 +71,10 @@ def test_cli_ofl_preset_picks_the_method_options(command, tmp_path):
             "batch": ["scans", "--out", str(tmp_path / "out")],
             "train": ["--image", "a.nii.gz", "--support", "s.nii.gz", "--out", str(tmp_path / "adapter")],
             "demo": []}[command]
-    assert _option(_subcommand(command), "ofl_preset").default == "paper"
+    assert _option(_subcommand(command), "ofl_preset").default is None  # not given: paper
+    if command in ("segment", "batch"):
+        unset = cli.build_parser().parse_args([command, *argv, "--epochs", "3"])
+        assert engine_options.method_options(unset) == MethodOptions(epochs=3)
     for preset, expected in (("paper", MethodOptions(epochs=3)), ("extended", MethodOptions.extended(epochs=3))):
         args = cli.build_parser().parse_args([command, *argv, "--epochs", "3", "--ofl-preset", preset])
         if command in ("segment", "batch"):

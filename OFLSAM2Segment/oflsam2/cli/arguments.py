@@ -59,9 +59,9 @@ def add_method_options(parser, *fields: str) -> None:
             "--" + field.replace("_", "-"), default=getattr(defaults, field), help=f"{text} (default %(default)s)", **parse,
         )
     parser.add_argument(
-        "--ofl-preset", choices=OFL_PRESETS, default="paper",
-        help="OFL-SAM2 as its paper states it, or with the project's extensions (README: OFL-SAM2 choices; "
-        "the options above apply on top) (default %(default)s)",
+        "--ofl-preset", choices=OFL_PRESETS, default=None,
+        help="OFL-SAM2 as its paper states it, or with the project's extensions (docs/methods.md; the options "
+        "above apply on top); --method ofl only (default paper)",
     )
 
 
@@ -173,3 +173,11 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number between 0 and 1")
     return value
 
+
+def ofl_preset(args) -> str:
+    """``--ofl-preset`` (``paper`` unless given); refused with another method, which would ignore it."""
+    method = getattr(args, "method", "ofl")
+    if args.ofl_preset is not None and method != "ofl":
+        raise InputError(f"--ofl-preset applies to OFL-SAM2 only; method {method!r} would ignore it. "
+                         "Leave it out, or use --method ofl.")
+    return args.ofl_preset or OFL_PRESETS[0]

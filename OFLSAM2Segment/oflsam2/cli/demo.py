@@ -9,6 +9,7 @@ from .arguments import (
     add_method,
     add_method_options,
     add_model_options,
+    ofl_preset,
 )
 from .engine_options import model_settings, random_weights_banner
 from .progress_bars import progress_events
@@ -34,7 +35,7 @@ def run_demo(args) -> int:
     from .. import demo
 
     settings = model_settings(args)
-    result = demo.run(Path(args.out), args.method, settings, MethodOptions.preset(args.ofl_preset, epochs=args.epochs), progress_events())
+    result = demo.run(Path(args.out), args.method, settings, MethodOptions.preset(ofl_preset(args), epochs=args.epochs), progress_events())
     for path in result["files"]:
         print(f"wrote {path}")
     print(f"Dice vs the MNI152 white-matter map (> {demo.WM_THRESHOLD}): {result['dice']:.3f} "

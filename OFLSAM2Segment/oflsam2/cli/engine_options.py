@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..settings import MethodOptions
+from .arguments import ofl_preset
 
 
 def server_target(args):
@@ -39,7 +40,7 @@ def closing_engine(engine):
 def method_options(args):
     """:class:`~oflsam2.settings.MethodOptions` from the ``segment`` options (also used by ``batch``)."""
     return MethodOptions.preset(
-        args.ofl_preset, epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
+        ofl_preset(args), epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, top_k=args.top_k,
         revsam2_mode=args.revsam2_mode, seed=args.seed, adapter=args.adapter,
         save_adapter=getattr(args, "save_adapter", None), warm_start_epochs=args.warm_start_epochs,
     )

@@ -12,6 +12,7 @@ from .arguments import (
     add_method_options,
     add_model_options,
     add_server_options,
+    ofl_preset,
 )
 from .segment import print_summary, run_pipeline
 
@@ -46,7 +47,7 @@ def run_train(args) -> int:
     for output in (adapter_dir, adapter_dir / TRAINING_SEGMENTATION):
         refuse_inputs_as_output(output, inputs)
     options = MethodOptions.preset(
-        args.ofl_preset, epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
+        ofl_preset(args), epochs=args.epochs, gamma=args.gamma, num_retrieved=args.num_retrieved, seed=args.seed,
         adapter=args.adapter, save_adapter=str(adapter_dir),
     )
     created = create_folder(adapter_dir)
