@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from oflsam2.api import ModelSettings, SegmentResult
@@ -73,7 +73,19 @@ def write(array: np.ndarray, path: Path) -> sitk.Image:
     return image
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _one_noisy_plane() -> tuple:
+    """One axial plane of 3, label 2 scattered with an empty row: before, the gap in the rows
+    made 'auto' take the annotation as drawn on coronal slices and the axial run was refused."""
+    support = np.zeros((3, 8, 8), np.uint16)
+    support[0] = np.random.default_rng(7).choice([0, 1, 2], size=(8, 8))
+    support[0, 6][support[0, 6] == 2] = 1
+    support[0, 0, 0] = 2
+    return support, "axial", None, [2]
+
+
+# derandomize: the same examples on every run, so that CI cannot fail by a new draw
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@example(_one_noisy_plane())
 @given(label_maps())
 def test_annotated_slices_come_out_exactly_as_drawn(case):
     support, axis_name, requested, labels = case

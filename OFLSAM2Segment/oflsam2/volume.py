@@ -600,8 +600,9 @@ def resolve_axis(name: str, direction, spacing_xyz, support: np.ndarray | None =
     ``auto`` with a ``support`` ((z, y, x) label map or mask, nonzero = annotated): the axis along
     which the annotation lies in a few separate planes. For each axis and each label, the
     fraction of planes inside the label's range that contain it is measured (gaps between
-    annotated slices make it small); the axis with the lowest sum wins, then the one with fewest
-    annotated planes (a single annotated slice). Without support (or an empty one): the axis with
+    annotated slices make it small; a label within one plane counts as 0, since gaps in its
+    drawing must not make another axis look sparser); the axis with the lowest sum wins, then
+    the one with fewest annotated planes (a single annotated slice). Without support (or an empty one): the axis with
     the largest spacing, ties -> axial, then coronal.
     """
     if name not in AXIS_CHOICES:
@@ -628,7 +629,7 @@ def _axis_from_support(support: np.ndarray, preference: list[int]) -> int:
         mask = support == value
         for axis in range(3):
             planes = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            scores[axis][0] += len(planes) / (planes[-1] - planes[0] + 1)
+            scores[axis][0] += 0.0 if len(planes) == 1 else len(planes) / (planes[-1] - planes[0] + 1)
             scores[axis][1] += len(planes)
     return min(preference, key=lambda a: (round(scores[a][0], 6), scores[a][1], preference.index(a)))
 
