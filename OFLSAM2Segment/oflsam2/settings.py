@@ -166,7 +166,7 @@ class MethodOptions:
     adapter: str | None = None  # saved adapter directory: segment without support, or warm start
     save_adapter: str | None = None  # directory to write the trained adapter(s) into
     warm_start_epochs: int = 10  # --adapter with new support; scaled by the share of support new to it (an update: corrected slices)
-    # OFL-SAM2 choices (issue 10): the paper's reading here; MethodOptions.extended() turns the project's on
+    # OFL-SAM2 choices the paper leaves open: its reading here; MethodOptions.extended() turns the project's on
     initial_fit: str = "episode"  # episode (as training fits: own slices first, objects, by similarity) | even
     fit_empty_fraction: float = 0.25  # share of a capped fit set kept for empty slices (negatives)
     retrieval_object_guarantee: bool = False  # a retrieved memory holds the object if any support does
@@ -204,7 +204,7 @@ class MethodOptions:
 
 
 # The OFL-SAM2 fields where the `extended` preset departs from the paper (MethodOptions() holds
-# the paper's values): the project's choices before issue 22, each described in docs/methods.md.
+# the paper's values): the project's own choices, each described in docs/methods.md.
 EXTENDED_OFL = {
     "retrieval_object_guarantee": True,  # the 2nd retrieved slice replaced by an object slice when both are empty
     "max_fit_slices": 64,  # own slices, then ~75 % object slices ranked by similarity, fixed for the sweep

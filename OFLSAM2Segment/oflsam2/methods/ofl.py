@@ -344,8 +344,8 @@ class OnlineLearner:
 
     ``initial_fit="episode"`` builds the first fit set as a training episode does (every support
     slice; with ``max_fit_slices``, every annotated slice of the target, then object slices by
-    similarity to ``first_key``), ``"even"`` takes evenly spaced bank slices (the behaviour
-    before issue 10); it is fitted with ``learner_iters_first`` iterations (default: the online
+    similarity to ``first_key``), ``"even"`` takes evenly spaced bank slices;
+    it is fitted with ``learner_iters_first`` iterations (default: the online
     ``learner_iters_online``). Each accepted slice joins the samples (with ``max_online_samples``,
     the oldest beyond it leave) and τ takes ``learner_iters_online`` steps warm-started from the
     current τ. The fits run on the samples' Gram statistics (``online_solver="gram"``,
